@@ -1,0 +1,446 @@
+"""Fused bottleneck adapter: y = residual + s * (act(x @ Wd.T + bd) @ Wu.T + bu), then LayerNorm.
+
+Forward: one program per block of rows. The [rows, r] down-projection stays in registers; the
+up-projection, scaling, residual and LayerNorm run chunk by chunk over the hidden size, so the only
+[tokens, hidden] traffic is reading x (and the residual) and writing the output. With LayerNorm the
+chunks are computed twice (statistics, then output) rather than storing unnormalised rows: one extra
+small GEMM per chunk instead of a write and a read of [tokens, hidden].
+
+Backward (rows kernel): recomputes the up-projection from the saved fp32 pre-activation z, forms
+dy (through LayerNorm when present), accumulates da = (s * dy) @ Wu on chip, and writes dz [tokens, r]
+and per-block column partial sums for the bias, scaling and LayerNorm gradients. The three
+remaining products (dx = dz @ Wd + dy, dWd = dz.T @ x, dWu = (s * dy).T @ a) are plain GEMMs that
+the ops layer hands to the BLAS.
+
+References: Triton tutorials 03 (matrix multiplication) and 05 (layer norm); Liger-Kernel's
+layer_norm; Welford / Chan et al. for merging chunk statistics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation codes (pefops.ops.activations)
+IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, LEAKY_RELU = range(7)
+
+# Scaling modes: a Python float, one learnable scalar, or one value per hidden channel.
+SCALE_FLOAT, SCALE_SCALAR, SCALE_CHANNEL = range(3)
+
+MAX_RANK = 1024
+
+
+@triton.jit
+def _tanh(v):
+    # 1 - 2 / (exp(2v) + 1): exact limits at ±inf, no libdevice dependency.
+    return 1.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr, negative_slope):
+    if ACTIVATION == 1:
+        a = tl.maximum(z, 0.0)
+    elif ACTIVATION == 2:
+        a = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        a = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    elif ACTIVATION == 4:
+        a = z * tl.sigmoid(z)
+    elif ACTIVATION == 5:
+        a = _tanh(z)
+    elif ACTIVATION == 6:
+        a = tl.where(z > 0, z, z * negative_slope)
+    else:
+        a = z
+    return a
+
+
+@triton.jit
+def _activation_derivative(z, ACTIVATION: tl.constexpr, negative_slope):
+    if ACTIVATION == 1:
+        d = tl.where(z > 0, 1.0, 0.0)
+    elif ACTIVATION == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        d = cdf + z * pdf
+    elif ACTIVATION == 3:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    elif ACTIVATION == 4:
+        sig = tl.sigmoid(z)
+        d = sig * (1.0 + z * (1.0 - sig))
+    elif ACTIVATION == 5:
+        t = _tanh(z)
+        d = 1.0 - t * t
+    elif ACTIVATION == 6:
+        d = tl.where(z > 0, 1.0, negative_slope)
+    else:
+        d = tl.full(z.shape, 1.0, tl.float32)
+    return d
+
+
+@triton.jit
+def _up_projection_chunk(
+    a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets, r_mask,
+    R, stride_res, scale_value,
+    SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """u = a @ Wu[cols].T + bu[cols] and y = residual + s * u for one chunk of hidden columns."""
+    wu_t = tl.load(  # [BLOCK_R, BLOCK_H] view of Wu.T
+        wu_ptr + cols[None, :].to(tl.int64) * R + r_offsets[:, None],
+        mask=r_mask[:, None] & col_mask[None, :], other=0.0,
+    )
+    u = tl.dot(a_dot, wu_t.to(a_dot.dtype), input_precision=DOT_PRECISION)
+    if HAS_UP_BIAS:
+        u += tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if SCALE_MODE == 2:
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    elif SCALE_MODE == 1:
+        scale = tl.load(scale_ptr)
+    else:
+        scale = scale_value
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    residual = tl.load(res_ptr + rows64[:, None] * stride_res + cols[None, :], mask=tile_mask, other=0.0)
+    y = residual.to(tl.float32) + scale * u
+    return u, y, scale
+
+
+@triton.jit
+def bottleneck_adapter_fwd_kernel(
+    x_ptr,  # [T, H]
+    wd_ptr,  # [R, H]
+    bd_ptr,  # [R]
+    wu_ptr,  # [H, R]
+    bu_ptr,  # [H]
+    scale_ptr,  # [H] or [1], float32
+    res_ptr,  # [T, H] (x_ptr when the residual is x)
+    lnw_ptr,  # [H]
+    lnb_ptr,  # [H]
+    out_ptr,  # [T, H]
+    z_ptr,  # [T, R] float32, pre-activation, saved for backward
+    mean_ptr,  # [T] float32
+    rstd_ptr,  # [T] float32
+    T, H, R,
+    stride_x, stride_res, stride_out,
+    scale_value, eps, negative_slope,
+    ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
+    HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+    HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < T
+    rows64 = rows.to(tl.int64)
+    r_offsets = tl.arange(0, BLOCK_R)
+    r_mask = r_offsets < R
+
+    # Down-projection: z = x @ Wd.T + bd, accumulated in fp32 over chunks of H.
+    z = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for h_start in range(0, H, BLOCK_H):
+        cols = h_start + tl.arange(0, BLOCK_H)
+        col_mask = cols < H
+        x_tile = tl.load(
+            x_ptr + rows64[:, None] * stride_x + cols[None, :],
+            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+        )
+        wd_t = tl.load(  # [BLOCK_H, BLOCK_R] view of Wd.T
+            wd_ptr + r_offsets[None, :].to(tl.int64) * H + cols[:, None],
+            mask=r_mask[None, :] & col_mask[:, None], other=0.0,
+        )
+        if DOT_FP32:
+            z = tl.dot(x_tile.to(tl.float32), wd_t.to(tl.float32), z, input_precision=DOT_PRECISION)
+        else:
+            z = tl.dot(x_tile, wd_t, z, input_precision=DOT_PRECISION)
+    if HAS_DOWN_BIAS:
+        z += tl.load(bd_ptr + r_offsets, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(z_ptr + rows64[:, None] * R + r_offsets[None, :], z, mask=row_mask[:, None] & r_mask[None, :])
+
+    a = _activation(z, ACTIVATION, negative_slope)
+    if DOT_FP32:
+        a_dot = a
+    else:
+        a_dot = a.to(out_ptr.dtype.element_ty)
+
+    if HAS_LN:
+        # Pass 1: row statistics, merging each chunk's mean and M2 (Chan et al.).
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        count = 0.0
+        for h_start in range(0, H, BLOCK_H):
+            cols = h_start + tl.arange(0, BLOCK_H)
+            col_mask = cols < H
+            u, y, scale = _up_projection_chunk(
+                a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
+                r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
+            )
+            chunk_count = tl.minimum(H - h_start, BLOCK_H).to(tl.float32)
+            chunk_mean = tl.sum(tl.where(col_mask[None, :], y, 0.0), axis=1) / chunk_count
+            centred = tl.where(col_mask[None, :], y - chunk_mean[:, None], 0.0)
+            chunk_m2 = tl.sum(centred * centred, axis=1)
+            total = count + chunk_count
+            delta = chunk_mean - mean
+            mean += delta * (chunk_count / total)
+            m2 += chunk_m2 + delta * delta * (count * chunk_count / total)
+            count = total
+        rstd = 1.0 / tl.sqrt(m2 / H + eps)
+        tl.store(mean_ptr + rows64, mean, mask=row_mask)
+        tl.store(rstd_ptr + rows64, rstd, mask=row_mask)
+
+    # Pass 2 (the only pass without LayerNorm): recompute each chunk and write the output.
+    for h_start in range(0, H, BLOCK_H):
+        cols = h_start + tl.arange(0, BLOCK_H)
+        col_mask = cols < H
+        u, y, scale = _up_projection_chunk(
+            a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
+            r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
+        )
+        if HAS_LN:
+            y = (y - mean[:, None]) * rstd[:, None]
+            if HAS_LN_WEIGHT:
+                y = y * tl.load(lnw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_LN_BIAS:
+                y = y + tl.load(lnb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + rows64[:, None] * stride_out + cols[None, :],
+            y.to(out_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & col_mask[None, :],
+        )
+
+
+@triton.jit
+def bottleneck_adapter_bwd_rows_kernel(
+    grad_ptr,  # [T, H] upstream gradient of the output
+    res_ptr,  # [T, H] residual (x when the residual is x); read only with LayerNorm
+    wu_ptr,  # [H, R]
+    bu_ptr,  # [H]
+    scale_ptr,  # [H] or [1], float32
+    lnw_ptr,  # [H]
+    z_ptr,  # [T, R] float32, saved pre-activation
+    mean_ptr,  # [T] float32
+    rstd_ptr,  # [T] float32
+    dy_ptr,  # [T, H] out: gradient at the pre-LayerNorm sum y (written only with LayerNorm)
+    dz_ptr,  # [T, R] out float32: gradient at the pre-activation
+    dbu_part_ptr,  # [num_blocks, H] out float32: per-block column sums of s * dy
+    dscale_part_ptr,  # [num_blocks, H] out float32: per-block column sums of dy * u
+    dlnw_part_ptr,  # [num_blocks, H] out float32: per-block column sums of grad * xhat
+    dlnb_part_ptr,  # [num_blocks, H] out float32: per-block column sums of grad
+    T, H, R,
+    stride_grad, stride_res, stride_dy,
+    scale_value, negative_slope,
+    ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+    HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr,
+    NEED_U: tl.constexpr, NEED_DBU: tl.constexpr, NEED_DSCALE: tl.constexpr,
+    NEED_DLNW: tl.constexpr, NEED_DLNB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < T
+    rows64 = rows.to(tl.int64)
+    r_offsets = tl.arange(0, BLOCK_R)
+    r_mask = r_offsets < R
+    part_row = pid.to(tl.int64) * H
+
+    z = tl.load(z_ptr + rows64[:, None] * R + r_offsets[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+    a = _activation(z, ACTIVATION, negative_slope)
+    if DOT_FP32:
+        a_dot = a
+    else:
+        a_dot = a.to(grad_ptr.dtype.element_ty)
+
+    if HAS_LN:
+        mean = tl.load(mean_ptr + rows64, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows64, mask=row_mask, other=0.0)
+        # Pass 1: the two row reductions of the LayerNorm backward.
+        sum_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_g_xhat = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for h_start in range(0, H, BLOCK_H):
+            cols = h_start + tl.arange(0, BLOCK_H)
+            col_mask = cols < H
+            tile_mask = row_mask[:, None] & col_mask[None, :]
+            u, y, scale = _up_projection_chunk(
+                a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
+                r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
+            )
+            xhat = (y - mean[:, None]) * rstd[:, None]
+            g = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            if HAS_LN_WEIGHT:
+                g = g * tl.load(lnw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            sum_g += tl.sum(g, axis=1)
+            sum_g_xhat += tl.sum(tl.where(tile_mask, g * xhat, 0.0), axis=1)
+        mean_g = sum_g / H
+        mean_g_xhat = sum_g_xhat / H
+
+    # Pass 2: dy per chunk, da accumulated on chip, column partial sums.
+    da = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for h_start in range(0, H, BLOCK_H):
+        cols = h_start + tl.arange(0, BLOCK_H)
+        col_mask = cols < H
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        grad = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        if NEED_U:
+            u, y, scale = _up_projection_chunk(
+                a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
+                r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
+            )
+        else:
+            if SCALE_MODE == 2:
+                scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+            elif SCALE_MODE == 1:
+                scale = tl.load(scale_ptr)
+            else:
+                scale = scale_value
+        if HAS_LN:
+            xhat = (y - mean[:, None]) * rstd[:, None]
+            g = grad
+            if HAS_LN_WEIGHT:
+                g = g * tl.load(lnw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            dy = (g - mean_g[:, None] - xhat * mean_g_xhat[:, None]) * rstd[:, None]
+            dy = tl.where(tile_mask, dy, 0.0)
+            tl.store(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=tile_mask)
+            if NEED_DLNW:
+                tl.store(dlnw_part_ptr + part_row + cols, tl.sum(tl.where(tile_mask, grad * xhat, 0.0), axis=0), mask=col_mask)
+            if NEED_DLNB:
+                tl.store(dlnb_part_ptr + part_row + cols, tl.sum(grad, axis=0), mask=col_mask)
+        else:
+            dy = grad
+        du = dy * scale
+        if NEED_DBU:
+            tl.store(dbu_part_ptr + part_row + cols, tl.sum(du, axis=0), mask=col_mask)
+        if NEED_DSCALE:
+            tl.store(dscale_part_ptr + part_row + cols, tl.sum(tl.where(tile_mask, dy * u, 0.0), axis=0), mask=col_mask)
+        wu = tl.load(  # [BLOCK_H, BLOCK_R]
+            wu_ptr + cols[:, None].to(tl.int64) * R + r_offsets[None, :],
+            mask=col_mask[:, None] & r_mask[None, :], other=0.0,
+        )
+        if DOT_FP32:
+            da = tl.dot(du, wu.to(tl.float32), da, input_precision=DOT_PRECISION)
+        else:
+            da = tl.dot(du.to(wu.dtype), wu, da, input_precision=DOT_PRECISION)
+
+    dz = da * _activation_derivative(z, ACTIVATION, negative_slope)
+    tl.store(dz_ptr + rows64[:, None] * R + r_offsets[None, :], dz, mask=row_mask[:, None] & r_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------- launchers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast dot operands to fp32, input precision). fp32 follows torch's TF32 switch; the
+    interpreter's bf16 dot is wrong (seen on triton 3.8), so it upcasts there."""
+    if dtype == torch.float32:
+        return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 and not _interpreting() else "ieee"
+    return _interpreting() and dtype == torch.bfloat16, "ieee"
+
+
+def _block_sizes(rank: int, hidden: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, BLOCK_H, num_warps): the [BLOCK_M, BLOCK_R] fp32 accumulator is kept
+    near 8K elements so it stays in registers; BLOCK_H shrinks as the rank grows to bound the
+    [BLOCK_R, BLOCK_H] weight tile."""
+    block_r = max(16, triton.next_power_of_2(rank))
+    block_m = max(16, min(64, 8192 // block_r))
+    block_h = 64 if block_r <= 128 else 32
+    block_h = min(block_h, max(16, triton.next_power_of_2(hidden)))
+    num_warps = 4 if block_m * block_r <= 4096 else 8
+    return block_m, block_r, block_h, num_warps
+
+
+def _scale_arguments(scale: torch.Tensor | None, scale_value: float, hidden: int, device) -> tuple[int, torch.Tensor]:
+    if scale is None:
+        return SCALE_FLOAT, torch.empty(1, dtype=torch.float32, device=device)
+    scale = scale.detach().to(torch.float32).contiguous().reshape(-1)
+    return (SCALE_CHANNEL if scale.numel() == hidden and hidden != 1 else SCALE_SCALAR), scale
+
+
+def bottleneck_adapter_forward(
+    x, down_weight, down_bias, up_weight, up_bias, scale, scale_value, residual,
+    ln_weight, ln_bias, ln_eps, layer_norm, activation, negative_slope,
+):
+    """Launch the fused forward. x, residual: [T, H] with unit column stride; weights contiguous.
+    Returns (out [T, H] in x's dtype, z [T, R] fp32, mean [T] / rstd [T] fp32, or [0] without LN)."""
+    tokens, hidden = x.shape
+    rank = down_weight.shape[0]
+    out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
+    z = torch.empty((tokens, rank), dtype=torch.float32, device=x.device)
+    stats_size = tokens if layer_norm else 0
+    mean = torch.empty(stats_size, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(stats_size, dtype=torch.float32, device=x.device)
+    if tokens == 0:
+        return out, z, mean, rstd
+    residual = x if residual is None else residual
+    scale_mode, scale = _scale_arguments(scale, scale_value, hidden, x.device)
+    dot_fp32, precision = _dot_settings(x.dtype)
+    block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden)
+    dummy = z  # any pointer for arguments a constexpr switch leaves unread
+    bottleneck_adapter_fwd_kernel[(triton.cdiv(tokens, block_m),)](
+        x, down_weight, down_bias if down_bias is not None else dummy, up_weight,
+        up_bias if up_bias is not None else dummy, scale, residual,
+        ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
+        out, z, mean if layer_norm else dummy, rstd if layer_norm else dummy,
+        tokens, hidden, rank, x.stride(0), residual.stride(0), out.stride(0),
+        float(scale_value), float(ln_eps), float(negative_slope),
+        ACTIVATION=activation, SCALE_MODE=scale_mode,
+        HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None,
+        HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    return out, z, mean, rstd
+
+
+def bottleneck_adapter_backward_rows(
+    grad, residual, up_weight, up_bias, scale, scale_value, ln_weight, z, mean, rstd, layer_norm,
+    activation, negative_slope, need_up_bias_grad, need_scale_grad, need_ln_weight_grad, need_ln_bias_grad,
+):
+    """Launch the rows part of the backward. grad, residual: [T, H] with unit column stride.
+    Returns dy ([T, H] in grad's dtype with LayerNorm, else None), dz [T, R] fp32, and the column
+    sums (fp32 [H], or None when not asked for) of s*dy, dy*u, grad*xhat and grad."""
+    tokens, hidden = grad.shape
+    rank = z.shape[1]
+    device = grad.device
+    block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden)
+    num_blocks = triton.cdiv(tokens, block_m)
+    dz = torch.empty((tokens, rank), dtype=torch.float32, device=device)
+    dy = torch.empty((tokens, hidden), dtype=grad.dtype, device=device) if layer_norm else None
+
+    def partials(needed):
+        return torch.empty((num_blocks, hidden), dtype=torch.float32, device=device) if needed else None
+
+    need_ln_weight_grad = need_ln_weight_grad and layer_norm
+    need_ln_bias_grad = need_ln_bias_grad and layer_norm
+    dbu_part, dscale_part = partials(need_up_bias_grad), partials(need_scale_grad)
+    dlnw_part, dlnb_part = partials(need_ln_weight_grad), partials(need_ln_bias_grad)
+    if tokens == 0:
+        zero_sum = torch.zeros(hidden, dtype=torch.float32, device=device)
+        sums = [zero_sum if p is not None else None for p in (dbu_part, dscale_part, dlnw_part, dlnb_part)]
+        return (dy, dz, *sums)
+    scale_mode, scale = _scale_arguments(scale, scale_value, hidden, device)
+    dot_fp32, precision = _dot_settings(grad.dtype)
+    dummy = dz
+    bottleneck_adapter_bwd_rows_kernel[(num_blocks,)](
+        grad, residual if residual is not None else dummy, up_weight,
+        up_bias if up_bias is not None else dummy, scale, ln_weight if ln_weight is not None else dummy,
+        z, mean if layer_norm else dummy, rstd if layer_norm else dummy,
+        dy if dy is not None else dummy, dz,
+        *(p if p is not None else dummy for p in (dbu_part, dscale_part, dlnw_part, dlnb_part)),
+        tokens, hidden, rank, grad.stride(0), residual.stride(0) if residual is not None else 0,
+        dy.stride(0) if dy is not None else 0,
+        float(scale_value), float(negative_slope),
+        ACTIVATION=activation, SCALE_MODE=scale_mode, HAS_UP_BIAS=up_bias is not None,
+        HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None,
+        NEED_U=layer_norm or need_scale_grad, NEED_DBU=need_up_bias_grad, NEED_DSCALE=need_scale_grad,
+        NEED_DLNW=need_ln_weight_grad, NEED_DLNB=need_ln_bias_grad,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    sums = [p.sum(0) if p is not None else None for p in (dbu_part, dscale_part, dlnw_part, dlnb_part)]
+    return (dy, dz, *sums)
