@@ -1,1 +1,5 @@
-"""Drop-in torch.nn modules built on pefops.ops."""
+"""Drop-in torch.nn modules built on pefops.ops, one file per op family."""
+
+from pefops.nn.bottleneck_adapter import BottleneckAdapter
+
+__all__ = ["BottleneckAdapter"]
