@@ -327,6 +327,48 @@ def bottleneck_adapter_bwd_rows_kernel(
     tl.store(dz_ptr + rows64[:, None] * R + r_offsets[None, :], dz, mask=row_mask[:, None] & r_mask[None, :])
 
 
+# ----------------------------------------------------------------------------------- autotuning
+# On a GPU the tile sizes are tuned per (H, R, dtype, options); under the interpreter the heuristic
+# config of _block_sizes runs alone (tuning there would only multiply the test time).
+
+
+def _prune_forward_configs(configs, named_args, **kwargs):
+    block_r = max(16, triton.next_power_of_2(named_args["R"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_r <= 16384 and block_r * c.kwargs["BLOCK_H"] <= 32768]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_H"])]
+
+
+_FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": block_m, "BLOCK_H": block_h}, num_warps=warps, num_stages=stages)
+    for block_m in (16, 32, 64, 128)
+    for block_h in (32, 64, 128)
+    for warps, stages in ((4, 3), (8, 3), (4, 4))
+]
+_TUNING_KEY = ["H", "R", "ACTIVATION", "SCALE_MODE", "HAS_LN"]
+bottleneck_adapter_fwd_tuned = triton.autotune(
+    configs=_FORWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune_forward_configs},
+)(bottleneck_adapter_fwd_kernel)
+
+# The backward's partial-sum buffers are sized by BLOCK_M, so BLOCK_M stays the heuristic one.
+_BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_H": block_h}, num_warps=warps, num_stages=stages)
+    for block_h in (32, 64, 128)
+    for warps, stages in ((4, 2), (4, 3), (8, 3))
+]
+
+
+def _prune_backward_configs(configs, named_args, **kwargs):
+    block_r = max(16, triton.next_power_of_2(named_args["R"]))
+    kept = [c for c in configs if block_r * c.kwargs["BLOCK_H"] <= 32768]
+    return kept or configs[:1]
+
+
+bottleneck_adapter_bwd_rows_tuned = triton.autotune(
+    configs=_BACKWARD_CONFIGS, key=_TUNING_KEY + ["NEED_DSCALE"],
+    prune_configs_by={"early_config_prune": _prune_backward_configs},
+)(bottleneck_adapter_bwd_rows_kernel)
+
+
 # ----------------------------------------------------------------------------------- launchers
 
 
@@ -381,19 +423,25 @@ def bottleneck_adapter_forward(
     dot_fp32, precision = _dot_settings(x.dtype)
     block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden)
     dummy = z  # any pointer for arguments a constexpr switch leaves unread
-    bottleneck_adapter_fwd_kernel[(triton.cdiv(tokens, block_m),)](
+    arguments = (
         x, down_weight, down_bias if down_bias is not None else dummy, up_weight,
         up_bias if up_bias is not None else dummy, scale, residual,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
         out, z, mean if layer_norm else dummy, rstd if layer_norm else dummy,
         tokens, hidden, rank, x.stride(0), residual.stride(0), out.stride(0),
         float(scale_value), float(ln_eps), float(negative_slope),
+    )
+    options = dict(
         ACTIVATION=activation, SCALE_MODE=scale_mode,
         HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None,
         HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_R=block_r,
     )
+    if _interpreting():
+        grid = (triton.cdiv(tokens, block_m),)
+        bottleneck_adapter_fwd_kernel[grid](*arguments, **options, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps)
+    else:
+        bottleneck_adapter_fwd_tuned[lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]),)](*arguments, **options)
     return out, z, mean, rstd
 
 
@@ -426,7 +474,7 @@ def bottleneck_adapter_backward_rows(
     scale_mode, scale = _scale_arguments(scale, scale_value, hidden, device)
     dot_fp32, precision = _dot_settings(grad.dtype)
     dummy = dz
-    bottleneck_adapter_bwd_rows_kernel[(num_blocks,)](
+    arguments = (
         grad, residual if residual is not None else dummy, up_weight,
         up_bias if up_bias is not None else dummy, scale, ln_weight if ln_weight is not None else dummy,
         z, mean if layer_norm else dummy, rstd if layer_norm else dummy,
@@ -435,12 +483,17 @@ def bottleneck_adapter_backward_rows(
         tokens, hidden, rank, grad.stride(0), residual.stride(0) if residual is not None else 0,
         dy.stride(0) if dy is not None else 0,
         float(scale_value), float(negative_slope),
+    )
+    options = dict(
         ACTIVATION=activation, SCALE_MODE=scale_mode, HAS_UP_BIAS=up_bias is not None,
         HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None,
         NEED_U=layer_norm or need_scale_grad, NEED_DBU=need_up_bias_grad, NEED_DSCALE=need_scale_grad,
         NEED_DLNW=need_ln_weight_grad, NEED_DLNB=need_ln_bias_grad,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r,
     )
+    if _interpreting():
+        bottleneck_adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
+    else:
+        bottleneck_adapter_bwd_rows_tuned[(num_blocks,)](*arguments, **options)
     sums = [p.sum(0) if p is not None else None for p in (dbu_part, dscale_part, dlnw_part, dlnb_part)]
     return (dy, dz, *sums)
