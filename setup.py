@@ -14,7 +14,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CSRC_PATTERNS = ("*.cu", "*.cpp", "*.h", "*.cuh")
+CSRC_PATTERNS = ("*.cu", "*.cpp", "*.h", "*.cuh", "*.hpp")
 
 
 def csrc_files():
@@ -35,13 +35,20 @@ class BuildPyWithCsrcSources(build_py):
 ext_modules = []
 cmdclass = {"build_py": BuildPyWithCsrcSources}
 if os.environ.get("PEFOPS_BUILD_CUDA", "0") == "1":
+    import importlib.util
+
+    # pefops/csrc.py finds the toolkit and the wheel-shipped CUDA headers; load it by path so the
+    # build needs neither an installed pefops nor its imports.
+    spec = importlib.util.spec_from_file_location("pefops_csrc_loader", os.path.join(ROOT, "pefops", "csrc.py"))
+    csrc_loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(csrc_loader)
+    cuda_home = csrc_loader.find_cuda_home()
+    if cuda_home:
+        os.environ.setdefault("CUDA_HOME", str(cuda_home))
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     sources = [os.path.relpath(f, ROOT) for f in csrc_files() if f.endswith((".cu", ".cpp"))]
-    ext_modules.append(CUDAExtension(
-        "pefops._C", sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
-    ))
+    ext_modules.append(CUDAExtension("pefops._C", sources=sources, extra_compile_args=csrc_loader.extension_compile_args()))
     cmdclass["build_ext"] = BuildExtension
 
 setup(

@@ -83,6 +83,32 @@ def _activation_derivative(z, ACTIVATION: tl.constexpr, negative_slope):
 
 
 @triton.jit
+def _chunk_scale(scale_ptr, cols, col_mask, scale_value, SCALE_MODE: tl.constexpr):
+    if SCALE_MODE == 2:
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    elif SCALE_MODE == 1:
+        scale = tl.load(scale_ptr)
+    else:
+        scale = scale_value
+    return scale
+
+
+@triton.jit
+def _chunk_sum(
+    u, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, stride_res, scale_value,
+    SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+):
+    """From the product u = a @ Wu[cols].T: adds the bias, returns (u, y = residual + s * u, s)."""
+    if HAS_UP_BIAS:
+        u += tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    scale = _chunk_scale(scale_ptr, cols, col_mask, scale_value, SCALE_MODE)
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    residual = tl.load(res_ptr + rows64[:, None] * stride_res + cols[None, :], mask=tile_mask, other=0.0)
+    y = residual.to(tl.float32) + scale * u
+    return u, y, scale
+
+
+@triton.jit
 def _up_projection_chunk(
     a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets, r_mask,
     R, stride_res, scale_value,
@@ -94,18 +120,8 @@ def _up_projection_chunk(
         mask=r_mask[:, None] & col_mask[None, :], other=0.0,
     )
     u = tl.dot(a_dot, wu_t.to(a_dot.dtype), input_precision=DOT_PRECISION)
-    if HAS_UP_BIAS:
-        u += tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if SCALE_MODE == 2:
-        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    elif SCALE_MODE == 1:
-        scale = tl.load(scale_ptr)
-    else:
-        scale = scale_value
-    tile_mask = row_mask[:, None] & col_mask[None, :]
-    residual = tl.load(res_ptr + rows64[:, None] * stride_res + cols[None, :], mask=tile_mask, other=0.0)
-    y = residual.to(tl.float32) + scale * u
-    return u, y, scale
+    return _chunk_sum(u, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, stride_res, scale_value,
+                      SCALE_MODE, HAS_UP_BIAS)
 
 
 @triton.jit
@@ -283,18 +299,18 @@ def bottleneck_adapter_bwd_rows_kernel(
         col_mask = cols < H
         tile_mask = row_mask[:, None] & col_mask[None, :]
         grad = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        wu = tl.load(  # [BLOCK_H, BLOCK_R], loaded once for both products of this chunk
+            wu_ptr + cols[:, None].to(tl.int64) * R + r_offsets[None, :],
+            mask=col_mask[:, None] & r_mask[None, :], other=0.0,
+        )
+        if DOT_FP32:
+            wu = wu.to(tl.float32)
         if NEED_U:
-            u, y, scale = _up_projection_chunk(
-                a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
-                r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
-            )
+            u = tl.dot(a_dot, tl.trans(wu), input_precision=DOT_PRECISION)
+            u, y, scale = _chunk_sum(u, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, stride_res,
+                                     scale_value, SCALE_MODE, HAS_UP_BIAS)
         else:
-            if SCALE_MODE == 2:
-                scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
-            elif SCALE_MODE == 1:
-                scale = tl.load(scale_ptr)
-            else:
-                scale = scale_value
+            scale = _chunk_scale(scale_ptr, cols, col_mask, scale_value, SCALE_MODE)
         if HAS_LN:
             xhat = (y - mean[:, None]) * rstd[:, None]
             g = grad
@@ -314,14 +330,7 @@ def bottleneck_adapter_bwd_rows_kernel(
             tl.store(dbu_part_ptr + part_row + cols, tl.sum(du, axis=0), mask=col_mask)
         if NEED_DSCALE:
             tl.store(dscale_part_ptr + part_row + cols, tl.sum(tl.where(tile_mask, dy * u, 0.0), axis=0), mask=col_mask)
-        wu = tl.load(  # [BLOCK_H, BLOCK_R]
-            wu_ptr + cols[:, None].to(tl.int64) * R + r_offsets[None, :],
-            mask=col_mask[:, None] & r_mask[None, :], other=0.0,
-        )
-        if DOT_FP32:
-            da = tl.dot(du, wu.to(tl.float32), da, input_precision=DOT_PRECISION)
-        else:
-            da = tl.dot(du.to(wu.dtype), wu, da, input_precision=DOT_PRECISION)
+        da = tl.dot(du.to(wu.dtype), wu, da, input_precision=DOT_PRECISION)
 
     dz = da * _activation_derivative(z, ACTIVATION, negative_slope)
     tl.store(dz_ptr + rows64[:, None] * R + r_offsets[None, :], dz, mask=row_mask[:, None] & r_mask[None, :])
@@ -353,7 +362,7 @@ bottleneck_adapter_fwd_tuned = triton.autotune(
 _BACKWARD_CONFIGS = [
     triton.Config({"BLOCK_H": block_h}, num_warps=warps, num_stages=stages)
     for block_h in (32, 64, 128)
-    for warps, stages in ((4, 2), (4, 3), (8, 3))
+    for warps, stages in ((8, 2), (8, 3), (4, 2))
 ]
 
 
@@ -384,15 +393,17 @@ def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
     return _interpreting() and dtype == torch.bfloat16, "ieee"
 
 
-def _block_sizes(rank: int, hidden: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_R, BLOCK_H, num_warps): the [BLOCK_M, BLOCK_R] fp32 accumulator is kept
-    near 8K elements so it stays in registers; BLOCK_H shrinks as the rank grows to bound the
-    [BLOCK_R, BLOCK_H] weight tile."""
+def _block_sizes(rank: int, hidden: int, backward: bool = False, fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, BLOCK_H, num_warps) heuristics: the [BLOCK_M, BLOCK_R] fp32 accumulator
+    stays near 8K elements forward and 4K backward (which holds two products per chunk), fp32
+    operands take half the tile; ptxas reports for sm_90 (kernels/compile_check.py, bench/NOTES.md)
+    show 16-bit variants at these sizes without spills."""
     block_r = max(16, triton.next_power_of_2(rank))
-    block_m = max(16, min(64, 8192 // block_r))
-    block_h = 64 if block_r <= 128 else 32
-    block_h = min(block_h, max(16, triton.next_power_of_2(hidden)))
-    num_warps = 4 if block_m * block_r <= 4096 else 8
+    budget = (4096 if backward else 8192) // (2 if fp32 else 1)
+    block_m = max(16, min(32 if backward else 64, budget // block_r))
+    block_h = (64 if block_r <= 128 else 32) // (2 if fp32 else 1)
+    block_h = max(16, min(block_h, triton.next_power_of_2(hidden)))
+    num_warps = 8 if block_m * max(block_r, block_h) >= 2048 else 4
     return block_m, block_r, block_h, num_warps
 
 
@@ -421,7 +432,7 @@ def bottleneck_adapter_forward(
     residual = x if residual is None else residual
     scale_mode, scale = _scale_arguments(scale, scale_value, hidden, x.device)
     dot_fp32, precision = _dot_settings(x.dtype)
-    block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden)
+    block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden, fp32=x.dtype == torch.float32)
     dummy = z  # any pointer for arguments a constexpr switch leaves unread
     arguments = (
         x, down_weight, down_bias if down_bias is not None else dummy, up_weight,
@@ -455,7 +466,7 @@ def bottleneck_adapter_backward_rows(
     tokens, hidden = grad.shape
     rank = z.shape[1]
     device = grad.device
-    block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden)
+    block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden, backward=True, fp32=grad.dtype == torch.float32)
     num_blocks = triton.cdiv(tokens, block_m)
     dz = torch.empty((tokens, rank), dtype=torch.float32, device=device)
     dy = torch.empty((tokens, hidden), dtype=grad.dtype, device=device) if layer_norm else None
@@ -497,3 +508,33 @@ def bottleneck_adapter_backward_rows(
         bottleneck_adapter_bwd_rows_tuned[(num_blocks,)](*arguments, **options)
     sums = [p.sum(0) if p is not None else None for p in (dbu_part, dscale_part, dlnw_part, dlnb_part)]
     return (dy, dz, *sums)
+
+
+# ------------------------------------------------------------------------ ahead-of-time compile list
+
+DATA_POINTERS = frozenset({"x_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "res_ptr", "lnw_ptr", "lnb_ptr",
+                           "out_ptr", "grad_ptr", "dy_ptr"})
+
+
+def compile_variants(hidden: int = 4096):
+    """The launch configurations kernels/compile_check.py compiles for a GPU target: every dtype,
+    with and without LayerNorm, ranks 16/64/256, at the heuristic tile sizes. Yields
+    (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages)."""
+    for dtype in ("bfloat16", "float16", "float32"):
+        for layer_norm in (False, True):
+            for rank in (16, 64, 256):
+                dot_fp32 = dtype == "float32"
+                block_m, block_r, block_h, warps = _block_sizes(rank, hidden, fp32=dot_fp32)
+                yield (f"fwd-{dtype}-r{rank}-{'ln' if layer_norm else 'noln'}", bottleneck_adapter_fwd_kernel, dtype,
+                       dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True,
+                            HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, DOT_FP32=dot_fp32,
+                            DOT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
+                       DATA_POINTERS, warps, 3)
+                block_m, block_r, block_h, warps = _block_sizes(rank, hidden, backward=True, fp32=dot_fp32)
+                yield (f"bwd-{dtype}-r{rank}-{'ln' if layer_norm else 'noln'}", bottleneck_adapter_bwd_rows_kernel,
+                       dtype,
+                       dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_UP_BIAS=True, HAS_LN=layer_norm,
+                            HAS_LN_WEIGHT=True, NEED_U=layer_norm, NEED_DBU=True, NEED_DSCALE=False,
+                            NEED_DLNW=layer_norm, NEED_DLNB=layer_norm, DOT_FP32=dot_fp32, DOT_PRECISION="ieee",
+                            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
+                       DATA_POINTERS, warps, 2)

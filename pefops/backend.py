@@ -73,6 +73,7 @@ def register(implementation: Implementation) -> Implementation:
     if implementation.backend not in BACKEND_ORDER:
         raise ValueError(f"unknown backend {implementation.backend!r}; expected one of {BACKEND_ORDER}")
     _REGISTRY.setdefault(implementation.op, {})[implementation.backend] = implementation
+    clear_selection_cache()
     return implementation
 
 
@@ -98,10 +99,33 @@ def forced_backend(backend: str | None = None) -> str | None:
     return name
 
 
+_SELECTION_CACHE: dict[tuple, Implementation] = {}
+_SELECTION_CACHE_SIZE = 4096
+
+
 def select(op: str, problem: Problem, backend: str | None = None) -> Implementation:
-    """The implementation that serves `problem`: the forced one, or the first free of reasons."""
-    candidates = implementations(op)
+    """The implementation that serves `problem`: the forced one, or the first free of reasons.
+    Successful choices are memoised (the reasons checks cost more than a small op)."""
     forced = forced_backend(backend)
+    key = (op, problem.device.type, problem.dtype, problem.mode, tuple(sorted(problem.sizes.items())), forced,
+           triton_interpreter_enabled())
+    cached = _SELECTION_CACHE.get(key)
+    if cached is not None:
+        return cached
+    implementation = _select_uncached(op, problem, forced)
+    if len(_SELECTION_CACHE) >= _SELECTION_CACHE_SIZE:
+        _SELECTION_CACHE.clear()
+    _SELECTION_CACHE[key] = implementation
+    return implementation
+
+
+def clear_selection_cache() -> None:
+    """Forget memoised choices, e.g. after registering an implementation."""
+    _SELECTION_CACHE.clear()
+
+
+def _select_uncached(op: str, problem: Problem, forced: str | None) -> Implementation:
+    candidates = implementations(op)
     if forced is not None:
         implementation = candidates.get(forced)
         if implementation is None:

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.activations import activation_code, activation_derivative, activation_forward
+from pefops.ops.activations import activation_backward, activation_code, activation_forward
 
 OP = "bottleneck_adapter"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,12 +44,15 @@ def _scale_of(scaling: Optional[torch.Tensor], scaling_value: float, dtype: torc
 def _torch_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual,
                    ln_weight, ln_bias, ln_eps, layer_norm, activation, negative_slope):
     """The reference forward, vectorised, in fp32 (fp64 for fp64 inputs). Differentiable, so
-    `bottleneck_adapter_ref` is this function with plain autograd. x: [T, H]."""
+    `bottleneck_adapter_ref` is this function with plain autograd. x: [T, H]. Returns (out, z,
+    mean, rstd)."""
     cdt = _compute_dtype(x.dtype)
     z = torch.nn.functional.linear(x.to(cdt), down_weight.to(cdt), None if down_bias is None else down_bias.to(cdt))
     a = activation_forward(z, activation, negative_slope)
     u = torch.nn.functional.linear(a, up_weight.to(cdt), None if up_bias is None else up_bias.to(cdt))
-    y = (x if residual is None else residual).to(cdt) + _scale_of(scaling, scaling_value, cdt) * u
+    base = (x if residual is None else residual).to(cdt)
+    scale = _scale_of(scaling, scaling_value, cdt)
+    y = torch.add(base, u, alpha=scale) if isinstance(scale, float) else torch.addcmul(base, u, scale)
     if layer_norm:
         weight = None if ln_weight is None else ln_weight.to(cdt)
         bias = None if ln_bias is None else ln_bias.to(cdt)
@@ -63,8 +66,9 @@ def _torch_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, scali
 
 def _torch_backward(grad_out, x, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual,
                     ln_weight, ln_bias, layer_norm, z, mean, rstd, activation, negative_slope, grad_mask):
-    """Explicit backward formulas in the compute dtype; returns grads in GRAD_NAMES order, None
-    where grad_mask says not needed."""
+    """Explicit backward in the compute dtype through ATen's fused backward kernels; returns grads
+    in GRAD_NAMES order, None where grad_mask says not needed. The up-projection is recomputed from
+    the saved pre-activation z, as the kernels do."""
     cdt = z.dtype
     need = dict(zip(GRAD_NAMES, grad_mask))
     grad = grad_out.to(cdt)
@@ -75,14 +79,15 @@ def _torch_backward(grad_out, x, down_weight, down_bias, up_weight, up_bias, sca
         u = torch.nn.functional.linear(a, up_weight.to(cdt), None if up_bias is None else up_bias.to(cdt))
     d_ln_weight = d_ln_bias = None
     if layer_norm:
-        y = (x if residual is None else residual).to(cdt) + scale * u
-        xhat = (y - mean[:, None]) * rstd[:, None]
-        if need["ln_weight"]:
-            d_ln_weight = (grad * xhat).sum(0)
-        if need["ln_bias"]:
-            d_ln_bias = grad.sum(0)
-        g = grad if ln_weight is None else grad * ln_weight.to(cdt)
-        dy = rstd[:, None] * (g - g.mean(1, keepdim=True) - xhat * (g * xhat).mean(1, keepdim=True))
+        base = (x if residual is None else residual).to(cdt)
+        y = torch.add(base, u, alpha=scale) if isinstance(scale, float) else torch.addcmul(base, u, scale)
+        hidden = y.shape[-1]
+        weight = None if ln_weight is None else ln_weight.to(cdt)
+        bias = None if ln_bias is None else ln_bias.to(cdt)
+        dy, d_ln_weight, d_ln_bias = torch.ops.aten.native_layer_norm_backward(
+            grad, y, [hidden], mean.reshape(-1, 1), rstd.reshape(-1, 1), weight, bias,
+            [True, need["ln_weight"] and weight is not None, need["ln_bias"] and bias is not None],
+        )
     else:
         dy = grad
     du = dy * scale
@@ -91,14 +96,12 @@ def _torch_backward(grad_out, x, down_weight, down_bias, up_weight, up_bias, sca
         d_scaling = (dy * u).sum(0) if scaling.numel() > 1 else (dy * u).sum()
     d_up_weight = du.t() @ a if need["up_weight"] else None
     d_up_bias = du.sum(0) if need["up_bias"] else None
-    dz = (du @ up_weight.to(cdt)) * activation_derivative(z, activation, negative_slope)
+    dz = activation_backward(du @ up_weight.to(cdt), z, activation, negative_slope)
     d_down_weight = dz.t() @ x.to(cdt) if need["down_weight"] else None
     d_down_bias = dz.sum(0) if need["down_bias"] else None
     dx = None
     if need["x"]:
-        dx = dz @ down_weight.to(cdt)
-        if residual is None:
-            dx = dx + dy
+        dx = torch.addmm(dy, dz, down_weight.to(cdt)) if residual is None else dz @ down_weight.to(cdt)
     d_residual = dy if need["residual"] else None
     return (dx, d_down_weight, d_down_bias, d_up_weight, d_up_bias, d_scaling, d_residual, d_ln_weight, d_ln_bias)
 
@@ -311,12 +314,28 @@ def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, *, activat
     x2, residual2, scaling_tensor, scaling_value, ln_weight, ln_bias, ln_eps, has_ln, code = _normalise(
         x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, layer_norm
     )
-    backends.forced_backend(backend)  # reject a misspelt backend before any work
+    forced = backends.forced_backend(backend)  # rejects a misspelt backend before any work
+    if forced is None and not _compiling():
+        tokens, hidden = x2.shape
+        problem = backends.Problem(x.device, x.dtype, "forward", {"tokens": tokens, "hidden": hidden, "rank": down_weight.shape[0]})
+        if backends.select(OP, problem).backend == "torch":
+            # Eager calls the torch backend serves run its differentiable reference directly under
+            # autograd: the same ATen calls eager PyTorch makes, without the custom op's Python
+            # dispatch (tens of µs a call) or recomputation in backward. Compiled graphs and forced
+            # backends go through the custom op.
+            out = _torch_forward(x2, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value,
+                                 residual2, ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope))[0]
+            return out.reshape(x.shape)
     out = _bottleneck_adapter_fwd(
         x2, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value, residual2,
         ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope), backend or "",
     )[0]
     return out.reshape(x.shape)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 # ------------------------------------------------------------------------------------ backends
@@ -403,15 +422,15 @@ def _cuda_limits(problem: backends.Problem) -> list[str]:
     if rank > MAX_TRITON_RANK:
         reasons.append(f"rank {rank} exceeds the CUDA kernel's limit of {MAX_TRITON_RANK}")
     if not reasons:
-        reasons += csrc.load_reasons()  # builds on first use; a failed build is a reason, not an error
+        try:
+            csrc.load()  # builds just-in-time on first use; a failed build is a reason, not an error
+        except RuntimeError as error:
+            reasons.append(f"the CUDA extension could not be built or loaded: {error}")
     return reasons
 
 
 def _cuda_environment_reasons() -> list[str]:
-    try:  # TEMP until csrc lands
-        from pefops import csrc
-    except ImportError:
-        return ["pefops.csrc missing"]
+    from pefops import csrc
 
     return csrc.unavailable_reasons()
 

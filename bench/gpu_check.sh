@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# GPU check for the H200 device machine: GPU test tier + the full benchmark grid, in under 8 minutes.
+#
+#   OUT=/some/folder bash bench/gpu_check.sh        # $OUT is set by the device machine
+#
+# Runs from the source tree (no pip install: PYTHONPATH is the repository root) with the machine's
+# preinstalled torch / triton / pytest; tqdm and matplotlib are optional (without them: plain
+# progress lines, no PNGs). No network is needed. Writes to $OUT:
+#   gpu_check.log       everything printed below
+#   versions.txt        nvidia-smi, python/torch/triton versions, `python -m pefops`
+#   pytest_gpu.log      python -m pytest tests -m gpu -q   (+ pytest_gpu.xml)
+#   bench.log           python -m bench --device cuda --out "$OUT/results"
+#   results/            latest-cuda-*.json/.md/.png and the timestamped JSON
+#   results_table.md    python -m bench.report --print (the README section for these results)
+# Bring results back into the repo: copy $OUT/results/latest-cuda-* to bench/results/ and run
+# `python -m bench.report`.
+#
+# Time limits (seconds; override by environment): DEADLINE_S total (default 450), TEST_TIMEOUT_S for
+# the GPU tests (default 150); the benchmark gets what is left, stops starting new configurations
+# BENCH_MARGIN_S (default 60) before the deadline and is killed at the deadline. The headline shape
+# runs first, and results are written after every configuration, so a cut-short run still reports.
+
+set -u -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-$ROOT/gpu_check_out}"
+mkdir -p "$OUT/results"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+DEADLINE_S="${DEADLINE_S:-450}"
+TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-150}"
+BENCH_MARGIN_S="${BENCH_MARGIN_S:-60}"
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+echo "== gpu_check.sh  $(date -u +%Y-%m-%dT%H:%M:%SZ)  root=$ROOT  out=$OUT  python=$PY"
+
+echo "== nvidia-smi"
+{
+  nvidia-smi || echo "nvidia-smi failed"
+  echo
+  "$PY" - <<'EOF'
+import platform, sys
+import torch
+print("python", platform.python_version(), sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(0), f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
+          round(p.total_memory / 2**30, 1), "GiB")
+for name in ("triton", "pytest", "tqdm", "matplotlib", "transformers"):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, "__version__", "installed"))
+    except ImportError:
+        print(name, "not installed")
+EOF
+  echo
+  timeout 60 "$PY" -m pefops || echo "python -m pefops failed"
+} 2>&1 | tee "$OUT/versions.txt"
+
+echo "== GPU tests (timeout ${TEST_TIMEOUT_S}s)  t=$(elapsed)s"
+timeout -k 10 "$TEST_TIMEOUT_S" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider \
+  --junitxml="$OUT/pytest_gpu.xml" 2>&1 | tee "$OUT/pytest_gpu.log"
+TEST_RC=${PIPESTATUS[0]}
+[ "$TEST_RC" = 124 ] && echo "GPU tests: TIMED OUT after ${TEST_TIMEOUT_S}s"
+echo "GPU tests exit code: $TEST_RC  t=$(elapsed)s"
+
+LEFT=$(( DEADLINE_S - $(elapsed) - 15 ))  # 15 s kept for the report below
+BUDGET=$(( LEFT - BENCH_MARGIN_S ))
+if [ "$BUDGET" -lt 30 ]; then BUDGET=30; fi
+if [ "$LEFT" -lt 45 ]; then LEFT=45; fi
+echo "== benchmarks (budget ${BUDGET}s, hard limit ${LEFT}s)  t=$(elapsed)s"
+timeout -k 10 "$LEFT" "$PY" -m bench --device cuda --out "$OUT/results" --budget-s "$BUDGET" \
+  2>&1 | tee "$OUT/bench.log"
+BENCH_RC=${PIPESTATUS[0]}
+[ "$BENCH_RC" = 124 ] && echo "benchmarks: killed at the ${LEFT}s limit (rows measured so far are in the JSON)"
+echo "benchmarks exit code: $BENCH_RC  t=$(elapsed)s"
+
+echo "== results table"
+timeout 30 "$PY" -m bench.report --results "$OUT/results" --print | tee "$OUT/results_table.md"
+
+echo "== done in $(elapsed)s: tests rc=$TEST_RC, bench rc=$BENCH_RC"
+ls -la "$OUT" "$OUT/results"
+if [ "$TEST_RC" != 0 ] || [ "$BENCH_RC" != 0 ]; then exit 1; fi
+exit 0

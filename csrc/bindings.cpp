@@ -1,0 +1,20 @@
+// Python bindings of the pefops CUDA extension (built as pefops._C by setup.py, or just-in-time as
+// pefops_csrc by pefops/csrc.py; TORCH_EXTENSION_NAME is set accordingly by torch's build helpers).
+// A new op family adds its csrc/<family>.cu, its declarations in ops.h and its m.def lines here.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pefops CUDA kernels (csrc/)";
+
+  m.def("bottleneck_adapter_decode_forward", &pefops::bottleneck_adapter_decode_forward,
+        "Fused bottleneck adapter forward for decode shapes (T <= 16 tokens): "
+        "out = [LayerNorm](residual + scaling * (act(x @ Wd^T + bd) @ Wu^T + bu)). "
+        "Returns (out, z, mean, rstd); z, mean and rstd are float32, mean/rstd empty without "
+        "LayerNorm.",
+        pybind11::arg("x"), pybind11::arg("down_weight"), pybind11::arg("down_bias"),
+        pybind11::arg("up_weight"), pybind11::arg("up_bias"), pybind11::arg("scaling"),
+        pybind11::arg("residual"), pybind11::arg("ln_weight"), pybind11::arg("ln_bias"),
+        pybind11::arg("eps"), pybind11::arg("activation"), pybind11::arg("negative_slope"));
+}
