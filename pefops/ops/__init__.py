@@ -2,5 +2,16 @@
 
 from pefops.ops.activations import NAMES as ACTIVATIONS
 from pefops.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_ref
+from pefops.ops.masked_linear import (
+    masked_linear,
+    masked_linear_ref,
+    masked_linear_scores,
+    masked_linear_scores_ref,
+    pack_mask,
+    unpack_mask,
+)
 
-__all__ = ["ACTIVATIONS", "bottleneck_adapter", "bottleneck_adapter_ref"]
+__all__ = [
+    "ACTIVATIONS", "bottleneck_adapter", "bottleneck_adapter_ref", "masked_linear", "masked_linear_ref",
+    "masked_linear_scores", "masked_linear_scores_ref", "pack_mask", "unpack_mask",
+]

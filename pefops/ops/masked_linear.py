@@ -1,0 +1,377 @@
+"""Mask-tuning ops: linear layers whose frozen weight is masked by 1-bit packed masks.
+
+    masked_linear(x, W, packed, b)              = x @ (W ⊙ M).T + b,   M = unpack(packed)
+    masked_linear_scores(x, W, S, threshold, b) = same with M = (S > threshold), and the straight-
+                                                  through gradient dS = (dyᵀ x) ⊙ W
+
+Mask format: uint8 [out_features, ceil(in_features / 8)], bit j of byte b is input column 8·b + j
+(numpy.packbits(..., axis=1, bitorder="little")), unused tail bits zero. W ⊙ M is never written to
+memory by the kernels; the weight is frozen (no gradient).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+from pefops import backend as backends
+
+OP = "masked_linear"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_DECODE_ROWS = 16
+_BIT_SHIFTS = {}
+
+
+# ------------------------------------------------------------------------------------ packing
+
+
+def packed_columns(in_features: int) -> int:
+    return (in_features + 7) // 8
+
+
+def pack_mask(mask_or_scores: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+    """Pack a boolean (or 0/1) mask [out, in], or scores with `threshold` (mask = scores > threshold),
+    into uint8 [out, ceil(in / 8)], little bit order, tail bits zero."""
+    if not isinstance(mask_or_scores, torch.Tensor) or mask_or_scores.dim() != 2:
+        raise ValueError(f"pack_mask expects a 2-D tensor [out_features, in_features]; got "
+                         f"{tuple(mask_or_scores.shape) if isinstance(mask_or_scores, torch.Tensor) else type(mask_or_scores).__name__}")
+    if threshold is not None:
+        if not mask_or_scores.is_floating_point():
+            raise ValueError(f"scores must be floating point when a threshold is given; got {mask_or_scores.dtype}")
+        bits = mask_or_scores > threshold
+    elif mask_or_scores.dtype == torch.bool:
+        bits = mask_or_scores
+    else:
+        values = mask_or_scores
+        if not bool(((values == 0) | (values == 1)).all()):
+            raise ValueError("pack_mask without a threshold expects a boolean or 0/1 mask; pass threshold= for scores")
+        bits = values != 0
+    out_features, in_features = bits.shape
+    padded = packed_columns(in_features) * 8
+    if padded != in_features:
+        bits = torch.nn.functional.pad(bits, (0, padded - in_features))
+    weights = _bit_weights(bits.device)
+    return (bits.reshape(out_features, -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The boolean mask [out, in_features] of a packed uint8 mask [out, ceil(in_features / 8)]."""
+    _check_packed(packed, None, in_features)
+    shifts = _bit_shifts(packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :in_features].bool()
+
+
+def _bit_shifts(device) -> torch.Tensor:
+    key = ("shift", str(device))
+    if key not in _BIT_SHIFTS:
+        _BIT_SHIFTS[key] = torch.arange(8, dtype=torch.uint8, device=device)
+    return _BIT_SHIFTS[key]
+
+
+def _bit_weights(device) -> torch.Tensor:
+    key = ("weight", str(device))
+    if key not in _BIT_SHIFTS:
+        _BIT_SHIFTS[key] = (1 << torch.arange(8, device=device)).to(torch.uint8)
+    return _BIT_SHIFTS[key]
+
+
+def _check_packed(packed, out_features, in_features):
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+        got = f"{packed.dtype} {tuple(packed.shape)}" if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise ValueError(f"packed_mask must be a uint8 tensor [out_features, ceil(in_features / 8)]; got {got}")
+    expected_columns = packed_columns(in_features)
+    if packed.shape[1] != expected_columns or (out_features is not None and packed.shape[0] != out_features):
+        rows = out_features if out_features is not None else packed.shape[0]
+        raise ValueError(f"packed_mask must have shape ({rows}, {expected_columns}) for a weight with "
+                         f"in_features={in_features}; got {tuple(packed.shape)}")
+
+
+# ------------------------------------------------------------------------------------ reference
+
+
+def masked_linear_ref(x, weight, packed_mask, bias=None):
+    """x @ (W ⊙ M).T + b with W ⊙ M materialised: the CPU path, the oracle and the benchmark's eager."""
+    effective = torch.where(unpack_mask(packed_mask, weight.shape[1]), weight, weight.new_zeros(()))
+    return torch.nn.functional.linear(x, effective, bias)
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    """M = (S > threshold) forward; dS = dM (straight-through) backward."""
+
+    @staticmethod
+    def forward(ctx, scores, threshold):
+        return (scores > threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def masked_linear_scores_ref(x, weight, scores, threshold, bias=None):
+    """Training form: M = (S > threshold) with the straight-through estimator, so dS = (dyᵀx) ⊙ W."""
+    mask = _StraightThroughMask.apply(scores, float(threshold))
+    return torch.nn.functional.linear(x, weight * mask.to(weight.dtype), bias)
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _describe(tensor) -> str:
+    if not isinstance(tensor, torch.Tensor):
+        return type(tensor).__name__
+    return f"shape {tuple(tensor.shape)}, {str(tensor.dtype).removeprefix('torch.')}, {tensor.device}"
+
+
+def _check_common(x, weight, bias):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features]; got {_describe(weight)}")
+    out_features, in_features = weight.shape
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must be [..., in_features={in_features}]; got {_describe(x)}")
+    if x.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype}; got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}; got {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be [out_features={out_features}]; got {_describe(bias)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias must match x ({x.dtype}, {x.device}); got {bias.dtype}, {bias.device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("the weight of a masked linear layer is frozen: call weight.requires_grad_(False); "
+                         "train the scores (masked_linear_scores) and the bias instead")
+    return out_features, in_features
+
+
+# ------------------------------------------------------------------------------------ custom ops
+
+
+def _problem(x2, weight, mode):
+    return backends.Problem(x2.device, x2.dtype, mode, {"rows": x2.shape[0], "out_features": weight.shape[0],
+                                                        "in_features": weight.shape[1],
+                                                        "weight_contiguous": int(weight.is_contiguous())})
+
+
+def _serve(x2, weight, mode, backend, role, *args):
+    implementation = backends.select(OP, _problem(x2, weight, mode), backend or None)
+    return implementation.functions[role](*args)
+
+
+@torch.library.custom_op("pefops::masked_linear_fwd", mutates_args=())
+def _masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, packed_mask: torch.Tensor,
+                       bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    return _serve(x, weight, "forward", backend, "forward", x, weight, packed_mask, bias)
+
+
+@_masked_linear_fwd.register_fake
+def _(x, weight, packed_mask, bias, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("pefops::masked_linear_scores_fwd", mutates_args=())
+def _masked_linear_scores_fwd(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: float,
+                              bias: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    implementation = backends.select(OP, _problem(x, weight, "forward"), backend or None)
+    packed = implementation.functions["pack"](scores, threshold)
+    return implementation.functions["forward"](x, weight, packed, bias), packed
+
+
+@_masked_linear_scores_fwd.register_fake
+def _(x, weight, scores, threshold, bias, backend):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((weight.shape[0], packed_columns(weight.shape[1])), dtype=torch.uint8))
+
+
+@torch.library.custom_op("pefops::masked_linear_grad_input", mutates_args=())
+def _masked_linear_grad_input(grad: torch.Tensor, weight: torch.Tensor, packed_mask: torch.Tensor,
+                              backend: str) -> torch.Tensor:
+    return _serve(grad, weight, "backward", backend, "grad_input", grad, weight, packed_mask)
+
+
+@_masked_linear_grad_input.register_fake
+def _(grad, weight, packed_mask, backend):
+    return grad.new_empty((grad.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op("pefops::masked_linear_grad_scores", mutates_args=())
+def _masked_linear_grad_scores(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               backend: str) -> torch.Tensor:
+    return _serve(x, weight, "backward", backend, "grad_scores", grad, x, weight)
+
+
+@_masked_linear_grad_scores.register_fake
+def _(grad, x, weight, backend):
+    return x.new_empty(tuple(weight.shape), dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
+
+
+def _input_and_bias_grads(ctx, grad, weight, packed):
+    dx = _masked_linear_grad_input(grad.contiguous(), weight, packed, ctx.backend) if ctx.needs_x else None
+    dbias = grad.sum(0) if ctx.needs_bias else None
+    return dx, dbias
+
+
+def _setup_fwd(ctx, inputs, output):
+    x, weight, packed, bias, backend = inputs
+    ctx.save_for_backward(weight, packed)
+    ctx.backend, ctx.needs_x, ctx.needs_bias = backend, ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+
+
+def _backward_fwd(ctx, grad):
+    weight, packed = ctx.saved_tensors
+    dx, dbias = _input_and_bias_grads(ctx, grad, weight, packed)
+    return dx, None, None, dbias, None
+
+
+def _setup_scores(ctx, inputs, output):
+    x, weight, scores, threshold, bias, backend = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.backend, ctx.needs_x, ctx.needs_bias = backend, ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+    ctx.needs_scores, ctx.scores_dtype = ctx.needs_input_grad[2], scores.dtype
+
+
+def _backward_scores(ctx, grad, _grad_packed):
+    x, weight, packed = ctx.saved_tensors
+    dx, dbias = _input_and_bias_grads(ctx, grad, weight, packed)
+    dscores = None
+    if ctx.needs_scores:
+        dscores = _masked_linear_grad_scores(grad.contiguous(), x, weight, ctx.backend).to(ctx.scores_dtype)
+    return dx, None, dscores, None, dbias, None
+
+
+_masked_linear_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
+_masked_linear_scores_fwd.register_autograd(_backward_scores, setup_context=_setup_scores)
+
+
+# ------------------------------------------------------------------------------------ public ops
+
+
+def _rows(x2: torch.Tensor) -> torch.Tensor:
+    """[rows, in] with unit column stride, as the kernels index rows by one stride."""
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _eager_torch_path(x2, weight, backend) -> bool:
+    """Eager calls the torch backend serves run the differentiable reference directly (the same ATen
+    calls eager PyTorch makes, without the custom op's Python dispatch)."""
+    if backends.forced_backend(backend) is not None or _compiling():
+        return False
+    return backends.select(OP, _problem(x2, weight, "forward")).backend == "torch"
+
+
+def masked_linear(x, weight, packed_mask, bias=None, *, backend=None):
+    """Inference form: x @ (weight ⊙ unpack(packed_mask)).T + bias. x [..., in]; weight [out, in]
+    (frozen; any strides, e.g. a transposed Conv1D weight); packed_mask uint8 [out, ceil(in/8)];
+    gradients for x and bias."""
+    out_features, in_features = _check_common(x, weight, bias)
+    _check_packed(packed_mask, out_features, in_features)
+    if packed_mask.device != x.device:
+        raise ValueError(f"packed_mask must be on x's device {x.device}; got {packed_mask.device}")
+    x2 = _rows(x.reshape(-1, in_features))
+    if _eager_torch_path(x2, weight, backend):
+        out = masked_linear_ref(x2, weight, packed_mask, bias)
+    else:
+        out = _masked_linear_fwd(x2, weight, packed_mask.contiguous(), bias, backend or "")
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def masked_linear_scores(x, weight, scores, threshold, bias=None, *, backend=None):
+    """Training form: the mask is (scores > threshold); gradients for x, scores (straight-through:
+    (dyᵀ x) ⊙ W) and bias. scores [out, in], any float dtype."""
+    out_features, in_features = _check_common(x, weight, bias)
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (out_features, in_features):
+        raise ValueError(f"scores must be [out_features={out_features}, in_features={in_features}]; got {_describe(scores)}")
+    if not scores.is_floating_point() or scores.device != x.device:
+        raise ValueError(f"scores must be floating point on x's device {x.device}; got {_describe(scores)}")
+    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
+        raise ValueError(f"threshold must be a float; got {type(threshold).__name__}")
+    x2 = _rows(x.reshape(-1, in_features))
+    if _eager_torch_path(x2, weight, backend):
+        out = masked_linear_scores_ref(x2, weight, scores, threshold, bias)
+    else:
+        out = _masked_linear_scores_fwd(x2, weight, scores, float(threshold), bias, backend or "")[0]
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+# ------------------------------------------------------------------------------------ backends
+
+
+def _torch_forward(x, weight, packed, bias):
+    return masked_linear_ref(x, weight, packed, bias)
+
+
+def _torch_grad_input(grad, weight, packed):
+    effective = torch.where(unpack_mask(packed, weight.shape[1]), weight, weight.new_zeros(()))
+    return grad @ effective
+
+
+def _torch_grad_scores(grad, x, weight):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (grad.to(cdt).t() @ x.to(cdt)) * weight.to(cdt)
+
+
+def _triton(name):
+    def call(*args):
+        return getattr(backends.import_kernels("masked_linear"), name)(*args)
+
+    call.__name__ = name
+    return call
+
+
+def _cuda_forward(x, weight, packed, bias):
+    from pefops import csrc
+
+    empty = x.new_empty(0)
+    return csrc.load().masked_linear_decode_forward(x.contiguous(), weight, packed, bias if bias is not None else empty)
+
+
+def _cuda_limits(problem: backends.Problem) -> list[str]:
+    from pefops import csrc
+
+    reasons = []
+    rows = problem.sizes.get("rows", 0)
+    if rows > MAX_DECODE_ROWS:
+        reasons.append(f"the CUDA decode kernel serves at most {MAX_DECODE_ROWS} rows; got {rows}")
+    if not problem.sizes.get("weight_contiguous", 1):
+        reasons.append("the CUDA decode kernel needs a contiguous [out, in] weight (a transposed Conv1D weight is not)")
+    if not reasons:
+        try:
+            csrc.load()
+            if not hasattr(csrc.load(), "masked_linear_decode_forward"):
+                reasons.append("the CUDA extension has no masked_linear_decode_forward")
+        except RuntimeError as error:
+            reasons.append(f"the CUDA extension could not be built or loaded: {error}")
+    return reasons
+
+
+def _cuda_environment_reasons() -> list[str]:
+    from pefops import csrc
+
+    return csrc.unavailable_reasons()
+
+
+backends.register(backends.Implementation(
+    op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
+    functions={"forward": _torch_forward, "grad_input": _torch_grad_input, "grad_scores": _torch_grad_scores,
+               "pack": lambda scores, threshold: pack_mask(scores, threshold)},
+))
+backends.register(backends.Implementation(
+    op=OP, backend="triton", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=True,
+    functions={"forward": _triton("masked_linear_forward"), "grad_input": _triton("masked_linear_grad_input"),
+               "grad_scores": _triton("masked_linear_grad_scores"), "pack": _triton("pack_mask_from_scores")},
+    environment_reasons=backends.triton_environment_reasons,
+))
+backends.register(backends.Implementation(
+    op=OP, backend="cuda", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=False,
+    functions={"forward": _cuda_forward, "pack": lambda scores, threshold: pack_mask(scores, threshold)},
+    environment_reasons=_cuda_environment_reasons, limits=_cuda_limits,
+))
