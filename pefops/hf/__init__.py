@@ -1,6 +1,6 @@
-"""transformers integration: bottleneck adapters added, activated, trained, saved and loaded with
-AdapterHub's names and semantics, running on pefops' fused op. Needs transformers only for the
-models themselves and safetensors for checkpoints."""
+"""transformers integration: bottleneck adapters (AdapterHub's names and semantics) and mask-tuning,
+running on pefops' fused ops. Needs transformers only for the models themselves and safetensors for
+checkpoints."""
 
 from pefops.hf.adapters import (
     AdapterLayer,
@@ -15,9 +15,11 @@ from pefops.hf.adapters import (
 from pefops.hf.architectures import ARCHITECTURES
 from pefops.hf.checkpoint import load_adapter, save_adapter
 from pefops.hf.config import BottleneckConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig, resolve_config
+from pefops.hf.mask_tuning import apply_mask_tuning, freeze_masks, load_masks, masked_modules, save_masks
 
 __all__ = [
     "ARCHITECTURES", "AdapterLayer", "BottleneckConfig", "DoubleSeqBnConfig", "ParBnConfig", "SeqBnConfig",
     "active_adapter", "adapter_parameters", "add_adapter", "list_adapters", "load_adapter", "remove_adapter",
     "resolve_config", "save_adapter", "set_active_adapters", "train_adapter",
+    "apply_mask_tuning", "freeze_masks", "load_masks", "masked_modules", "save_masks",
 ]

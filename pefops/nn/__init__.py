@@ -1,5 +1,6 @@
 """Drop-in torch.nn modules built on pefops.ops, one file per op family."""
 
 from pefops.nn.bottleneck_adapter import BottleneckAdapter
+from pefops.nn.masked_linear import MaskedLinear
 
-__all__ = ["BottleneckAdapter"]
+__all__ = ["BottleneckAdapter", "MaskedLinear"]

@@ -1,0 +1,109 @@
+"""Drop-in binary-masked linear layer for mask-tuning (Zhao et al. 2020)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pefops.ops.masked_linear import masked_linear, masked_linear_scores, pack_mask, packed_columns, unpack_mask
+
+
+class MaskedLinear(nn.Module):
+    """y = x @ (W ⊙ M).T + b with W frozen and M a learned binary mask.
+
+    Training form: real-valued `scores` S, M = (S > threshold), straight-through gradients.
+    Inference form (after `freeze()`): M stored as 1-bit packed uint8 `mask`, scores dropped.
+    The weight is the wrapped layer's own tensor (never copied); a GPT-2 `Conv1D` weight
+    ([in, out]) is used through a transposed view. The bias is never masked and trains when
+    `train_bias` is set.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, threshold: float = 1e-2,
+                 init_sparsity: float = 0.5, weight_is_in_out: bool = False, train_bias: bool = False):
+        super().__init__()
+        if not 0.0 < init_sparsity < 1.0:
+            raise ValueError(f"init_sparsity must be in (0, 1); got {init_sparsity}")
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.weight.requires_grad_(False)
+        self.bias = None
+        if bias is not None:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+            self.bias.requires_grad_(train_bias)
+        self.weight_is_in_out = weight_is_in_out
+        self.threshold = float(threshold)
+        self.init_sparsity = float(init_sparsity)
+        out_features, in_features = self._weight_out_in().shape
+        self.in_features, self.out_features = in_features, out_features
+        self.scores = nn.Parameter(torch.empty(out_features, in_features, device=weight.device, dtype=torch.float32))
+        self.register_buffer("mask", None)
+        self.reset_scores()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, threshold: float = 1e-2, init_sparsity: float = 0.5,
+                    train_bias: bool = False) -> "MaskedLinear":
+        """Wrap an nn.Linear, or a transformers Conv1D (weight [in, out]), sharing its weight."""
+        if isinstance(linear, nn.Linear):
+            return cls(linear.weight, linear.bias, threshold=threshold, init_sparsity=init_sparsity, train_bias=train_bias)
+        if type(linear).__name__ == "Conv1D" and hasattr(linear, "nf"):
+            return cls(linear.weight, linear.bias, threshold=threshold, init_sparsity=init_sparsity,
+                       weight_is_in_out=True, train_bias=train_bias)
+        raise ValueError(f"MaskedLinear.from_linear takes nn.Linear or transformers Conv1D; got {type(linear).__name__}")
+
+    def _weight_out_in(self) -> torch.Tensor:
+        return self.weight.t() if self.weight_is_in_out else self.weight
+
+    @torch.no_grad()
+    def reset_scores(self) -> None:
+        """The authors' initialisation: uniform on (-0.02, (0.02 + threshold) / init_sparsity - 0.02),
+        so a fraction init_sparsity of the scores starts at or below the threshold (masked out)."""
+        if self.scores is None:
+            raise RuntimeError("this layer is frozen (scores dropped); it has no scores to reset")
+        low = -0.02
+        high = (0.02 + self.threshold) / self.init_sparsity - 0.02
+        self.scores.uniform_(low, high)
+
+    @property
+    def frozen(self) -> bool:
+        return self.scores is None
+
+    def packed_mask(self) -> torch.Tensor:
+        """The current mask, packed: uint8 [out, ceil(in / 8)]."""
+        if self.frozen:
+            return self.mask
+        return pack_mask(self.scores.detach(), self.threshold)
+
+    @torch.no_grad()
+    def freeze(self) -> "MaskedLinear":
+        """Pack the mask and drop the scores: the inference form."""
+        if not self.frozen:
+            self.mask = self.packed_mask()
+            self.scores = None
+        return self
+
+    @torch.no_grad()
+    def set_mask(self, packed: torch.Tensor) -> None:
+        """Switch to another task's packed mask (inference form); the weight is not touched."""
+        expected = (self.out_features, packed_columns(self.in_features))
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
+            raise ValueError(f"mask must be uint8 {expected}; got {packed.dtype} {tuple(packed.shape)}")
+        self.scores = None
+        self.mask = packed.to(self.weight.device).contiguous()
+
+    def density(self) -> float:
+        """Fraction of weights kept."""
+        return unpack_mask(self.packed_mask(), self.in_features).float().mean().item()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._weight_out_in()
+        if x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        if self.frozen:
+            return masked_linear(x, weight, self.mask, self.bias)
+        return masked_linear_scores(x, weight, self.scores, self.threshold, self.bias)
+
+    def extra_repr(self) -> str:
+        form = "frozen (1-bit mask)" if self.frozen else f"scores, threshold={self.threshold}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{form}")
