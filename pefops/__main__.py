@@ -11,7 +11,11 @@ import pefops
 from pefops import backend as backends
 
 # A representative call per op for the report: (tokens, hidden, rank) sizes.
-_REPORT_SIZES = {"bottleneck_adapter": [{"tokens": 8, "hidden": 4096, "rank": 64}, {"tokens": 16384, "hidden": 4096, "rank": 64}]}
+_REPORT_SIZES = {
+    "bottleneck_adapter": [{"tokens": 8, "hidden": 4096, "rank": 64}, {"tokens": 16384, "hidden": 4096, "rank": 64}],
+    "masked_linear": [{"rows": 1, "out_features": 4096, "in_features": 4096, "weight_contiguous": 1},
+                      {"rows": 2048, "out_features": 4096, "in_features": 4096, "weight_contiguous": 1}],
+}
 
 
 def _version(module_name: str) -> str:

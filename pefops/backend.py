@@ -187,3 +187,30 @@ def triton_environment_reasons() -> list[str]:
 def import_kernels(module_name: str):
     """pefops.kernels.<module_name>, imported on first use so that import pefops never needs triton."""
     return importlib.import_module(f"pefops.kernels.{module_name}")
+
+
+def cuda_extension_environment_reasons() -> list[str]:
+    """Cheap reasons the CUDA extension cannot serve here (no build attempted)."""
+    from pefops import csrc
+
+    return csrc.unavailable_reasons()
+
+
+def cuda_extension_load_reasons(symbol: str) -> list[str]:
+    """Loads (building just-in-time on first use) the CUDA extension; a failed build or a missing
+    function is a reason, not an error, so an automatic choice falls back."""
+    from pefops import csrc
+
+    try:
+        module = csrc.load()
+    except RuntimeError as error:
+        return [f"the CUDA extension could not be built or loaded: {error}"]
+    if not hasattr(module, symbol):
+        return [f"the CUDA extension has no {symbol} (stale build?)"]
+    return []
+
+
+def compiling() -> bool:
+    """True while torch.compile traces (custom ops must be used then, not eager shortcuts)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())

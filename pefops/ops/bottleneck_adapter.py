@@ -315,7 +315,7 @@ def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, *, activat
         x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, layer_norm
     )
     forced = backends.forced_backend(backend)  # rejects a misspelt backend before any work
-    if forced is None and not _compiling():
+    if forced is None and not backends.compiling():
         tokens, hidden = x2.shape
         problem = backends.Problem(x.device, x.dtype, "forward", {"tokens": tokens, "hidden": hidden, "rank": down_weight.shape[0]})
         if backends.select(OP, problem).backend == "torch":
@@ -331,11 +331,6 @@ def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, *, activat
         ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope), backend or "",
     )[0]
     return out.reshape(x.shape)
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 # ------------------------------------------------------------------------------------ backends
@@ -413,8 +408,6 @@ def _triton_limits(problem: backends.Problem) -> list[str]:
 
 
 def _cuda_limits(problem: backends.Problem) -> list[str]:
-    from pefops import csrc
-
     reasons = []
     tokens, rank = problem.sizes.get("tokens", 0), problem.sizes.get("rank", 0)
     if tokens > MAX_DECODE_TOKENS:
@@ -422,17 +415,8 @@ def _cuda_limits(problem: backends.Problem) -> list[str]:
     if rank > MAX_TRITON_RANK:
         reasons.append(f"rank {rank} exceeds the CUDA kernel's limit of {MAX_TRITON_RANK}")
     if not reasons:
-        try:
-            csrc.load()  # builds just-in-time on first use; a failed build is a reason, not an error
-        except RuntimeError as error:
-            reasons.append(f"the CUDA extension could not be built or loaded: {error}")
+        reasons += backends.cuda_extension_load_reasons("bottleneck_adapter_decode_forward")
     return reasons
-
-
-def _cuda_environment_reasons() -> list[str]:
-    from pefops import csrc
-
-    return csrc.unavailable_reasons()
 
 
 backends.register(backends.Implementation(
@@ -447,5 +431,5 @@ backends.register(backends.Implementation(
 backends.register(backends.Implementation(
     op=OP, backend="cuda", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=False,
     functions={"forward": _cuda_forward},
-    environment_reasons=_cuda_environment_reasons, limits=_cuda_limits,
+    environment_reasons=backends.cuda_extension_environment_reasons, limits=_cuda_limits,
 ))

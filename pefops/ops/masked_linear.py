@@ -255,15 +255,10 @@ def _rows(x2: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
 def _eager_torch_path(x2, weight, backend) -> bool:
     """Eager calls the torch backend serves run the differentiable reference directly (the same ATen
     calls eager PyTorch makes, without the custom op's Python dispatch)."""
-    if backends.forced_backend(backend) is not None or _compiling():
+    if backends.forced_backend(backend) is not None or backends.compiling():
         return False
     return backends.select(OP, _problem(x2, weight, "forward")).backend == "torch"
 
@@ -335,8 +330,6 @@ def _cuda_forward(x, weight, packed, bias):
 
 
 def _cuda_limits(problem: backends.Problem) -> list[str]:
-    from pefops import csrc
-
     reasons = []
     rows = problem.sizes.get("rows", 0)
     if rows > MAX_DECODE_ROWS:
@@ -344,19 +337,8 @@ def _cuda_limits(problem: backends.Problem) -> list[str]:
     if not problem.sizes.get("weight_contiguous", 1):
         reasons.append("the CUDA decode kernel needs a contiguous [out, in] weight (a transposed Conv1D weight is not)")
     if not reasons:
-        try:
-            csrc.load()
-            if not hasattr(csrc.load(), "masked_linear_decode_forward"):
-                reasons.append("the CUDA extension has no masked_linear_decode_forward")
-        except RuntimeError as error:
-            reasons.append(f"the CUDA extension could not be built or loaded: {error}")
+        reasons += backends.cuda_extension_load_reasons("masked_linear_decode_forward")
     return reasons
-
-
-def _cuda_environment_reasons() -> list[str]:
-    from pefops import csrc
-
-    return csrc.unavailable_reasons()
 
 
 backends.register(backends.Implementation(
@@ -373,5 +355,5 @@ backends.register(backends.Implementation(
 backends.register(backends.Implementation(
     op=OP, backend="cuda", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=False,
     functions={"forward": _cuda_forward, "pack": lambda scores, threshold: pack_mask(scores, threshold)},
-    environment_reasons=_cuda_environment_reasons, limits=_cuda_limits,
+    environment_reasons=backends.cuda_extension_environment_reasons, limits=_cuda_limits,
 ))
