@@ -21,7 +21,7 @@ from pefops import backend as backends
 OP = "masked_linear"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DECODE_ROWS = 16
-_BIT_SHIFTS = {}
+_BIT_TABLES = {}
 
 
 # ------------------------------------------------------------------------------------ packing
@@ -59,23 +59,36 @@ def pack_mask(mask_or_scores: torch.Tensor, threshold: Optional[float] = None) -
 def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """The boolean mask [out, in_features] of a packed uint8 mask [out, ceil(in_features / 8)]."""
     _check_packed(packed, None, in_features)
-    shifts = _bit_shifts(packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :in_features].bool()
+    return _unpack_as(packed, in_features, torch.bool)
 
 
-def _bit_shifts(device) -> torch.Tensor:
-    key = ("shift", str(device))
-    if key not in _BIT_SHIFTS:
-        _BIT_SHIFTS[key] = torch.arange(8, dtype=torch.uint8, device=device)
-    return _BIT_SHIFTS[key]
+def _unpack_as(packed: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Unpack through a 256 × 8 lookup table (one gather instead of shifts and masks per bit: ~6×
+    faster on CPU), straight into `dtype` (0/1 values, or bool)."""
+    table = _bit_table(packed.device, dtype)
+    bits = table.index_select(0, packed.reshape(-1).to(torch.int32))
+    return bits.reshape(packed.shape[0], -1)[:, :in_features]
+
+
+def _bit_table(device, dtype) -> torch.Tensor:
+    key = ("table", str(device), dtype)
+    if key not in _BIT_TABLES:
+        byte_values = torch.arange(256, dtype=torch.int32, device=device)
+        bits = (byte_values.unsqueeze(1) >> torch.arange(8, dtype=torch.int32, device=device)) & 1
+        _BIT_TABLES[key] = bits.to(dtype)
+    return _BIT_TABLES[key]
 
 
 def _bit_weights(device) -> torch.Tensor:
-    key = ("weight", str(device))
-    if key not in _BIT_SHIFTS:
-        _BIT_SHIFTS[key] = (1 << torch.arange(8, device=device)).to(torch.uint8)
-    return _BIT_SHIFTS[key]
+    key = ("weights", str(device))
+    if key not in _BIT_TABLES:
+        _BIT_TABLES[key] = (1 << torch.arange(8, device=device)).to(torch.uint8)
+    return _BIT_TABLES[key]
+
+
+def _masked_weight(weight: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """W ⊙ M materialised (the reference and CPU path only; the kernels never write it)."""
+    return _unpack_as(packed, weight.shape[1], weight.dtype).mul_(weight)  # in place: one [out, in] buffer
 
 
 def _check_packed(packed, out_features, in_features):
@@ -94,8 +107,7 @@ def _check_packed(packed, out_features, in_features):
 
 def masked_linear_ref(x, weight, packed_mask, bias=None):
     """x @ (W ⊙ M).T + b with W ⊙ M materialised: the CPU path, the oracle and the benchmark's eager."""
-    effective = torch.where(unpack_mask(packed_mask, weight.shape[1]), weight, weight.new_zeros(()))
-    return torch.nn.functional.linear(x, effective, bias)
+    return torch.nn.functional.linear(x, _masked_weight(weight, packed_mask), bias)
 
 
 class _StraightThroughMask(torch.autograd.Function):
@@ -305,8 +317,7 @@ def _torch_forward(x, weight, packed, bias):
 
 
 def _torch_grad_input(grad, weight, packed):
-    effective = torch.where(unpack_mask(packed, weight.shape[1]), weight, weight.new_zeros(()))
-    return grad @ effective
+    return grad @ _masked_weight(weight, packed)
 
 
 def _torch_grad_scores(grad, x, weight):
