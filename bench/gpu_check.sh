@@ -9,16 +9,19 @@
 #   gpu_check.log       everything printed below
 #   versions.txt        nvidia-smi, python/torch/triton versions, `python -m pefops`
 #   pytest_gpu.log      python -m pytest tests -m gpu -q   (+ pytest_gpu.xml)
-#   bench.log           python -m bench --device cuda --out "$OUT/results"
-#   results/            latest-cuda-*.json/.md/.png and the timestamped JSON
+#   bench.log           python -m bench --device cuda --ops <op> --out "$OUT/results/<op>", per op
+#   results/            latest-cuda-*.json/.md/.png and the timestamped JSON (every op, merged);
+#                       results/<op>/ holds each op's own run
 #   results_table.md    python -m bench.report --print (the README section for these results)
 # Bring results back into the repo: copy $OUT/results/latest-cuda-* to bench/results/ and run
 # `python -m bench.report`.
 #
 # Time limits (seconds; override by environment): DEADLINE_S total (default 450), TEST_TIMEOUT_S for
-# the GPU tests (default 150); the benchmark gets what is left, stops starting new configurations
-# BENCH_MARGIN_S (default 60) before the deadline and is killed at the deadline. The headline shape
-# runs first, and results are written after every configuration, so a cut-short run still reports.
+# the GPU tests (default 150); the benchmarks get what is left, one process per op family (BENCH_OPS,
+# default every registered op, in registry order), each with an equal share of the time still left:
+# it stops starting new configurations BENCH_MARGIN_S (default 60) before the end of its share and
+# is killed at the end of it (the last op: at the deadline). Each op runs its headline shapes first,
+# and results are written after every configuration, so a cut-short run still reports.
 
 set -u -o pipefail
 
@@ -70,16 +73,78 @@ TEST_RC=${PIPESTATUS[0]}
 [ "$TEST_RC" = 124 ] && echo "GPU tests: TIMED OUT after ${TEST_TIMEOUT_S}s"
 echo "GPU tests exit code: $TEST_RC  t=$(elapsed)s"
 
-LEFT=$(( DEADLINE_S - $(elapsed) - 15 ))  # 15 s kept for the report below
-BUDGET=$(( LEFT - BENCH_MARGIN_S ))
-if [ "$BUDGET" -lt 30 ]; then BUDGET=30; fi
-if [ "$LEFT" -lt 45 ]; then LEFT=45; fi
-echo "== benchmarks (budget ${BUDGET}s, hard limit ${LEFT}s)  t=$(elapsed)s"
-timeout -k 10 "$LEFT" "$PY" -m bench --device cuda --out "$OUT/results" --budget-s "$BUDGET" \
-  2>&1 | tee "$OUT/bench.log"
-BENCH_RC=${PIPESTATUS[0]}
-[ "$BENCH_RC" = 124 ] && echo "benchmarks: killed at the ${LEFT}s limit (rows measured so far are in the JSON)"
-echo "benchmarks exit code: $BENCH_RC  t=$(elapsed)s"
+# One benchmark process per op family, each with an equal share of the time left (an op that ends
+# early leaves its unused time to the next), so that every op's headline configurations run even
+# when an earlier op's grid is large; their JSONs are merged into $OUT/results/latest-cuda-*.
+OPS="${BENCH_OPS:-$("$PY" -c 'from bench.runner import REGISTRY; print(" ".join(REGISTRY))')}"
+set -- $OPS
+N_OPS=$#
+BENCH_RC=0
+PARTS=()
+i=0
+for op in $OPS; do
+  i=$(( i + 1 ))
+  LEFT=$(( DEADLINE_S - $(elapsed) - 25 ))  # 25 s kept for the merge and the report below
+  REMAINING=$(( N_OPS - i + 1 ))
+  SHARE=$(( LEFT / REMAINING ))             # hard limit of this op (the last one gets all that is left)
+  BUDGET=$(( SHARE - BENCH_MARGIN_S ))      # no new configuration after this
+  if [ "$BUDGET" -lt 30 ]; then BUDGET=30; fi
+  if [ "$SHARE" -lt 45 ]; then SHARE=45; fi
+  echo "== benchmark $op (budget ${BUDGET}s, hard limit ${SHARE}s)  t=$(elapsed)s"
+  timeout -k 10 "$SHARE" "$PY" -m bench --device cuda --ops "$op" --out "$OUT/results/$op" \
+    --budget-s "$BUDGET" --no-plots 2>&1 | tee -a "$OUT/bench.log"
+  RC=${PIPESTATUS[0]}
+  [ "$RC" = 124 ] && echo "benchmark $op: killed at its ${SHARE}s limit (rows measured so far are in its JSON)"
+  echo "benchmark $op exit code: $RC  t=$(elapsed)s"
+  [ "$BENCH_RC" = 0 ] && BENCH_RC=$RC
+  PARTS+=("$op=$OUT/results/$op")
+done
+
+echo "== merging the benchmark results into $OUT/results  t=$(elapsed)s"
+timeout 60 "$PY" - "$OUT/results" "${PARTS[@]}" <<'PYMERGE' || { echo "merge failed"; [ "$BENCH_RC" = 0 ] && BENCH_RC=1; }
+import sys
+from pathlib import Path
+
+from bench import runner
+
+out = Path(sys.argv[1])
+merged, missing = None, []
+for part in sys.argv[2:]:
+    op, folder = part.split("=", 1)
+    files = sorted(Path(folder).glob("latest-*.json"))
+    if not files:
+        print(f"{op}: no results (killed or failed before its first configuration finished)")
+        missing.append({"op": op, "reason": "no results: killed or failed before its first configuration finished"})
+        continue
+    result = runner.load_results(files[0])
+    if merged is None:
+        merged = runner.RunResult(meta={**result.meta, "ops": {}, "elapsed_s": 0.0, "argv": [], "complete": True,
+                                        "stopped_for_budget": False}, rows=[], skipped=[])
+    meta = merged.meta
+    meta["ops"].update(result.meta.get("ops", {}))
+    meta["argv"].append(result.meta.get("argv"))
+    meta["elapsed_s"] = round(meta["elapsed_s"] + (result.meta.get("elapsed_s") or 0.0), 1)
+    meta["complete"] = meta["complete"] and bool(result.meta.get("complete"))
+    meta["stopped_for_budget"] = meta["stopped_for_budget"] or bool(result.meta.get("stopped_for_budget"))
+    for key in ("run_finished", "loadavg_end"):
+        if key in result.meta:
+            meta[key] = result.meta[key]
+    merged.rows += result.rows
+    merged.skipped += result.skipped
+    print(f"{op}: {len(result.rows)} rows from {files[0]}{'' if result.meta.get('complete') else ' (incomplete)'}")
+if merged is None:
+    sys.exit("no benchmark results to merge")
+if missing:
+    merged.meta["complete"] = False
+    merged.skipped += missing
+merged.meta["processes"] = "one python -m bench per op family (bench/gpu_check.sh), merged"
+slug = merged.meta.get("device_slug") or runner.device_slug("cuda")
+stamp = str(merged.meta.get("run_started", runner.now_iso())).replace(":", "").replace("-", "").replace("+0000", "Z")
+runner.write_json(merged, out / f"{slug}-{stamp}.json")
+runner.write_json(merged, out / f"latest-{slug}.json")
+(out / f"latest-{slug}.md").write_text(runner.markdown_report(merged))
+runner.write_plots(merged, out, f"latest-{slug}")
+PYMERGE
 
 echo "== results table"
 timeout 30 "$PY" -m bench.report --results "$OUT/results" --print | tee "$OUT/results_table.md"

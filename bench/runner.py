@@ -55,6 +55,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # op family -> module that defines BENCHMARK
 REGISTRY: dict[str, str] = {
     "bottleneck_adapter": "bench.bottleneck_adapter",
+    "masked_linear": "bench.masked_linear",
 }
 
 DTYPES = {

@@ -1,0 +1,295 @@
+"""Masked linear benchmark (mask tuning): y = x @ (W ⊙ M).T + b with a frozen weight W [N, K].
+
+Providers (all share the same inputs, built once per configuration by ``setup_masked_linear``):
+
+* ``eager``   -- PyTorch as a user writes mask tuning by hand: materialise W ⊙ M, then ``F.linear``.
+  fwd (inference): ``F.linear(x, torch.where(mask, W, 0), b)`` with a bool mask [N, K];
+  fwd+bwd (training): ``M = (S > threshold)`` and the straight-through trick
+  ``F.linear(x, (W * (M + S - S.detach())).to(x.dtype), b)``, so dS = (dyᵀ x) ⊙ W.
+* ``compile`` -- ``torch.compile`` of those eager functions (default mode, default automatic dynamic
+  shapes; the runner raises dynamo's recompile limit). A compile failure skips the provider with
+  its message.
+* ``dense``   -- ``F.linear(x, W_eff, b)`` with the masked weight merged once at set-up: the same
+  dense GEMM as an unmasked layer (cuBLAS / MKL do not skip zeros), so its time is the floor of
+  ``F.linear(x, W, b)`` while its output still equals the masked layer's (the numerical check
+  against eager stays meaningful). fwd only.
+* ``pefops``  -- ``pefops.ops.masked_linear`` with the packed 1-bit mask (fwd) and
+  ``pefops.ops.masked_linear_scores`` (fwd+bwd: gradients for x, scores and bias); whichever
+  backend pefops selects, or the one forced by the config's ``backend``.
+* ``copy``    -- ``dst.copy_(W)`` on an [N, K] tensor of W's dtype: the device copy bandwidth in the
+  same run, the reference for the memory-bound decode rows ("% of copy GB/s").
+
+Modes: ``fwd`` (inference under ``torch.no_grad()``), ``fwd+bwd`` (training: forward from the
+scores, then ``torch.autograd.grad`` for x, scores and bias against a pre-allocated upstream
+gradient). The weight is frozen (``requires_grad=False``) everywhere.
+
+Byte counts are the compulsory traffic of one pass per operand, the same for every provider that
+computes the op (GB/s is an effective bandwidth), e = element size of x / W, Kb = ceil(K / 8):
+
+* fwd: read W (N·K·e) + read the bits (N·Kb) + read x (rows·K·e) + write y (rows·N·e);
+  flops 2·rows·N·K.
+* fwd+bwd: fwd + read the fp32 scores to pack the mask (N·K·4); backward: read dy (rows·N·e), read
+  x (rows·K·e), read W (N·K·e) and the bits (N·Kb) once for both products, write dx (rows·K·e), write
+  the fp32 dscores (N·K·4); flops 6·rows·N·K (forward, dx = dy (W ⊙ M), dS = dyᵀ x).
+* dense (fwd): read W, x, write y (no bits); copy: read + write W (2·N·K·e).
+
+The bias (N·e) and the bits written by packing (N·Kb) are neglected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+
+OP = "masked_linear"
+PROVIDERS = ("eager", "compile", "dense", "pefops", "copy")
+# (out_features N, in_features K): LLaMA-7B's attention projections, MLP up/gate and MLP down
+GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+GPU_ROWS = (1, 8192, 16, 2048, 8)  # the decode and prefill headlines first (decode is the cheaper one to tune)
+CPU_SHAPES = ((1024, 1024), (2048, 1024))
+CPU_ROWS = (1, 16, 512, 2048)
+
+
+# ------------------------------------------------------------------------------ eager (by hand)
+
+
+def eager_masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """Inference: W ⊙ M materialised from a bool mask, then a dense GEMM."""
+    return F.linear(x, torch.where(mask, weight, 0), bias)
+
+
+def eager_masked_linear_scores(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: float,
+                               bias: torch.Tensor | None) -> torch.Tensor:
+    """Training: M = (S > threshold) with the straight-through estimator, dS = (dyᵀ x) ⊙ W.
+    The product W * (M + S - S.detach()) is formed in the scores' (fp32) precision, then cast."""
+    mask = (scores > threshold).to(scores.dtype)
+    effective = weight * (mask + scores - scores.detach())
+    return F.linear(x, effective.to(x.dtype), bias)
+
+
+# ------------------------------------------------------------------------------ set-up
+
+
+def _threshold_for(density: float) -> float:
+    """The threshold t with P(S > t) = density for standard normal scores."""
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"density must be in (0, 1); got {density}")
+    return float(math.sqrt(2.0) * torch.erfinv(torch.tensor(1.0 - 2.0 * density, dtype=torch.float64)))
+
+
+def _full_config(config: dict) -> dict:
+    device = config.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.get("dtype") or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    return {
+        "rows": int(config["rows"]),
+        "out_features": int(config["out_features"]),
+        "in_features": int(config["in_features"]),
+        "density": float(config.get("density", 0.5)),  # fraction of the weight kept by the mask
+        "bias": bool(config.get("bias", True)),
+        "seed": int(config.get("seed", 0)),
+        "backend": config.get("backend"),  # forwarded to pefops as backend=
+        "device": str(device),
+        "dtype": dtype,
+    }
+
+
+class MaskedLinearSetup:
+    """Weight, scores, mask (bool and packed), bias, input and upstream gradient for one
+    configuration, shared by every provider."""
+
+    def __init__(self, config: dict):
+        c = _full_config(config)
+        self.config = c
+        self.device = c["device"]
+        self.dtype = c["dtype"]
+        rows, N, K = c["rows"], c["out_features"], c["in_features"]
+        self.shape: dict[str, Any] = {"rows": rows, "out_features": N, "in_features": K}
+        if c["density"] != 0.5:
+            self.shape["density"] = c["density"]
+        if not c["bias"]:
+            self.shape["bias"] = False
+        self.threshold = _threshold_for(c["density"])
+
+        # drawn on the device itself (an 11008 x 4096 fp32 draw on the host per config is slow)
+        gen = torch.Generator(device=self.device).manual_seed(c["seed"])
+
+        def randn(*shape, dtype=None, scale=1.0):
+            t = torch.randn(*shape, generator=gen, device=self.device, dtype=torch.float32)
+            return (t * scale).to(dtype or self.dtype)
+
+        self.weight = randn(N, K, scale=K ** -0.5)  # frozen: requires_grad False
+        self.scores = randn(N, K, dtype=torch.float32).requires_grad_(True)  # trained in fp32
+        self.bias = randn(N, scale=0.1).requires_grad_(True) if c["bias"] else None
+        self.x = randn(rows, K).requires_grad_(True)
+        self.grad_out = randn(rows, N)
+        with torch.no_grad():
+            self.mask = self.scores > self.threshold  # bool [N, K]
+            self.merged = torch.where(self.mask, self.weight, 0)  # W ⊙ M, for the dense floor
+        self.packed = None  # built on first use by pefops (pack_mask), so a missing pefops only skips it
+        self.grad_inputs = [self.x, self.scores] + ([self.bias] if self.bias is not None else [])
+        self._compiled: dict[str, Callable] = {}
+        self._compile_error: str | None = None
+
+    # ------------------------------------------------------------------ forwards per provider
+
+    def _pefops(self):
+        try:
+            from pefops.ops import masked_linear, masked_linear_scores, pack_mask
+        except Exception as error:  # noqa: BLE001 - any import failure means "cannot run here"
+            raise ProviderUnavailable(
+                f"pefops.ops.masked_linear is not importable ({type(error).__name__}: {error})") from None
+        if self.packed is None:
+            self.packed = pack_mask(self.mask)
+        return masked_linear, masked_linear_scores
+
+    def _forward_fn(self, provider: str, mode: str) -> Callable[[], torch.Tensor]:
+        x, w, b = self.x, self.weight, self.bias
+        mask, scores, threshold = self.mask, self.scores, self.threshold
+        if provider == "dense":
+            if mode != "fwd":
+                raise NotApplicable
+            merged = self.merged
+            return lambda: F.linear(x, merged, b)
+        if provider == "eager":
+            if mode == "fwd":
+                return lambda: eager_masked_linear(x, w, mask, b)
+            return lambda: eager_masked_linear_scores(x, w, scores, threshold, b)
+        if provider == "compile":
+            if self._compile_error is not None:
+                raise ProviderUnavailable(self._compile_error)
+            if mode not in self._compiled:
+                self._compiled[mode] = torch.compile(eager_masked_linear if mode == "fwd"
+                                                     else eager_masked_linear_scores)
+            compiled = self._compiled[mode]
+            if mode == "fwd":
+                return lambda: compiled(x, w, mask, b)
+            return lambda: compiled(x, w, scores, threshold, b)
+        if provider == "pefops":
+            masked_linear, masked_linear_scores = self._pefops()
+            kwargs = {"backend": self.config["backend"]} if self.config["backend"] is not None else {}
+            packed = self.packed
+            if mode == "fwd":
+                return lambda: masked_linear(x, w, packed, b, **kwargs)
+            return lambda: masked_linear_scores(x, w, scores, threshold, b, **kwargs)
+        raise ProviderUnavailable(f"unknown provider {provider!r} for {OP}")
+
+    # ------------------------------------------------------------------ runner interface
+
+    def fn(self, provider: str, mode: str) -> Callable[[], Any]:
+        if provider == "copy":
+            if mode != "fwd":
+                raise NotApplicable
+            src = self.weight
+            dst = torch.empty_like(src)
+            return lambda: dst.copy_(src)
+        if mode not in ("fwd", "fwd+bwd"):
+            raise NotApplicable
+        forward = self._forward_fn(provider, mode)
+        if mode == "fwd":
+            def call():
+                with torch.no_grad():
+                    return forward()
+        else:
+            inputs, grad_out = self.grad_inputs, self.grad_out
+
+            def call():
+                y = forward()
+                return torch.autograd.grad(y, inputs, grad_out)
+        if provider == "compile":
+            self._trial(call)
+        return call
+
+    def _trial(self, fn: Callable[[], Any]) -> Any:
+        """Run once; a torch.compile failure becomes ProviderUnavailable (skipped with its message)."""
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001
+            first = (str(error).strip().splitlines() or [""])[0][:300]
+            self._compile_error = f"torch.compile failed: {type(error).__name__}: {first}"
+            raise ProviderUnavailable(self._compile_error) from None
+
+    def work(self, provider: str, mode: str) -> Work:
+        c = self.config
+        rows, N, K = c["rows"], c["out_features"], c["in_features"]
+        e = torch.empty((), dtype=self.dtype).element_size()
+        weight, bits = N * K * e, N * ((K + 7) // 8)
+        x_bytes, y_bytes = rows * K * e, rows * N * e
+        if provider == "copy":
+            return Work(bytes=2 * weight)
+        if provider == "dense":
+            return Work(bytes=weight + x_bytes + y_bytes, flops=2 * rows * N * K)
+        fwd_bytes = weight + bits + x_bytes + y_bytes
+        if mode == "fwd":
+            return Work(bytes=fwd_bytes, flops=2 * rows * N * K)
+        scores = N * K * 4
+        bwd_bytes = y_bytes + x_bytes + weight + bits + x_bytes + scores  # dy, x, W, bits, dx, dS
+        return Work(bytes=fwd_bytes + scores + bwd_bytes, flops=6 * rows * N * K)
+
+    def describe(self, provider: str, mode: str = "fwd") -> str | None:
+        if provider == "eager":
+            return ("F.linear(x, torch.where(mask, W, 0), b)" if mode == "fwd"
+                    else "F.linear(x, W * (M + S - S.detach()), b), straight-through")
+        if provider == "compile":
+            return "torch.compile(eager function), default mode"
+        if provider == "dense":
+            return "F.linear(x, W_eff, b), mask merged once: the dense GEMM floor"
+        if provider == "copy":
+            return "dst.copy_(W), [N, K]"
+        if provider == "pefops":
+            c = self.config
+            try:
+                from pefops import backend as registry
+
+                sizes = {"rows": c["rows"], "out_features": c["out_features"], "in_features": c["in_features"],
+                         "weight_contiguous": int(self.weight.is_contiguous())}
+                names = []
+                for step in (["forward"] if mode == "fwd" else ["forward", "backward"]):
+                    problem = registry.Problem(torch.device(self.device), self.dtype, step, sizes)
+                    names.append(registry.select(OP, problem, c["backend"]).backend)
+            except Exception:  # noqa: BLE001 - informational only
+                return f"backend={c['backend'] or 'auto'}"
+            note = "backend=" + "/".join(dict.fromkeys(names))
+            return note + (" (packed mask)" if mode == "fwd" else " (mask packed from scores per call)")
+        return None
+
+
+def setup_masked_linear(config: dict) -> MaskedLinearSetup:
+    """Build the inputs once for every provider. ``config``: rows, out_features, in_features, and
+    optionally density (fraction kept, default 0.5), bias (default True), seed, backend, device, dtype."""
+    return MaskedLinearSetup(config)
+
+
+def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
+    """GPU: (N, K) in GPU_SHAPES x rows in GPU_ROWS, bf16, the headline (4096, 4096) decode and prefill
+    rows first, then shape by shape (15 configurations; the runner's time budget cuts the tail);
+    --quick on GPU: the (4096, 4096) headline rows. CPU: a small fp32 set (under a minute on one
+    thread) unless --full."""
+    cuda = device.startswith("cuda")
+    base = {"device": device, "dtype": dtype or (torch.bfloat16 if cuda else torch.float32)}
+    if cuda:
+        shapes = GPU_SHAPES[:1] if quick else GPU_SHAPES
+        rows = GPU_ROWS[:3] if quick else GPU_ROWS
+    elif quick:
+        shapes, rows = CPU_SHAPES, CPU_ROWS
+    else:
+        shapes, rows = CPU_SHAPES + ((4096, 4096),), CPU_ROWS
+    return [{**base, "rows": r, "out_features": n, "in_features": k} for n, k in shapes for r in rows]
+
+
+BENCHMARK = OpBenchmark(
+    name=OP,
+    configs=configs,
+    setup=setup_masked_linear,
+    providers=PROVIDERS,
+    modes=("fwd", "fwd+bwd"),
+    baseline="eager",
+    subject="pefops",
+    bandwidth_reference="copy",
+    shape_columns=(("rows", "rows"), ("out_features", "N"), ("in_features", "K")),
+)
