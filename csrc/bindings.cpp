@@ -17,4 +17,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("up_weight"), pybind11::arg("up_bias"), pybind11::arg("scaling"),
         pybind11::arg("residual"), pybind11::arg("ln_weight"), pybind11::arg("ln_bias"),
         pybind11::arg("eps"), pybind11::arg("activation"), pybind11::arg("negative_slope"));
+
+  m.def("masked_linear_decode_forward", &pefops::masked_linear_decode_forward,
+        "Binary-masked linear forward for decode shapes (T <= 16 tokens): "
+        "y = x @ (weight * M)^T + bias with M unpacked from packed_mask [N, ceil(K / 8)] uint8 "
+        "(little bit order along K); fp32 accumulation, y in x's dtype. bias may be empty.",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("packed_mask"),
+        pybind11::arg("bias"));
 }

@@ -19,4 +19,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_de
     const at::Tensor& residual, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
     double eps, int64_t activation, double negative_slope);
 
+// csrc/masked_linear_decode.cu. Decode shapes (T = x.size(0) <= 16 tokens).
+// y [T, N] in x's dtype = x @ (weight ⊙ M)^T + bias, accumulated in fp32, for x [T, K],
+// weight [N, K] and packed_mask [N, ceil(K / 8)] uint8 (bit j of byte b is M[n, 8 b + j], the
+// numpy.packbits(axis=1, bitorder="little") layout). bias [N] or an empty tensor (no bias).
+// x, weight and bias share one dtype (float32, float16, bfloat16); all contiguous, one device.
+at::Tensor masked_linear_decode_forward(const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& packed_mask, const at::Tensor& bias);
+
 }  // namespace pefops

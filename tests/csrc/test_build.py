@@ -45,6 +45,8 @@ def ext():
 def test_extension_builds_and_exposes_ops(ext):
     assert callable(ext.bottleneck_adapter_decode_forward)
     assert "decode" in (ext.bottleneck_adapter_decode_forward.__doc__ or "")
+    assert callable(ext.masked_linear_decode_forward)
+    assert "decode" in (ext.masked_linear_decode_forward.__doc__ or "")
     assert csrc.build_error() is None
 
 
