@@ -24,7 +24,7 @@ def test_all_variants_compile_without_spills(capability):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(rows) == 36
+    assert len(rows) >= 36
     # 16-bit variants on sm_90 (the target) must not spill; fp32 ones and sm_80's LayerNorm
     # backward spill a few bytes at most (recorded in bench/NOTES.md)
     strict = lambda row: capability == 90 and "float32" not in row["kernel"]  # noqa: E731
