@@ -1,4 +1,5 @@
-"""transformers integration: bottleneck adapters (AdapterHub's names and semantics) and mask-tuning,
+"""transformers integration: bottleneck adapters (AdapterHub's names and semantics), mask-tuning and
+side-tuning,
 running on pefops' fused ops. Needs transformers only for the models themselves and safetensors for
 checkpoints."""
 
@@ -16,10 +17,12 @@ from pefops.hf.architectures import ARCHITECTURES
 from pefops.hf.checkpoint import load_adapter, save_adapter
 from pefops.hf.config import BottleneckConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig, resolve_config
 from pefops.hf.mask_tuning import apply_mask_tuning, freeze_masks, load_masks, masked_modules, save_masks
+from pefops.hf.side_tuning import SideTunedModel, load_side, save_side, side_tune
 
 __all__ = [
     "ARCHITECTURES", "AdapterLayer", "BottleneckConfig", "DoubleSeqBnConfig", "ParBnConfig", "SeqBnConfig",
     "active_adapter", "adapter_parameters", "add_adapter", "list_adapters", "load_adapter", "remove_adapter",
     "resolve_config", "save_adapter", "set_active_adapters", "train_adapter",
     "apply_mask_tuning", "freeze_masks", "load_masks", "masked_modules", "save_masks",
+    "SideTunedModel", "load_side", "save_side", "side_tune",
 ]

@@ -2,5 +2,6 @@
 
 from pefops.nn.bottleneck_adapter import BottleneckAdapter
 from pefops.nn.masked_linear import MaskedLinear
+from pefops.nn.side_tuning import LadderSideNetwork, SideBlock, SideTuned
 
-__all__ = ["BottleneckAdapter", "MaskedLinear"]
+__all__ = ["BottleneckAdapter", "LadderSideNetwork", "MaskedLinear", "SideBlock", "SideTuned"]

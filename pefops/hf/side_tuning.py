@@ -1,0 +1,235 @@
+"""Side-tuning and ladder side-tuning for transformers encoders and decoders (BERT, RoBERTa, GPT-2,
+LLaMA, T5 encoders).
+
+`side_tune(model, method)` returns a SideTunedModel: the base runs frozen under no-grad (its
+activations are never stored), a small side network at width hidden / reduction_factor trains, and
+the output's last_hidden_state is sigmoid(alpha) * base + (1 - sigmoid(alpha)) * side.
+
+Ladder initialisation follows the paper's recipe, structurally pruning every base layer to the
+side width: the residual-stream units kept are the most important by the L2 norm of their embedding
+column, each attention/MLP matrix keeps its most important rows by weight magnitude (the paper ranks
+by Fisher information, which needs data; magnitude needs none), and the down-projections start as
+the selection of the kept units, the up-projection as its transpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pefops.nn.side_tuning import LadderSideNetwork, SideTuned, _blend_output
+
+METHODS = ("side", "ladder")
+# per architecture: the base's layers, its token embedding, and the Linear-oriented ([out, in])
+# weights of one layer as (q, k, v, o, fc_in, fc_out)
+_SIDE_TABLE = {
+    "bert": ("encoder.layer", "embeddings.word_embeddings.weight",
+             lambda l: (l.attention.self.query.weight, l.attention.self.key.weight, l.attention.self.value.weight,
+                        l.attention.output.dense.weight, l.intermediate.dense.weight, l.output.dense.weight)),
+    "gpt2": ("h", "wte.weight",
+             lambda l: (*l.attn.c_attn.weight.t().chunk(3, dim=0), l.attn.c_proj.weight.t(), l.mlp.c_fc.weight.t(),
+                        l.mlp.c_proj.weight.t())),
+    "llama": ("layers", "embed_tokens.weight",
+              lambda l: (l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight,
+                         l.self_attn.o_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight)),
+    "t5": ("encoder.block", "shared.weight",
+           lambda l: (l.layer[0].SelfAttention.q.weight, l.layer[0].SelfAttention.k.weight,
+                      l.layer[0].SelfAttention.v.weight, l.layer[0].SelfAttention.o.weight,
+                      getattr(l.layer[1].DenseReluDense, "wi", None) or l.layer[1].DenseReluDense.wi_1,
+                      l.layer[1].DenseReluDense.wo.weight)),
+}
+_SIDE_TABLE["roberta"] = _SIDE_TABLE["bert"]
+
+
+def _model_type(model) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _SIDE_TABLE:
+        raise ValueError(f"side_tune supports model types {', '.join(sorted(_SIDE_TABLE))}; got {model_type!r}")
+    return model_type
+
+
+def _get(root, path):
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
+
+
+class SideTunedModel(nn.Module):
+    """A frozen transformers model with a trainable side network. forward(**inputs) returns the
+    base's output object with last_hidden_state blended with the side network's output."""
+
+    def __init__(self, base: nn.Module, side: nn.Module, method: str, alpha_init: float = 0.0,
+                 cache_base: bool = False):
+        super().__init__()
+        self.tuned = SideTuned(base, side, alpha_init=alpha_init)
+        self.method = method
+        self.cache_base = cache_base
+        self._cache: dict[str, object] = {}
+        self.base_calls = 0  # how often the base actually ran (the cache skips it)
+
+    @property
+    def base(self):
+        return self.tuned.base
+
+    @property
+    def side(self):
+        return self.tuned.side
+
+    @property
+    def config(self):
+        return self.base.config
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _base_forward(self, input_ids, attention_mask, kwargs):
+        key = None
+        if self.cache_base:
+            digest = hashlib.sha1(input_ids.detach().cpu().numpy().tobytes())
+            if attention_mask is not None:
+                digest.update(attention_mask.detach().cpu().numpy().tobytes())
+            digest.update(str(tuple(input_ids.shape)).encode())
+            key = digest.hexdigest()
+            if key in self._cache:
+                return self._cache[key]
+        wants_hidden = isinstance(self.side, LadderSideNetwork)
+        with torch.no_grad():
+            output = self.base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=wants_hidden,
+                               **kwargs)
+        self.base_calls += 1
+        hidden_states = tuple(output.hidden_states) if wants_hidden else None
+        if hidden_states is not None and self.method == "side":
+            hidden_states = hidden_states[:1]  # plain side-tuning: the side network reads the embeddings only
+        stored = (output.last_hidden_state, hidden_states)
+        if key is not None:
+            self._cache[key] = stored
+        return stored
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        last_hidden, hidden_states = self._base_forward(input_ids, attention_mask, kwargs)
+        if isinstance(self.side, LadderSideNetwork):
+            side_out = self.side(hidden_states, attention_mask)
+        else:
+            side_out = self.side(input_ids=input_ids, attention_mask=attention_mask)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return _blend_output(BaseModelOutput(last_hidden_state=last_hidden), side_out, self.tuned.alpha)
+
+    def side_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if not name.startswith("tuned.base.")}
+
+
+def side_tune(model, method: str = "ladder", reduction_factor: float = 8, side: Optional[nn.Module] = None,
+              alpha_init: float = 0.0, temperature: float = 0.1, init_from_base: bool = True,
+              cache_base: bool = False) -> SideTunedModel:
+    """Wrap `model` (a transformers BERT, RoBERTa, GPT-2, LLaMA or T5 encoder base model) for
+    side-tuning ("side") or ladder side-tuning ("ladder"). Only side parameters (the side network
+    and the blend's alpha) train. `side`: your own side network for method="side" (called with
+    input_ids and attention_mask; returns a tensor or an output with last_hidden_state)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    model_type = _model_type(model)
+    base = getattr(model, "base_model", model)
+    config = base.config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or config.n_embd
+    num_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None) or config.n_head
+    causal = model_type in ("gpt2", "llama")
+    if side is None:
+        side = LadderSideNetwork(hidden, num_layers, reduction_factor, temperature=temperature, causal=causal,
+                                 ladder=method == "ladder", base_num_heads=heads)
+        reference = next(base.parameters())
+        side = side.to(device=reference.device, dtype=torch.float32)
+        if init_from_base:
+            _initialise_from_base(side, base, model_type)
+    elif method == "ladder" and not isinstance(side, LadderSideNetwork):
+        raise ValueError("method='ladder' needs a LadderSideNetwork side (or side=None to build one)")
+    wrapped = SideTunedModel(base, side, method, alpha_init=alpha_init, cache_base=cache_base)
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    return wrapped
+
+
+@torch.no_grad()
+def _initialise_from_base(side: LadderSideNetwork, base: nn.Module, model_type: str) -> None:
+    layers_path, embedding_path, layer_weights = _SIDE_TABLE[model_type]
+    width = side.width
+    embedding = _get(base, embedding_path).float()
+    kept = embedding.norm(dim=0).topk(width).indices.sort().values  # residual-stream units kept
+    selection = torch.zeros(width, side.hidden_size, device=embedding.device)
+    selection[torch.arange(width), kept] = 1.0
+    for down in side.downs:
+        down.weight.copy_(selection)
+        down.bias.zero_()
+    side.up.weight.copy_(selection.t())
+    side.up.bias.zero_()
+    layers = _get(base, layers_path)
+    for block, layer in zip(side.blocks, layers):
+        q, k, v, o, fc_in, fc_out = (w.weight if isinstance(w, nn.Linear) else w for w in layer_weights(layer))
+        columns = lambda w: w.float()[:, kept]  # noqa: E731  inputs restricted to the kept units
+        qk_rows = _top_rows(q, k, width)
+        v_rows = _top_rows(v, None, width)
+        _copy(block.query, columns(q), qk_rows)
+        _copy(block.key, columns(k), qk_rows)
+        _copy(block.value, columns(v), v_rows)
+        if v_rows is not None:
+            _copy(block.output, o.float()[kept][:, v_rows], None)
+        hidden_rows = _top_rows(fc_in, None, block.fc_in.out_features)
+        _copy(block.fc_in, columns(fc_in), hidden_rows)
+        if hidden_rows is not None:
+            _copy(block.fc_out, fc_out.float()[kept][:, hidden_rows], None)
+
+
+def _top_rows(weight, partner, count):
+    """The `count` rows of largest magnitude (summed with `partner`'s, so q and k keep matching
+    rows); None when the matrix has fewer rows (grouped-query k/v): then it is left random."""
+    if weight.shape[0] < count or (partner is not None and partner.shape[0] != weight.shape[0]):
+        return None
+    importance = weight.float().abs().sum(1)
+    if partner is not None:
+        importance = importance + partner.float().abs().sum(1)
+    return importance.topk(count).indices.sort().values
+
+
+def _copy(linear: nn.Linear, weight, rows):
+    if rows is None and weight.shape != linear.weight.shape:
+        return
+    source = weight if rows is None else weight[rows]
+    if source.shape == linear.weight.shape:
+        linear.weight.copy_(source)
+        linear.bias.zero_()
+
+
+def save_side(model: SideTunedModel, path: str) -> None:
+    """Write the side parameters only (safetensors), with the method in the metadata."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, SideTunedModel):
+        raise ValueError(f"save_side takes the model side_tune returned; got {type(model).__name__}")
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.side_parameters().items()}
+    save_file(tensors, path, metadata={"format": "pefops-side-1", "method": model.method})
+
+
+def load_side(model: SideTunedModel, path: str) -> None:
+    """Load side parameters written by save_side into a side_tune'd model of the same shape."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != "pefops-side-1":
+            raise ValueError(f"{path} is not a pefops side-network file")
+        if metadata.get("method") != model.method:
+            raise ValueError(f"{path} holds a {metadata.get('method')!r} side network; this model uses {model.method!r}")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    parameters = model.side_parameters()
+    if set(tensors) != set(parameters):
+        raise ValueError(f"side parameters differ: missing {sorted(set(parameters) - set(tensors))[:3]}, "
+                         f"unexpected {sorted(set(tensors) - set(parameters))[:3]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if tensor.shape != parameters[name].shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} in the file, {tuple(parameters[name].shape)} here")
+            parameters[name].copy_(tensor.to(parameters[name].dtype))
