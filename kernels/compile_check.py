@@ -60,7 +60,7 @@ def ptxas_report(compiled, capability=90) -> dict:
     }
 
 
-KERNEL_MODULES = ("bottleneck_adapter", "masked_linear")
+KERNEL_MODULES = ("bottleneck_adapter", "masked_linear", "gated_blend")
 
 
 def main(argv=None) -> int:
