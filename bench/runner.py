@@ -56,6 +56,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REGISTRY: dict[str, str] = {
     "bottleneck_adapter": "bench.bottleneck_adapter",
     "masked_linear": "bench.masked_linear",
+    "side_tuning": "bench.side_tuning",
 }
 
 DTYPES = {
@@ -93,15 +94,24 @@ class OpBenchmark:
     subject: str = "pefops"  # the provider whose GB/s and TFLOP/s the summary table shows
     bandwidth_reference: str | None = "copy"  # provider whose GB/s is the "% of copy" denominator
     shape_columns: tuple[tuple[str, str], ...] = ()  # (shape key, column header); default: keys
+    # (warm-up calls, timed calls) per provider on CPU instead of the time-based rule, for ops whose
+    # one call takes seconds (the runner's first call of each provider is one more warm-up)
+    cpu_calls: tuple[int, int] | None = None
+    memory_columns: bool = False  # summary table: each provider's peak MiB and its % of the baseline's
 
     def info(self) -> dict:
-        return {
+        info = {
             "baseline": self.baseline,
             "subject": self.subject,
             "bandwidth_reference": self.bandwidth_reference,
             "providers": list(self.providers),
             "shape_columns": [list(c) for c in self.shape_columns],
         }
+        if self.cpu_calls is not None:
+            info["cpu_calls"] = list(self.cpu_calls)
+        if self.memory_columns:
+            info["memory_columns"] = True
+        return info
 
 
 def get_benchmark(name: str) -> OpBenchmark:
@@ -201,26 +211,36 @@ def _quantiles_ms(times_ms: Sequence[float]) -> list[float]:
 
 
 def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], timing: Timing, rounds: int = 5,
+                         calls: tuple[int, int] | None = None,
                          ) -> tuple[dict[str, tuple[list[float], int]], dict[str, BaseException]]:
     """CPU timing of several providers, interleaved: after a warm-up of each, `rounds` rounds in which
     every provider runs its share of repeats in turn, so that load from other processes that comes
     and goes hits all providers alike. Per provider: ([median, p20, p80] ms, repeats); and the
-    providers that raised, with their error."""
+    providers that raised, with their error. `calls` = (warm-up calls, timed calls) fixes the counts
+    instead of deriving them from `timing` (the timed calls still interleaved, one per round)."""
     clock = time.perf_counter
+    if calls is not None:
+        warm_calls, timed_calls = max(0, int(calls[0])), max(1, int(calls[1]))
+        rounds = min(rounds, timed_calls)
     fns = dict(fns)
     failed: dict[str, BaseException] = {}
     reps: dict[str, int] = {}
     for name, fn in list(fns.items()):
         try:
-            start, calls = clock(), 0
-            while calls < 2 or (clock() - start) * 1e3 < timing.warmup_ms:
+            if calls is not None:
+                for _ in range(warm_calls):
+                    fn()
+                reps[name] = math.ceil(timed_calls / rounds)
+                continue
+            start, count = clock(), 0
+            while count < 2 or (clock() - start) * 1e3 < timing.warmup_ms:
                 fn()
-                calls += 1
+                count += 1
         except Exception as error:  # noqa: BLE001
             failed[name] = error
             del fns[name]
             continue
-        estimate_ms = max((clock() - start) * 1e3 / calls, 1e-6)
+        estimate_ms = max((clock() - start) * 1e3 / count, 1e-6)
         total = min(max(timing.rep_ms / estimate_ms, timing.min_reps), timing.max_reps)
         reps[name] = max(1, math.ceil(total / rounds))
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -648,7 +668,7 @@ def _run_mode(bench, setup, mode, providers, device, timing, options, progress, 
                 skip(provider, error)
     elif prepared:
         progress.describe(f"{label} {'/'.join(prepared)} (interleaved)")
-        timings, failed = time_cpu_interleaved(prepared, timing)
+        timings, failed = time_cpu_interleaved(prepared, timing, calls=bench.cpu_calls)
         for provider, error in failed.items():
             skip(provider, error)
 
@@ -781,6 +801,10 @@ def summary_tables(rows: list[dict], meta: dict, heading_level: int = 3) -> str:
                 header.append(f"% of {reference} GB/s")
         if ref_rows:
             header.append(f"{reference} ms")
+        memory = bool(info.get("memory_columns"))
+        if memory:
+            for p in providers:
+                header.append(f"{p} peak MiB" if p == baseline else f"{p} peak MiB (% of {baseline})")
         align = ["---:"] * len(shape_cols) + [":---"] + ["---:"] * (len(header) - len(shape_cols) - 1)
 
         title = f"{'#' * heading_level} {op} — {meta.get('device_name', '?')} ({meta.get('device', '?')}, {dtype})"
@@ -812,6 +836,14 @@ def summary_tables(rows: list[dict], meta: dict, heading_level: int = 3) -> str:
                         cells.append("–")
             if ref_rows:
                 cells.append(_fmt_ms(ref["median_ms"]) if ref else "–")
+            if memory:
+                base_peak = (by_p.get(baseline) or {}).get("peak_memory_bytes")
+                for p in providers:
+                    peak = (by_p.get(p) or {}).get("peak_memory_bytes")
+                    cell = _fmt_num(None if peak is None else peak / 2**20)
+                    if p != baseline and peak is not None and base_peak:
+                        cell += f" ({100 * peak / base_peak:.0f}%)"
+                    cells.append(cell)
             lines.append("| " + " | ".join(cells) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
