@@ -101,50 +101,16 @@ for op in $OPS; do
 done
 
 echo "== merging the benchmark results into $OUT/results  t=$(elapsed)s"
-timeout 60 "$PY" - "$OUT/results" "${PARTS[@]}" <<'PYMERGE' || { echo "merge failed"; [ "$BENCH_RC" = 0 ] && BENCH_RC=1; }
-import sys
-from pathlib import Path
-
-from bench import runner
-
-out = Path(sys.argv[1])
-merged, missing = None, []
-for part in sys.argv[2:]:
-    op, folder = part.split("=", 1)
-    files = sorted(Path(folder).glob("latest-*.json"))
-    if not files:
-        print(f"{op}: no results (killed or failed before its first configuration finished)")
-        missing.append({"op": op, "reason": "no results: killed or failed before its first configuration finished"})
-        continue
-    result = runner.load_results(files[0])
-    if merged is None:
-        merged = runner.RunResult(meta={**result.meta, "ops": {}, "elapsed_s": 0.0, "argv": [], "complete": True,
-                                        "stopped_for_budget": False}, rows=[], skipped=[])
-    meta = merged.meta
-    meta["ops"].update(result.meta.get("ops", {}))
-    meta["argv"].append(result.meta.get("argv"))
-    meta["elapsed_s"] = round(meta["elapsed_s"] + (result.meta.get("elapsed_s") or 0.0), 1)
-    meta["complete"] = meta["complete"] and bool(result.meta.get("complete"))
-    meta["stopped_for_budget"] = meta["stopped_for_budget"] or bool(result.meta.get("stopped_for_budget"))
-    for key in ("run_finished", "loadavg_end"):
-        if key in result.meta:
-            meta[key] = result.meta[key]
-    merged.rows += result.rows
-    merged.skipped += result.skipped
-    print(f"{op}: {len(result.rows)} rows from {files[0]}{'' if result.meta.get('complete') else ' (incomplete)'}")
-if merged is None:
-    sys.exit("no benchmark results to merge")
-if missing:
-    merged.meta["complete"] = False
-    merged.skipped += missing
-merged.meta["processes"] = "one python -m bench per op family (bench/gpu_check.sh), merged"
-slug = merged.meta.get("device_slug") or runner.device_slug("cuda")
-stamp = str(merged.meta.get("run_started", runner.now_iso())).replace(":", "").replace("-", "").replace("+0000", "Z")
-runner.write_json(merged, out / f"{slug}-{stamp}.json")
-runner.write_json(merged, out / f"latest-{slug}.json")
-(out / f"latest-{slug}.md").write_text(runner.markdown_report(merged))
-runner.write_plots(merged, out, f"latest-{slug}")
-PYMERGE
+PART_FILES=()
+for part in "${PARTS[@]}"; do
+  found=$(ls "${part#*=}"/latest-*.json 2>/dev/null | head -n 1)
+  if [ -n "$found" ]; then PART_FILES+=("$found"); else echo "${part%%=*}: no results (killed or failed early)"; fi
+done
+if [ "${#PART_FILES[@]}" -gt 0 ]; then
+  timeout 60 "$PY" -m bench.merge "$OUT/results" "${PART_FILES[@]}" || { echo "merge failed"; [ "$BENCH_RC" = 0 ] && BENCH_RC=1; }
+else
+  echo "no benchmark results to merge"; [ "$BENCH_RC" = 0 ] && BENCH_RC=1
+fi
 
 echo "== results table"
 timeout 30 "$PY" -m bench.report --results "$OUT/results" --print | tee "$OUT/results_table.md"

@@ -5,6 +5,7 @@ checkpoints."""
 
 from pefops.hf.adapters import (
     AdapterLayer,
+    Fuse,
     active_adapter,
     adapter_parameters,
     add_adapter,
@@ -16,6 +17,14 @@ from pefops.hf.adapters import (
 from pefops.hf.architectures import ARCHITECTURES
 from pefops.hf.checkpoint import load_adapter, save_adapter
 from pefops.hf.config import BottleneckConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig, resolve_config
+from pefops.hf.fusion import (
+    add_adapter_fusion,
+    fusion_parameters,
+    fusion_regularization_loss,
+    load_adapter_fusion,
+    save_adapter_fusion,
+    train_adapter_fusion,
+)
 from pefops.hf.mask_tuning import apply_mask_tuning, freeze_masks, load_masks, masked_modules, save_masks
 from pefops.hf.side_tuning import SideTunedModel, load_side, save_side, side_tune
 
@@ -25,4 +34,6 @@ __all__ = [
     "resolve_config", "save_adapter", "set_active_adapters", "train_adapter",
     "apply_mask_tuning", "freeze_masks", "load_masks", "masked_modules", "save_masks",
     "SideTunedModel", "load_side", "save_side", "side_tune",
+    "Fuse", "add_adapter_fusion", "fusion_parameters", "fusion_regularization_loss", "load_adapter_fusion",
+    "save_adapter_fusion", "train_adapter_fusion",
 ]

@@ -27,6 +27,33 @@ from pefops.nn import BottleneckAdapter
 logger = logging.getLogger("pefops.hf")
 
 
+class Fuse:
+    """An AdapterFusion composition of named adapters: set_active_adapters(model, Fuse("a", "b"))."""
+
+    def __init__(self, *names: str):
+        if len(names) == 1 and isinstance(names[0], (list, tuple)):
+            names = tuple(names[0])
+        if len(names) < 1 or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"Fuse takes adapter names; got {names!r}")
+        self.names = tuple(names)
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.names)  # AdapterHub's fusion name
+
+    def last(self) -> str:
+        return self.names[-1]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Fuse) and other.names == self.names
+
+    def __hash__(self) -> int:
+        return hash(self.names)
+
+    def __repr__(self) -> str:
+        return f"Fuse({', '.join(map(repr, self.names))})"
+
+
 class AdapterLayer(nn.Module):
     """All bottleneck adapters at one site of one layer, and AdapterHub's composition around them."""
 
@@ -35,7 +62,8 @@ class AdapterLayer(nn.Module):
         self.site = site
         self.adapters = nn.ModuleDict()
         self.configs: dict[str, BottleneckConfig] = {}
-        self.active: Optional[str] = None
+        self.fusions = nn.ModuleDict()  # AdapterFusion layers by "a,b,c"
+        self.active = None  # an adapter name, a Fuse, or None
         self._residual: Optional[torch.Tensor] = None  # pre_norm sites: the residual stream, from the pre-hook
 
     def add(self, name: str, config: BottleneckConfig, hidden_size: int, layer_index: int, reference: torch.Tensor):
@@ -53,10 +81,18 @@ class AdapterLayer(nn.Module):
         if self.active == name:
             self.active = None
 
+    def is_active(self) -> bool:
+        active = self.active
+        if isinstance(active, Fuse):
+            return active.name in self.fusions
+        return active is not None and active in self.adapters
+
     def forward(self, h: torch.Tensor, r: Optional[torch.Tensor], layer_norm: Optional[nn.Module]) -> torch.Tensor:
         """post_ln sites return the block output; pre_norm sites return the new sublayer output (the
         block adds r itself)."""
         pre_norm = self.site.style == "pre_norm"
+        if isinstance(self.active, Fuse) and self.is_active():
+            return self._fused_forward(h, r, layer_norm, pre_norm)
         name = self.active
         if name is None or name not in self.adapters:
             if pre_norm:
@@ -74,6 +110,25 @@ class AdapterLayer(nn.Module):
         if pre_norm and not config.original_ln_after:
             return out - r  # the block adds r back: the result is `out`, as AdapterHub's
         return out
+
+    def _fused_forward(self, h, r, layer_norm, pre_norm):
+        """AdapterHub's compose_fuse: the last fused adapter's pre_forward gives the input, the
+        residual and (query_before_ln) the query; the fusion layer attends over the adapters' up
+        projections; the last adapter's post_forward adds r and the model's LayerNorm."""
+        fuse = self.active
+        fusion = self.fusions[fuse.name]
+        config = self.configs[fuse.last()]
+        if config.is_parallel:
+            raise ValueError("AdapterFusion over parallel (par_bn) adapters is not supported")
+        x, residual = self._adapter_input_and_residual(h, r, layer_norm, config)
+        query = h if fusion.config.query_before_ln else x
+        out = fusion(x, query, residual, [self.adapters[name] for name in fuse.names])
+        if config.original_ln_after and r is not None:
+            if pre_norm:
+                return out
+            out = out + r
+            return layer_norm(out) if layer_norm is not None else out
+        return out - r if pre_norm and r is not None else out
 
     @staticmethod
     def _adapter_input_and_residual(h, r, layer_norm, config: BottleneckConfig):
@@ -109,13 +164,13 @@ def _post_ln_forward(module, adapter_layer, hidden_states, input_tensor, *args, 
 
 
 def _capture_residual(adapter_layer, module, args, kwargs):
-    if adapter_layer.active in adapter_layer.adapters:
+    if adapter_layer.is_active():
         adapter_layer._residual = args[0] if args else next(iter(kwargs.values()))
 
 
 def _adapt_projection_output(adapter_layer, module, args, output):
     residual, adapter_layer._residual = adapter_layer._residual, None  # hold no activation past its use
-    if adapter_layer.active not in adapter_layer.adapters:
+    if not adapter_layer.is_active():
         return None
     if residual is None:
         raise RuntimeError(f"no residual captured before {adapter_layer.site.module}: the pre-hook on "
@@ -188,12 +243,25 @@ def _adapter_registry(model) -> dict:
     return model._pefops_adapters
 
 
+def _fusion_registry(model) -> dict:
+    if not hasattr(model, "_pefops_fusions"):
+        model._pefops_fusions = {}
+    return model._pefops_fusions
+
+
 def list_adapters(model) -> dict[str, BottleneckConfig]:
     return dict(_adapter_registry(model))
 
 
-def set_active_adapters(model, names: Union[str, list, tuple, None]):
-    """Activate one adapter by name (or None to run the base model unchanged)."""
+def set_active_adapters(model, names: Union[str, list, tuple, "Fuse", None]):
+    """Activate one adapter by name, a Fuse of adapters with a fusion layer, or None (base model)."""
+    if isinstance(names, Fuse):
+        if names.name not in _fusion_registry(model):
+            raise ValueError(f"no fusion {names.name!r}; add it with add_adapter_fusion(model, {names!r})")
+        for _, _, adapter_layer in _adapter_layers(model):
+            adapter_layer.active = names
+        model._pefops_active_adapter = names
+        return
     if isinstance(names, (list, tuple)):
         if len(names) > 1:
             raise ValueError("one bottleneck adapter can be active at a time here; got " + ", ".join(map(str, names)))

@@ -132,6 +132,13 @@ class BottleneckAdapter(nn.Module):
             output = output + residual
         return output
 
+    def up_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """s * up(act(down(x))) alone (AdapterHub's `bottleneck_up`: no dropout, gate or residual),
+        what AdapterFusion attends over."""
+        h = x if self.adapter_norm_before is None else self.adapter_norm_before(x)
+        down = activation_forward(self.down_proj(h), activation_code(self.activation), self.negative_slope)
+        return self.up_proj(down) * self.scaling
+
     def extra_repr(self) -> str:
         scaling = self.scaling if isinstance(self.scaling, float) else f"learned[{self.scaling.numel()}]"
         return (f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "

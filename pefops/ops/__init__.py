@@ -2,6 +2,7 @@
 
 from pefops.ops.activations import NAMES as ACTIVATIONS
 from pefops.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_ref
+from pefops.ops.adapter_fusion import adapter_fusion, adapter_fusion_eager, stack_adapters
 from pefops.ops.gated_blend import alpha_blend, gated_blend, gated_blend_ref, ladder_gate
 from pefops.ops.masked_linear import (
     masked_linear,
@@ -13,6 +14,6 @@ from pefops.ops.masked_linear import (
 )
 
 __all__ = [
-    "ACTIVATIONS", "alpha_blend", "gated_blend", "gated_blend_ref", "ladder_gate", "bottleneck_adapter", "bottleneck_adapter_ref", "masked_linear", "masked_linear_ref",
+    "ACTIVATIONS", "adapter_fusion", "adapter_fusion_eager", "stack_adapters", "alpha_blend", "gated_blend", "gated_blend_ref", "ladder_gate", "bottleneck_adapter", "bottleneck_adapter_ref", "masked_linear", "masked_linear_ref",
     "masked_linear_scores", "masked_linear_scores_ref", "pack_mask", "unpack_mask",
 ]

@@ -1,0 +1,142 @@
+"""AdapterFusion (Pfeiffer et al. 2021) over N frozen bottleneck adapters, without [tokens, N, H].
+
+AdapterHub stacks every adapter's output up_i = s_i ⊙ (W_u,i act(W_d,i x + b_d,i) + b_u,i) into a
+[tokens, N, H] tensor and projects each with the key and value matrices (2N + 1 H×H products). The
+projections are linear, so the same function is (a_i = act(W_d,i x + b_d,i), U_i = s_i ⊙ W_u,i,
+c_i = s_i ⊙ b_u,i):
+
+    q       = W_q query + b_q                         (H×H)
+    qk      = W_kᵀ q                                  (H×H)
+    score_i = (U_iᵀ qk)·a_i + qk·c_i + q·b_k          (one H×(N·r) product for all i)
+    p       = softmax(dropout(score) / T)
+    mix     = Σ_i p_i up_i = [p_i a_i]_i U_catᵀ + p C (one (N·r)×H product)
+    out     = W_v mix + residual                       (H×H)
+
+residual_before adds the residual to every up_i first (keys included: AdapterHub adds it in place
+to the one tensor that serves as both key and value), which is + qk·residual on every score and
++ residual on the mix.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pefops import backend as backends
+from pefops.ops.activations import activation_code, activation_forward
+
+OP = "adapter_fusion"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def stack_adapters(down_weights: Sequence[torch.Tensor], down_biases, up_weights, up_biases, scalings):
+    """Concatenate N adapters (ranks may differ) into the fused layout, folding each scaling into
+    its up-projection: returns (W_d [R, H], b_d [R], U [H, R], C [N, H], segment [R] adapter index)."""
+    if not down_weights:
+        raise ValueError("adapter fusion needs at least one adapter")
+    hidden = down_weights[0].shape[1]
+    ups, biases, segments = [], [], []
+    for index, (down, up, up_bias, scaling) in enumerate(zip(down_weights, up_weights, up_biases, scalings)):
+        if down.dim() != 2 or down.shape[1] != hidden or tuple(up.shape) != (hidden, down.shape[0]):
+            raise ValueError(f"adapter {index}: expected down [r, {hidden}] and up [{hidden}, r]; got "
+                             f"{tuple(down.shape)} and {tuple(up.shape)}")
+        scale = scaling if isinstance(scaling, torch.Tensor) else torch.tensor(float(scaling), device=up.device)
+        scale = scale.to(up.dtype).reshape(-1, 1) if scale.numel() > 1 else scale.to(up.dtype).reshape(())
+        ups.append(scale * up)
+        bias = up_bias if up_bias is not None else up.new_zeros(hidden)
+        biases.append(scale.reshape(-1) * bias if scale.dim() else scale * bias)
+        segments.append(torch.full((down.shape[0],), index, dtype=torch.long, device=down.device))
+    down_bias = torch.cat([b if b is not None else d.new_zeros(d.shape[0]) for d, b in zip(down_weights, down_biases)])
+    return torch.cat(list(down_weights)), down_bias, torch.cat(ups, dim=1), torch.stack(biases), torch.cat(segments)
+
+
+def adapter_fusion(x, query, residual, down_weight, down_bias, up_weight, up_bias_scaled, segment, *,
+                   query_weight=None, query_bias=None, key_weight=None, key_bias=None, value_weight=None,
+                   activation="relu", temperature=1.0, dropout_p=0.0, training=False, residual_before=False,
+                   negative_slope=0.01, backend: Optional[str] = None):
+    """The fused AdapterFusion layer at one site (see the module docstring).
+
+    x: adapter input [..., H]; query: [..., H]; residual: [..., H]; the adapters in the layout of
+    `stack_adapters`: down_weight [R, H], down_bias [R], up_weight [H, R] (scaling folded in),
+    up_bias_scaled [N, H], segment [R] (adapter index of each of the R bottleneck units).
+    query/key weights [H, H] with biases, value weight [H, H] without bias (None: no projection,
+    as in the static variant). Returns [..., H]. Differentiable in everything but `segment`.
+    """
+    hidden = x.shape[-1]
+    for name, tensor in (("query", query), ("residual", residual)):
+        if tensor.shape != x.shape:
+            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}; got {tuple(tensor.shape)}")
+    if down_weight.dim() != 2 or down_weight.shape[1] != hidden or tuple(up_weight.shape) != (hidden, down_weight.shape[0]):
+        raise ValueError(f"down_weight [R, {hidden}] and up_weight [{hidden}, R] expected; got "
+                         f"{tuple(down_weight.shape)} and {tuple(up_weight.shape)}")
+    if segment.shape != (down_weight.shape[0],):
+        raise ValueError(f"segment must be [R={down_weight.shape[0]}]; got {tuple(segment.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive; got {temperature}")
+    code = activation_code(activation)
+    problem = backends.Problem(x.device, x.dtype, "forward", {"tokens": x.numel() // hidden, "hidden": hidden,
+                                                             "adapters": up_bias_scaled.shape[0]})
+    implementation = backends.select(OP, problem, backend)
+    return implementation.functions["forward"](
+        x, query, residual, down_weight, down_bias, up_weight, up_bias_scaled, segment, query_weight, query_bias,
+        key_weight, key_bias, value_weight, code, float(temperature), float(dropout_p), bool(training),
+        bool(residual_before), float(negative_slope),
+    )
+
+
+def _torch_forward(x, query, residual, down_weight, down_bias, up_weight, up_bias_scaled, segment, query_weight,
+                   query_bias, key_weight, key_bias, value_weight, activation, temperature, dropout_p, training,
+                   residual_before, negative_slope):
+    adapters = up_bias_scaled.shape[0]
+    membership = F.one_hot(segment, adapters).to(x.dtype)  # [R, N]
+    a = activation_forward(F.linear(x, down_weight, down_bias), activation, negative_slope)  # [..., R]
+    q = F.linear(query, query_weight, query_bias) if query_weight is not None else query
+    qk = q @ key_weight if key_weight is not None else q  # W_kᵀ q, row-wise
+    scores = (qk @ up_weight * a) @ membership + qk @ up_bias_scaled.t()  # [..., N]
+    if key_weight is not None and key_bias is not None:
+        scores = scores + (q * key_bias).sum(-1, keepdim=True)
+    if residual_before:
+        scores = scores + (qk * residual).sum(-1, keepdim=True)
+    scores = F.dropout(scores, dropout_p, training)
+    probabilities = torch.softmax(scores / temperature, dim=-1)
+    mix = (a * (probabilities @ membership.t())) @ up_weight.t() + probabilities @ up_bias_scaled  # Σ p_i up_i
+    if residual_before:
+        mix = mix + residual
+    if value_weight is not None:
+        mix = F.linear(mix, value_weight)
+    return mix if residual_before else mix + residual
+
+
+def adapter_fusion_eager(x, query, residual, ups, *, query_weight=None, query_bias=None, key_weight=None,
+                         key_bias=None, value_weight=None, temperature=1.0, dropout_p=0.0, training=False,
+                         residual_before=False, value_before_softmax=True):
+    """AdapterHub's BertFusion on precomputed adapter outputs `ups` [..., N, H]: the oracle and the
+    benchmark's eager provider (it materialises [tokens, N, H] and projects every adapter output)."""
+    value = ups
+    if residual_before:
+        value = value + residual.unsqueeze(-2)
+    key_input = value if residual_before else ups  # AdapterHub adds in place to the shared tensor
+    q = F.linear(query, query_weight, query_bias) if query_weight is not None else query
+    k = F.linear(key_input, key_weight, key_bias) if key_weight is not None else key_input
+    v = F.linear(value, value_weight) if value_weight is not None and value_before_softmax else value
+    scores = (q.unsqueeze(-2) @ k.transpose(-2, -1)).squeeze(-2)
+    scores = F.dropout(scores, dropout_p, training)
+    probabilities = torch.softmax(scores / temperature, dim=-1)
+    context = (probabilities.unsqueeze(-2) @ v).squeeze(-2)
+    if value_weight is not None and not value_before_softmax:
+        context = F.linear(context, value_weight)
+    return context if residual_before else context + residual
+
+
+def fusion_regularization_loss(value_weight: torch.Tensor) -> torch.Tensor:
+    """AdapterHub's regulariser of one dynamic fusion layer: 0.01 · ‖I − W_v‖²."""
+    identity = torch.eye(value_weight.shape[0], dtype=value_weight.dtype, device=value_weight.device)
+    return 0.01 * (identity - value_weight).pow(2).sum()
+
+
+backends.register(backends.Implementation(
+    op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
+    functions={"forward": _torch_forward},
+))
