@@ -1,0 +1,101 @@
+"""Reference tier for AdapterFusion: the fused algebra equals AdapterHub's formula on stacked adapter
+outputs for every option, with gradients; the module's options, initialisation and temperature."""
+
+import pytest
+import torch
+
+from pefops.nn import AdapterFusion, BottleneckAdapter
+from pefops.ops import adapter_fusion_eager
+from tests.tolerances import assert_close
+
+CONFIGS = ["dynamic", "static", {"residual_before": True}, {"temperature": True}, {"query": False},
+           {"key": False}, {"value_before_softmax": False}, {"query_before_ln": True}]
+
+
+def adapters(hidden=24, seed=0):
+    torch.manual_seed(seed)
+    modules = [BottleneckAdapter(hidden, r, activation="gelu", scaling=s) for r, s in ((4, 1.0), (6, 2.0), (3, "channel"))]
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.normal_(0, 0.3)
+            module.requires_grad_(False)
+    return modules
+
+
+def randomised_fusion(config, hidden=24):
+    fusion = AdapterFusion(hidden, config)
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return fusion.eval()
+
+
+def eager_reference(fusion, x, query, residual, modules, temperature):
+    ups = torch.stack([m.up_projection(x) for m in modules], dim=-2)
+    projection = lambda layer: (None, None) if layer is None else (layer.weight, layer.bias)  # noqa: E731
+    (qw, qb), (kw, kb) = projection(fusion.query), projection(fusion.key)
+    return adapter_fusion_eager(None, query, residual, ups, query_weight=qw, query_bias=qb, key_weight=kw, key_bias=kb,
+                                value_weight=None if fusion.value is None else fusion.value.weight,
+                                temperature=temperature, residual_before=fusion.config.residual_before,
+                                value_before_softmax=fusion.config.value_before_softmax)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_fused_equals_adapterhub_formula_with_gradients(config):
+    modules = adapters()
+    fusion = randomised_fusion(config)
+    x, query, residual = (torch.randn(2, 5, 24, requires_grad=True) for _ in range(3))
+    temperature = fusion.T
+    out = fusion(x, query, residual, modules)
+    expected = eager_reference(fusion, x, query, residual, modules, temperature)
+    assert_close(out, expected, torch.float32, "out", tolerance=1e-5)
+    grad = torch.randn_like(out)
+    wanted = [x, query, residual, *fusion.parameters()]
+    for got, want in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(expected, wanted, grad)):
+        assert_close(got, want, torch.float32, "grad", tolerance=1e-5)
+
+
+def test_float64_gradcheck_of_the_fused_path():
+    modules = [m.double() for m in adapters()]
+    fusion = randomised_fusion("dynamic").double()
+    x, query, residual = (torch.randn(3, 24, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda x, q, r: fusion(x, q, r, modules), (x, query, residual))
+
+
+def test_temperature_decays_every_call_to_one():
+    fusion = AdapterFusion(8, {"temperature": True})
+    assert fusion.T == 50.0
+    x = torch.randn(2, 8)
+    modules = adapters(8)
+    for _ in range(3):
+        fusion(x, x, x, modules)
+    assert abs(fusion.T - (50.0 - 3 * 0.05)) < 1e-9
+    fusion.T = 1.01
+    fusion(x, x, x, modules)
+    assert fusion.T == 1.0
+
+
+def test_initialisation_and_regulariser():
+    fusion = AdapterFusion(16, "dynamic")
+    expected = torch.full((16, 16), 1e-6).fill_diagonal_(1.0)
+    torch.testing.assert_close(fusion.value.weight, expected)
+    assert fusion.regularization_loss().item() == pytest.approx(0.01 * 240 * 1e-12, rel=1e-3)
+    assert fusion.query.bias.abs().max() == 0 and abs(fusion.query.weight.std().item() - 0.02) < 0.01
+    assert AdapterFusion(16, "static").value is None
+
+
+def test_unfusable_adapters_take_the_formula_path():
+    modules = adapters()
+    modules[1] = BottleneckAdapter(24, 5, ln_before=True)  # an adapter LayerNorm: not stackable
+    fusion = randomised_fusion("dynamic")
+    x = torch.randn(2, 3, 24)
+    out = fusion(x, x, x, modules)
+    assert_close(out, eager_reference(fusion, x, x, x, modules, 1.0), torch.float32, "out")
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="unknown fusion config"):
+        AdapterFusion(8, "dense")
+    with pytest.raises(ValueError, match="unknown fusion config keys"):
+        AdapterFusion(8, {"heads": 2})
