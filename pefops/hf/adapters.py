@@ -72,7 +72,7 @@ class AdapterLayer(nn.Module):
             scaling=config.scaling, init=config.init_weights, ln_before=config.ln_before, ln_after=config.ln_after,
             adapter_residual_before_ln=config.adapter_residual_before_ln and not config.is_parallel,
             use_gating=config.use_gating, dropout=config.dropout,
-        ).to(device=reference.device, dtype=reference.dtype)
+        ).to(device=reference.device, dtype=reference.dtype).train(self.training)
         self.configs[name] = config
 
     def remove(self, name: str):

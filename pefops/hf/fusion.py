@@ -59,6 +59,7 @@ def add_adapter_fusion(model, names, config="dynamic", set_active: bool = False)
     for _, _, adapter_layer in _adapter_layers(model):
         if all(n in adapter_layer.adapters for n in fuse.names):
             layer = AdapterFusion(hidden, fusion_config, dropout_prob=dropout)
+            layer.train(model.training)  # a layer added to a model in eval mode must not run dropout
             adapter_layer.fusions[fuse.name] = layer.to(device=reference.device, dtype=reference.dtype)
             added += 1
     if added == 0:
