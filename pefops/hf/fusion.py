@@ -51,9 +51,8 @@ def add_adapter_fusion(model, names, config="dynamic", set_active: bool = False)
     if fuse.name in _fusion_registry(model):
         raise ValueError(f"the model already has a fusion {fuse.name!r}")
     hidden = _hidden_size(model)
-    dropout = fusion_config.dropout_prob
-    if dropout is None:
-        dropout = getattr(model.config, "attention_probs_dropout_prob", 0.0) or 0.0
+    # AdapterHub: `dropout_prob or the model's attention dropout`, so 0.0 also falls back to the model's
+    dropout = fusion_config.dropout_prob or getattr(model.config, "attention_probs_dropout_prob", 0.0) or 0.0
     reference = next(model.parameters())
     added = 0
     for _, _, adapter_layer in _adapter_layers(model):
@@ -99,12 +98,13 @@ def train_adapter_fusion(model, names) -> int:
 
 
 def fusion_regularization_loss(model):
-    """AdapterHub's get_fusion_regularization_loss: Σ 0.01·‖I − W_v‖² over the fusion layers whose
-    value matrix trains and whose config asks for regularisation (None when there are none)."""
+    """AdapterHub's get_fusion_regularization_loss: Σ 0.01·‖I − W_v‖² over every fusion layer whose
+    value matrix trains (None when there is none). As there, the config's `regularization` flag is
+    not consulted: the caller adds this loss when it wants the regulariser."""
     total = None
     for _, _, adapter_layer in _adapter_layers(model):
         for layer in adapter_layer.fusions.values():
-            if layer.value is not None and layer.value.weight.requires_grad and layer.config.regularization:
+            if layer.value is not None and layer.value.weight.requires_grad:
                 loss = layer.regularization_loss()
                 total = loss if total is None else total + loss
     return total

@@ -67,7 +67,8 @@ class AdapterFusion(nn.Module):
         super().__init__()
         self.config = resolve_fusion_config(config)
         self.hidden_size = hidden_size
-        self.dropout_prob = self.config.dropout_prob if self.config.dropout_prob is not None else dropout_prob
+        # AdapterHub's rule: the config's dropout_prob, or (None or 0) the model's attention dropout
+        self.dropout_prob = self.config.dropout_prob or dropout_prob
         self.query = nn.Linear(hidden_size, hidden_size) if self.config.query else None
         self.key = nn.Linear(hidden_size, hidden_size) if self.config.key else None
         self.value = nn.Linear(hidden_size, hidden_size, bias=False) if self.config.value else None
