@@ -33,8 +33,8 @@ export PYTHONUNBUFFERED=1
 OUT="${OUT:-$ROOT/gpu_check_out}"
 mkdir -p "$OUT/results"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-DEADLINE_S="${DEADLINE_S:-450}"
-TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-200}"
+DEADLINE_S="${DEADLINE_S:-470}"
+TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-180}"
 BENCH_MARGIN_S="${BENCH_MARGIN_S:-60}"
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -92,8 +92,11 @@ for op in $OPS; do
   if [ "$BUDGET" -lt 30 ]; then BUDGET=30; fi
   if [ "$SHARE" -lt 45 ]; then SHARE=45; fi
   echo "== benchmark $op (budget ${BUDGET}s, hard limit ${SHARE}s)  t=$(elapsed)s"
+  EXTRA=()
+  # torch.compile of N stacked adapters takes most of a share before its first row: leave it out here
+  [ "$op" = adapter_fusion ] && EXTRA=(--providers eager,pefops,nofusion)
   timeout -k 10 "$SHARE" "$PY" -m bench --device cuda --ops "$op" --out "$OUT/results/$op" \
-    --budget-s "$BUDGET" --no-plots 2>&1 | tee -a "$OUT/bench.log"
+    --budget-s "$BUDGET" --no-plots "${EXTRA[@]}" 2>&1 | tee -a "$OUT/bench.log"
   RC=${PIPESTATUS[0]}
   [ "$RC" = 124 ] && echo "benchmark $op: killed at its ${SHARE}s limit (rows measured so far are in its JSON)"
   echo "benchmark $op exit code: $RC  t=$(elapsed)s"

@@ -57,6 +57,8 @@ REGISTRY: dict[str, str] = {
     "bottleneck_adapter": "bench.bottleneck_adapter",
     "masked_linear": "bench.masked_linear",
     "side_tuning": "bench.side_tuning",
+    "adapter_fusion": "bench.adapter_fusion",
+    "multi_adapter": "bench.multi_adapter",
 }
 
 DTYPES = {

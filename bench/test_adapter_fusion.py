@@ -1,0 +1,110 @@
+"""pytest-benchmark wrappers for AdapterFusion: `pytest bench/ --benchmark-only`.
+
+A tiny CPU shape, every provider, fwd and fwd+bwd, through the same `setup_adapter_fusion` that
+`python -m bench` uses. Without --benchmark-only, `test_providers_agree` also checks that compile
+and pefops compute the same output (and gradients for x, query, residual and the fusion weights) as
+the eager BertFusion formula, and `test_nofusion_is_one_adapter` that the nofusion baseline is one
+plain adapter.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+from bench.adapter_fusion import setup_adapter_fusion  # noqa: E402
+from bench.runner import NotApplicable, ProviderUnavailable, max_rel_err  # noqa: E402
+
+SHAPES = [
+    {"tokens": 128, "hidden": 64, "adapters": 3, "r": 16},
+]
+PROVIDERS = ["eager", "compile", "pefops", "nofusion"]
+MODES = ["fwd", "fwd+bwd"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # as `python -m bench` does on CPU: one thread keeps timings meaningful on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _id(shape: dict) -> str:
+    return f"T{shape['tokens']}-H{shape['hidden']}-N{shape['adapters']}-r{shape['r']}"
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(shape_json: str):
+    # inputs built once per shape and shared by every provider and mode
+    return setup_adapter_fusion({**json.loads(shape_json), "device": "cpu", "dtype": torch.float32})
+
+
+def _fn(shape: dict, provider: str, mode: str):
+    setup = _setup(json.dumps(shape, sort_keys=True))
+    try:
+        return setup, setup.fn(provider, mode)
+    except NotApplicable:
+        pytest.skip(f"{provider} has no {mode} mode")
+    except ProviderUnavailable as error:
+        pytest.skip(f"{provider}: {error}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_adapter_fusion(benchmark, shape, provider, mode):
+    setup, fn = _fn(shape, provider, mode)
+    fn()  # compile / first-call work stays out of the measurement
+    work = setup.work(provider, mode)
+    benchmark.group = f"adapter_fusion {_id(shape)} {mode}"
+    benchmark.extra_info.update({"provider": provider, "mode": mode, "shape": setup.shape,
+                                 "dtype": "float32", "bytes": work.bytes, "flops": work.flops,
+                                 "note": setup.describe(provider, mode)})
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", ["compile", "pefops"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_providers_agree(shape, provider, mode):
+    setup, fn = _fn(shape, provider, mode)
+    _, reference = _fn(shape, "eager", mode)
+    out, ref = fn(), reference()
+    if mode == "fwd+bwd":
+        assert len(out) == len(ref) == 3 + len(setup.fusion_params)  # x, query, residual, fusion weights
+    err = max_rel_err(out, ref)
+    assert err is not None and err < 1e-4, f"{provider} {mode}: max relative error {err} vs eager"
+
+
+def test_fusion_is_not_trivial():
+    """The randomised fusion layer mixes the adapters (the softmax is neither uniform nor one-hot),
+    so the providers-agree check compares a real mixture."""
+    setup = _setup(json.dumps(SHAPES[0], sort_keys=True))
+    fusion = setup.fusion
+    with torch.no_grad():
+        ups = torch.stack([a.up_projection(setup.x) for a in setup.adapters], dim=-2)
+        keys = fusion.key(ups)
+        scores = (fusion.query(setup.query).unsqueeze(-2) @ keys.transpose(-2, -1)).squeeze(-2)
+        p = torch.softmax(scores, dim=-1)
+    top = p.max(-1).values.mean().item()
+    assert 1.5 / SHAPES[0]["adapters"] < top < 0.95, top
+    eye = torch.eye(SHAPES[0]["hidden"])
+    assert (fusion.value.weight - eye).abs().max().item() > 0.01
+
+
+def test_nofusion_is_one_adapter():
+    """The nofusion baseline is adapters[0] on (x, residual): residual + up(relu(down(x)))."""
+    shape = SHAPES[0]
+    setup, fn = _fn(shape, "nofusion", "fwd")
+    out = fn()["nofusion"]
+    adapter = setup.adapters[0]
+    with torch.no_grad():
+        expected = setup.residual + adapter.up_proj(torch.relu(adapter.down_proj(setup.x)))
+    assert max_rel_err(out, expected) < 1e-5

@@ -1,0 +1,102 @@
+"""pytest-benchmark wrappers for mixed-task adapter batches: `pytest bench/ --benchmark-only`.
+
+A tiny CPU shape, every provider, fwd and fwd+bwd, through the same `setup_multi_adapter` that
+`python -m bench` uses. Without --benchmark-only, `test_providers_agree` also checks that
+pefops.ops.multi_adapter computes the same output (and gradients for x and the stacked weights) as
+the PEFT-style loop, and `test_loop_is_per_sequence_adapter` that the loop is each sequence's own
+bottleneck adapter.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+from bench.multi_adapter import setup_multi_adapter  # noqa: E402
+from bench.runner import NotApplicable, ProviderUnavailable, max_rel_err  # noqa: E402
+
+SHAPES = [
+    {"batch": 8, "seq": 16, "hidden": 64, "r": 8, "adapters": 4},
+    {"batch": 6, "seq": 8, "hidden": 32, "r": 4, "adapters": 8},  # more adapters than sequences: some absent
+]
+PROVIDERS = ["loop", "pefops", "copy"]
+MODES = ["fwd", "fwd+bwd"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # as `python -m bench` does on CPU: one thread keeps timings meaningful on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _id(shape: dict) -> str:
+    return f"B{shape['batch']}-T{shape['seq']}-H{shape['hidden']}-r{shape['r']}-N{shape['adapters']}"
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(shape_json: str):
+    # inputs built once per shape and shared by every provider and mode
+    return setup_multi_adapter({**json.loads(shape_json), "device": "cpu", "dtype": torch.float32})
+
+
+def _fn(shape: dict, provider: str, mode: str):
+    setup = _setup(json.dumps(shape, sort_keys=True))
+    try:
+        return setup, setup.fn(provider, mode)
+    except NotApplicable:
+        pytest.skip(f"{provider} has no {mode} mode")
+    except ProviderUnavailable as error:
+        pytest.skip(f"{provider}: {error}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_multi_adapter(benchmark, shape, provider, mode):
+    setup, fn = _fn(shape, provider, mode)
+    fn()  # first-call work stays out of the measurement
+    work = setup.work(provider, mode)
+    benchmark.group = f"multi_adapter {_id(shape)} {mode}"
+    benchmark.extra_info.update({"provider": provider, "mode": mode, "shape": setup.shape,
+                                 "dtype": "float32", "bytes": work.bytes, "flops": work.flops,
+                                 "note": setup.describe(provider, mode)})
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_providers_agree(shape, mode):
+    setup, fn = _fn(shape, "pefops", mode)
+    _, reference = _fn(shape, "loop", mode)
+    out, ref = fn(), reference()
+    if mode == "fwd+bwd":
+        assert len(out) == len(ref) == 5  # dx, d down_weight, d down_bias, d up_weight, d up_bias
+        if len(set(setup.adapter_names)) < shape["adapters"]:
+            absent = sorted(set(range(shape["adapters"])) - set(setup.adapter_names))
+            for grad in out[1:]:
+                assert torch.count_nonzero(grad[absent]) == 0  # adapters without rows get zeros
+    err = max_rel_err(out, ref)
+    assert err is not None and err < 1e-4, f"pefops {mode}: max relative error {err} vs loop"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_loop_is_per_sequence_adapter(shape):
+    """The loop baseline gives every sequence its own adapter's output (checked with pefops'
+    single-adapter reference, sequence by sequence)."""
+    from pefops.ops import bottleneck_adapter_ref
+
+    setup, fn = _fn(shape, "loop", "fwd")
+    out = fn()
+    with torch.no_grad():
+        for i, a in enumerate(setup.adapter_names):
+            expected = bottleneck_adapter_ref(setup.x[i], setup.down_weight[a], setup.down_bias[a],
+                                              setup.up_weight[a], setup.up_bias[a])
+            assert max_rel_err(out[i], expected) < 1e-5, (i, a)
