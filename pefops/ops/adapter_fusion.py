@@ -12,6 +12,9 @@ c_i = s_i ⊙ b_u,i):
     mix     = Σ_i p_i up_i = [p_i a_i]_i U_catᵀ + p C (one (N·r)×H product)
     out     = W_v mix + residual                       (H×H)
 
+When tokens outnumber the N·r bottleneck units, W_qᵀ W_k U and W_v U are formed once per call
+(H²·N·r work) and every per-token product is H×(N·r): three of them, and no H×H product at all.
+
 residual_before adds the residual to every up_i first (keys included: AdapterHub adds it in place
 to the one tensor that serves as both key and value), which is + qk·residual on every score and
 + residual on the mix.
@@ -89,19 +92,49 @@ def adapter_fusion(x, query, residual, down_weight, down_bias, up_weight, up_bia
 def _torch_forward(x, query, residual, down_weight, down_bias, up_weight, up_bias_scaled, segment, query_weight,
                    query_bias, key_weight, key_bias, value_weight, activation, temperature, dropout_p, training,
                    residual_before, negative_slope):
+    from pefops.ops.fusion_mix import fusion_mix
+
     adapters = up_bias_scaled.shape[0]
-    membership = F.one_hot(segment, adapters).to(x.dtype)  # [R, N]
+    tokens, units = x.numel() // x.shape[-1], up_weight.shape[1]
     a = activation_forward(F.linear(x, down_weight, down_bias), activation, negative_slope)  # [..., R]
-    q = F.linear(query, query_weight, query_bias) if query_weight is not None else query
-    qk = q @ key_weight if key_weight is not None else q  # W_kᵀ q, row-wise
-    scores = (qk @ up_weight * a) @ membership + qk @ up_bias_scaled.t()  # [..., N]
-    if key_weight is not None and key_bias is not None:
-        scores = scores + (q * key_bias).sum(-1, keepdim=True)
-    if residual_before:
-        scores = scores + (qk * residual).sum(-1, keepdim=True)
-    scores = F.dropout(scores, dropout_p, training)
-    probabilities = torch.softmax(scores / temperature, dim=-1)
-    mix = (a * (probabilities @ membership.t())) @ up_weight.t() + probabilities @ up_bias_scaled  # Σ p_i up_i
+    if tokens > units and not residual_before:
+        # Fold the query and key matrices into the adapters once per call (H²·R work, independent of
+        # the token count): per token only H×R products remain, no H×H one.
+        key_up = key_weight @ up_weight if key_weight is not None else up_weight  # W_k U [H, R]
+        key_bias_up = key_weight @ up_bias_scaled.t() if key_weight is not None else up_bias_scaled.t()  # [H, N]
+        query_key_up = query_weight.t() @ key_up if query_weight is not None else key_up
+        query_key_bias = query_weight.t() @ key_bias_up if query_weight is not None else key_bias_up
+        t_ = query @ query_key_up
+        bias_scores = query @ query_key_bias
+        if query_bias is not None:
+            t_ = t_ + query_bias @ key_up
+            bias_scores = bias_scores + query_bias @ key_bias_up
+        if key_weight is not None and key_bias is not None:  # q·b_k: one value per token, for every adapter
+            query_dot_key_bias = query @ (query_weight.t() @ key_bias if query_weight is not None else key_bias)
+            if query_bias is not None:
+                query_dot_key_bias = query_dot_key_bias + query_bias @ key_bias
+            bias_scores = bias_scores + query_dot_key_bias.unsqueeze(-1)
+    else:
+        q = F.linear(query, query_weight, query_bias) if query_weight is not None else query
+        qk = q @ key_weight if key_weight is not None else q  # W_kᵀ q, row-wise
+        t_ = qk @ up_weight
+        bias_scores = qk @ up_bias_scaled.t()  # [..., N]
+        if key_weight is not None and key_bias is not None:
+            bias_scores = bias_scores + (q * key_bias).sum(-1, keepdim=True)
+        if residual_before:
+            bias_scores = bias_scores + (qk * residual).sum(-1, keepdim=True)
+    # segment is non-decreasing (stack_adapters' layout): adapter i owns units offsets[i] .. offsets[i + 1] - 1
+    if segment.device.type == "cpu" and not backends.compiling() and bool((segment[1:] < segment[:-1]).any()):
+        raise ValueError("segment must list each adapter's units contiguously, in adapter order (stack_adapters)")
+    offsets = torch.searchsorted(segment, torch.arange(adapters + 1, device=segment.device, dtype=segment.dtype))
+    # the dropout mask as F.dropout(scores) would draw it (same shape, same random stream), scaled by 1 / (1 - p)
+    mask = F.dropout(torch.ones_like(bias_scores), dropout_p, True) if training and dropout_p > 0 else None
+    # w = a ⊙ p[segment] [..., R], p = softmax(dropout(Σ_segment (qk U ⊙ a) + bias_scores) / T) [..., N]
+    w, probabilities = fusion_mix(t_, a, bias_scores, offsets, temperature, mask)
+    if value_weight is not None and not residual_before and tokens > units:
+        # W_v Σ p_i up_i = w (W_v U)ᵀ + p (C W_vᵀ): the value matrix folded in once per call too
+        return w @ (value_weight @ up_weight).t() + probabilities @ (up_bias_scaled @ value_weight.t()) + residual
+    mix = w @ up_weight.t() + probabilities @ up_bias_scaled  # Σ p_i up_i
     if residual_before:
         mix = mix + residual
     if value_weight is not None:

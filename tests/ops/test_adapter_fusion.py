@@ -41,11 +41,13 @@ def eager_reference(fusion, x, query, residual, modules, temperature):
                                 value_before_softmax=fusion.config.value_before_softmax)
 
 
+@pytest.mark.parametrize("tokens", [(2, 5), (4, 20)], ids=["fewer-tokens-than-units", "folded-weights"])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_fused_equals_adapterhub_formula_with_gradients(config):
+def test_fused_equals_adapterhub_formula_with_gradients(config, tokens):
+    # 10 tokens < 13 units: per-token query/key/value products; 80 tokens: the matrices folded per call
     modules = adapters()
     fusion = randomised_fusion(config)
-    x, query, residual = (torch.randn(2, 5, 24, requires_grad=True) for _ in range(3))
+    x, query, residual = (torch.randn(*tokens, 24, requires_grad=True) for _ in range(3))
     temperature = fusion.T
     out = fusion(x, query, residual, modules)
     expected = eager_reference(fusion, x, query, residual, modules, temperature)
