@@ -24,4 +24,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(little bit order along K); fp32 accumulation, y in x's dtype. bias may be empty.",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("packed_mask"),
         pybind11::arg("bias"));
+
+  m.def("multi_adapter_decode_forward", &pefops::multi_adapter_decode_forward,
+        "Mixed-task bottleneck adapters, forward at decode shapes (T <= 16 rows): row t uses "
+        "adapter adapter_index[t] of the stacked weights; out = [LayerNorm](residual + scaling[i] * "
+        "(act(x @ Wd[i]^T + bd[i]) @ Wu[i]^T + bu[i])). Returns (out, z, mean, rstd); z, mean and "
+        "rstd are float32, mean/rstd empty without LayerNorm; rows with an out-of-range index are NaN.",
+        pybind11::arg("x"), pybind11::arg("adapter_index"), pybind11::arg("down_weight"),
+        pybind11::arg("down_bias"), pybind11::arg("up_weight"), pybind11::arg("up_bias"),
+        pybind11::arg("scaling"), pybind11::arg("residual"), pybind11::arg("ln_weight"),
+        pybind11::arg("ln_bias"), pybind11::arg("eps"), pybind11::arg("activation"),
+        pybind11::arg("negative_slope"));
 }

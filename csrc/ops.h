@@ -27,4 +27,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_de
 at::Tensor masked_linear_decode_forward(const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& packed_mask, const at::Tensor& bias);
 
+// csrc/multi_adapter_decode.cu. Mixed-task batches at decode shapes (T = x.size(0) <= 16 rows):
+// row t uses adapter i = adapter_index[t] (int64 [T]) of N stacked adapters, down_weight [N, r, H],
+// down_bias [N, r], up_weight [N, H, r], up_bias [N, H], scaling fp32 [N, H];
+// out_t = [LayerNorm](residual_t + scaling[i] * (act(x_t @ Wd[i]^T + bd[i]) @ Wu[i]^T + bu[i])).
+// Returns (out [T, H] in x's dtype, z [T, r] fp32, mean [T] fp32, rstd [T] fp32), mean / rstd empty
+// without LayerNorm (ln_weight empty). Biases and ln_bias may be empty. A row whose index is outside
+// [0, N) reads no weights and comes back NaN. Activation codes as above.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_adapter_decode_forward(
+    const at::Tensor& x, const at::Tensor& adapter_index, const at::Tensor& down_weight,
+    const at::Tensor& down_bias, const at::Tensor& up_weight, const at::Tensor& up_bias,
+    const at::Tensor& scaling, const at::Tensor& residual, const at::Tensor& ln_weight,
+    const at::Tensor& ln_bias, double eps, int64_t activation, double negative_slope);
+
 }  // namespace pefops

@@ -60,7 +60,7 @@ def ptxas_report(compiled, capability=90) -> dict:
     }
 
 
-KERNEL_MODULES = ("bottleneck_adapter", "masked_linear", "gated_blend")
+KERNEL_MODULES = ("bottleneck_adapter", "masked_linear", "gated_blend", "fusion_mix", "multi_adapter")
 
 
 def main(argv=None) -> int:
