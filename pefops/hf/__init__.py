@@ -6,6 +6,7 @@ checkpoints."""
 from pefops.hf.adapters import (
     AdapterLayer,
     Fuse,
+    RowRouting,
     active_adapter,
     adapter_parameters,
     add_adapter,
@@ -34,6 +35,6 @@ __all__ = [
     "resolve_config", "save_adapter", "set_active_adapters", "train_adapter",
     "apply_mask_tuning", "freeze_masks", "load_masks", "masked_modules", "save_masks",
     "SideTunedModel", "load_side", "save_side", "side_tune",
-    "Fuse", "add_adapter_fusion", "fusion_parameters", "fusion_regularization_loss", "load_adapter_fusion",
+    "Fuse", "RowRouting", "add_adapter_fusion", "fusion_parameters", "fusion_regularization_loss", "load_adapter_fusion",
     "save_adapter_fusion", "train_adapter_fusion",
 ]

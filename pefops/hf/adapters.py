@@ -54,6 +54,23 @@ class Fuse:
         return f"Fuse({', '.join(map(repr, self.names))})"
 
 
+class RowRouting:
+    """Mixed-task batch: row b of the batch uses adapter names[row_adapter[b]]."""
+
+    def __init__(self, names, row_adapter: torch.Tensor):
+        self.names = tuple(names)
+        if not isinstance(row_adapter, torch.Tensor) or row_adapter.dim() != 1 or row_adapter.dtype not in (
+                torch.int64, torch.int32):
+            raise ValueError("row_adapter must be an integer tensor [batch] of indices into names")
+        if row_adapter.numel() and (int(row_adapter.min()) < 0 or int(row_adapter.max()) >= len(self.names)):
+            raise ValueError(f"row_adapter values must be in [0, {len(self.names)}); got "
+                             f"{int(row_adapter.min())}..{int(row_adapter.max())}")
+        self.row_adapter = row_adapter.long()
+
+    def __repr__(self) -> str:
+        return f"RowRouting({list(self.names)}, rows={self.row_adapter.numel()})"
+
+
 class AdapterLayer(nn.Module):
     """All bottleneck adapters at one site of one layer, and AdapterHub's composition around them."""
 
@@ -85,6 +102,8 @@ class AdapterLayer(nn.Module):
         active = self.active
         if isinstance(active, Fuse):
             return active.name in self.fusions
+        if isinstance(active, RowRouting):
+            return any(name in self.adapters for name in active.names)
         return active is not None and active in self.adapters
 
     def forward(self, h: torch.Tensor, r: Optional[torch.Tensor], layer_norm: Optional[nn.Module]) -> torch.Tensor:
@@ -93,6 +112,8 @@ class AdapterLayer(nn.Module):
         pre_norm = self.site.style == "pre_norm"
         if isinstance(self.active, Fuse) and self.is_active():
             return self._fused_forward(h, r, layer_norm, pre_norm)
+        if isinstance(self.active, RowRouting) and self.is_active():
+            return self._routed_forward(h, r, layer_norm, pre_norm)
         name = self.active
         if name is None or name not in self.adapters:
             if pre_norm:
@@ -129,6 +150,47 @@ class AdapterLayer(nn.Module):
             out = out + r
             return layer_norm(out) if layer_norm is not None else out
         return out - r if pre_norm and r is not None else out
+
+    def _routed_forward(self, h, r, layer_norm, pre_norm):
+        """Mixed-task batch: one pefops.ops.multi_adapter call, each row with its own adapter."""
+        from pefops.ops.multi_adapter import multi_adapter
+
+        routing = self.active
+        missing = [n for n in routing.names if n not in self.adapters]
+        if missing:
+            raise ValueError(f"routed adapters {missing} are not at {self.site.location} of this layer "
+                             "(leave_out or a config without this site); route only adapters present everywhere")
+        configs = [self.configs[n] for n in routing.names]
+        adapters = [self.adapters[n] for n in routing.names]
+        composition = [(c.original_ln_before, c.original_ln_after, c.residual_before_ln, c.is_parallel) for c in configs]
+        simple = all(a.adapter_norm_before is None and a.adapter_norm_after is None and a.gate is None for a in adapters)
+        if len(set(composition)) != 1 or len({a.activation for a in adapters}) != 1 or not simple:
+            raise ValueError("a mixed-task batch needs adapters of one composition (same original_ln_before/after, "
+                             "residual_before_ln, is_parallel), one activation and no adapter LayerNorms or gating")
+        x, residual = self._adapter_input_and_residual(h, r, layer_norm, configs[0])
+        rank = max(a.bottleneck_size for a in adapters)
+        pad = lambda t, size, dim: t if t.shape[dim] == size else torch.nn.functional.pad(  # noqa: E731
+            t, (0, size - t.shape[dim]) if dim == -1 else (0, 0, 0, size - t.shape[dim]))
+        down_weight = torch.stack([pad(a.down_proj.weight, rank, 0) for a in adapters])
+        down_bias = torch.stack([pad(a.down_proj.bias, rank, -1) for a in adapters])
+        up_weight = torch.stack([pad(a.up_proj.weight, rank, -1) for a in adapters])
+        up_bias = torch.stack([a.up_proj.bias for a in adapters])
+        hidden = h.shape[-1]
+        scaling = torch.stack([
+            (a.scaling.to(h.dtype).reshape(-1).expand(hidden) if isinstance(a.scaling, torch.Tensor)
+             else torch.full((hidden,), a.scaling, dtype=h.dtype, device=h.device)) for a in adapters])
+        index = routing.row_adapter.to(h.device)
+        if index.numel() != h.shape[0]:
+            raise ValueError(f"row_adapter has {index.numel()} entries; the batch has {h.shape[0]} rows")
+        config = configs[0]
+        fold = config.original_ln_after and r is not None and not pre_norm
+        out = multi_adapter(x, index, down_weight, down_bias, up_weight, up_bias, activation=adapters[0].activation,
+                            scaling=scaling, residual=residual + r if fold else residual,
+                            layer_norm=(layer_norm.weight, layer_norm.bias, layer_norm.eps)
+                            if fold and layer_norm is not None else None)
+        if pre_norm and not config.original_ln_after:
+            return out - r
+        return out
 
     @staticmethod
     def _adapter_input_and_residual(h, r, layer_norm, config: BottleneckConfig):
@@ -253,8 +315,20 @@ def list_adapters(model) -> dict[str, BottleneckConfig]:
     return dict(_adapter_registry(model))
 
 
-def set_active_adapters(model, names: Union[str, list, tuple, "Fuse", None]):
-    """Activate one adapter by name, a Fuse of adapters with a fusion layer, or None (base model)."""
+def set_active_adapters(model, names: Union[str, list, tuple, "Fuse", None], row_adapter: Optional[torch.Tensor] = None):
+    """Activate one adapter by name, a Fuse of adapters with a fusion layer, or None (base model).
+    With `row_adapter` (LongTensor [batch]) and a list of names, row b of the next batches uses
+    names[row_adapter[b]] (a mixed-task batch, one fused call per site)."""
+    if row_adapter is not None:
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in _adapter_registry(model)]
+        if unknown:
+            raise ValueError(f"no adapters named {unknown}; the model has {sorted(_adapter_registry(model))}")
+        routing = RowRouting(names, row_adapter)
+        for _, _, adapter_layer in _adapter_layers(model):
+            adapter_layer.active = routing
+        model._pefops_active_adapter = routing
+        return
     if isinstance(names, Fuse):
         if names.name not in _fusion_registry(model):
             raise ValueError(f"no fusion {names.name!r}; add it with add_adapter_fusion(model, {names!r})")
