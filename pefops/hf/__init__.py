@@ -26,14 +26,14 @@ from pefops.hf.fusion import (
     save_adapter_fusion,
     train_adapter_fusion,
 )
-from pefops.hf.mask_tuning import apply_mask_tuning, freeze_masks, load_masks, masked_modules, save_masks
+from pefops.hf.mask_tuning import apply_mask_tuning, freeze_masks, load_masks, masked_modules, save_masks, set_row_masks
 from pefops.hf.side_tuning import SideTunedModel, load_side, save_side, side_tune
 
 __all__ = [
     "ARCHITECTURES", "AdapterLayer", "BottleneckConfig", "DoubleSeqBnConfig", "ParBnConfig", "SeqBnConfig",
     "active_adapter", "adapter_parameters", "add_adapter", "list_adapters", "load_adapter", "remove_adapter",
     "resolve_config", "save_adapter", "set_active_adapters", "train_adapter",
-    "apply_mask_tuning", "freeze_masks", "load_masks", "masked_modules", "save_masks",
+    "apply_mask_tuning", "freeze_masks", "load_masks", "masked_modules", "save_masks", "set_row_masks",
     "SideTunedModel", "load_side", "save_side", "side_tune",
     "Fuse", "RowRouting", "add_adapter_fusion", "fusion_parameters", "fusion_regularization_loss", "load_adapter_fusion",
     "save_adapter_fusion", "train_adapter_fusion",

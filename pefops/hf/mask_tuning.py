@@ -147,3 +147,32 @@ def load_masks(model, path: str) -> None:
             if tuple(state[key].shape) != tuple(tensor.shape):
                 raise ValueError(f"{key}: shape {tuple(tensor.shape)} in the file, {tuple(state[key].shape)} in the model")
             state[key].copy_(tensor.to(state[key].dtype))
+
+
+def set_row_masks(model, paths: Optional[list] = None, row_task: Optional[torch.Tensor] = None) -> None:
+    """Mixed-task batch for mask-tuning: sequence b of the next batches runs every masked layer with
+    the mask of task paths[row_task[b]] (files written by save_masks) over the one shared base
+    weight. The tasks' heads are not routed (apply each row's head yourself). paths=None clears."""
+    modules = masked_modules(model)
+    if not modules:
+        raise ValueError("the model has no MaskedLinear layers: call apply_mask_tuning (or load_masks) first")
+    if paths is None:
+        for module in modules.values():
+            module.set_row_masks(None)
+        return
+    from safetensors import safe_open
+
+    per_task = []
+    for path in paths:
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("format") != FORMAT:
+                raise ValueError(f"{path} is not a pefops mask file")
+            keys = set(handle.keys())
+            missing = [name for name in modules if f"{name}.mask" not in keys]
+            if missing:
+                raise ValueError(f"{path} has no mask for {missing[:3]}")
+            per_task.append({name: handle.get_tensor(f"{name}.mask") for name in modules})
+    if row_task is None or row_task.dim() != 1:
+        raise ValueError("row_task must be an integer tensor [batch] of indices into paths")
+    for name, module in modules.items():
+        module.set_row_masks(torch.stack([task[name] for task in per_task]), row_task)

@@ -7,7 +7,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pefops.ops.masked_linear import masked_linear, masked_linear_scores, pack_mask, packed_columns, unpack_mask
+from pefops.ops.masked_linear import (
+    masked_linear,
+    masked_linear_routed,
+    masked_linear_scores,
+    pack_mask,
+    packed_columns,
+    unpack_mask,
+)
 
 
 class MaskedLinear(nn.Module):
@@ -91,6 +98,19 @@ class MaskedLinear(nn.Module):
         self.scores = None
         self.mask = packed.to(self.weight.device).contiguous()
 
+    @torch.no_grad()
+    def set_row_masks(self, packed_masks: Optional[torch.Tensor], row_task: Optional[torch.Tensor] = None) -> None:
+        """Mixed-task batch: sequence b of the next inputs uses packed_masks[row_task[b]] (uint8
+        [tasks, out, ceil(in / 8)]). None clears it (back to the layer's own mask)."""
+        if packed_masks is None:
+            self._row_masks = None
+            return
+        expected = (self.out_features, packed_columns(self.in_features))
+        if packed_masks.dtype != torch.uint8 or packed_masks.dim() != 3 or tuple(packed_masks.shape[1:]) != expected:
+            raise ValueError(f"row masks must be uint8 [tasks, {expected[0]}, {expected[1]}]; got "
+                             f"{packed_masks.dtype} {tuple(packed_masks.shape)}")
+        self._row_masks = (packed_masks.to(self.weight.device).contiguous(), row_task)
+
     def density(self) -> float:
         """Fraction of weights kept."""
         return unpack_mask(self.packed_mask(), self.in_features).float().mean().item()
@@ -99,6 +119,9 @@ class MaskedLinear(nn.Module):
         weight = self._weight_out_in()
         if x.dtype != weight.dtype:
             x = x.to(weight.dtype)
+        row_masks = getattr(self, "_row_masks", None)
+        if row_masks is not None:
+            return masked_linear_routed(x, weight, row_masks[0], row_masks[1], self.bias)
         if self.frozen:
             return masked_linear(x, weight, self.mask, self.bias)
         return masked_linear_scores(x, weight, self.scores, self.threshold, self.bias)

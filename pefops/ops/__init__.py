@@ -8,6 +8,7 @@ from pefops.ops.gated_blend import alpha_blend, gated_blend, gated_blend_ref, la
 from pefops.ops.masked_linear import (
     masked_linear,
     masked_linear_ref,
+    masked_linear_routed,
     masked_linear_scores,
     masked_linear_scores_ref,
     pack_mask,
@@ -16,6 +17,6 @@ from pefops.ops.masked_linear import (
 from pefops.ops.multi_adapter import multi_adapter, multi_adapter_ref
 
 __all__ = [
-    "ACTIVATIONS", "adapter_fusion", "adapter_fusion_eager", "stack_adapters", "fusion_mix", "fusion_mix_ref", "alpha_blend", "gated_blend", "gated_blend_ref", "ladder_gate", "bottleneck_adapter", "bottleneck_adapter_ref", "masked_linear", "masked_linear_ref",
+    "ACTIVATIONS", "adapter_fusion", "adapter_fusion_eager", "stack_adapters", "fusion_mix", "fusion_mix_ref", "alpha_blend", "gated_blend", "gated_blend_ref", "ladder_gate", "bottleneck_adapter", "bottleneck_adapter_ref", "masked_linear", "masked_linear_ref", "masked_linear_routed",
     "masked_linear_scores", "masked_linear_scores_ref", "multi_adapter", "multi_adapter_ref", "pack_mask", "unpack_mask",
 ]

@@ -368,3 +368,43 @@ backends.register(backends.Implementation(
     functions={"forward": _cuda_forward, "pack": lambda scores, threshold: pack_mask(scores, threshold)},
     environment_reasons=backends.cuda_extension_environment_reasons, limits=_cuda_limits,
 ))
+
+
+# ------------------------------------------------------------------------------------ per-row tasks
+
+
+def masked_linear_routed(x, weight, packed_masks, row_task, bias=None):
+    """Mixed-task batch of masked layers: sequence b of x [B, ..., in] uses mask
+    packed_masks[row_task[b]] (packed_masks: uint8 [N, out, ceil(in / 8)], one task mask each) over
+    the one shared weight. Vectorised (no loop over tasks): rows are sorted by task into padded
+    segments and multiplied by the N masked weights in one batched product. Gradients for x and
+    bias."""
+    out_features, in_features = _check_common(x, weight, bias)
+    if not isinstance(packed_masks, torch.Tensor) or packed_masks.dim() != 3:
+        raise ValueError(f"packed_masks must be uint8 [tasks, out, ceil(in / 8)]; got {_describe(packed_masks)}")
+    for task in range(packed_masks.shape[0]):
+        _check_packed(packed_masks[task], out_features, in_features)
+    tasks = packed_masks.shape[0]
+    if not isinstance(row_task, torch.Tensor) or row_task.dim() != 1 or row_task.numel() != x.shape[0]:
+        raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); got {_describe(row_task)}")
+    row_task = row_task.to(device=x.device, dtype=torch.long)
+    if row_task.numel() and (int(row_task.min()) < 0 or int(row_task.max()) >= tasks):
+        raise ValueError(f"row_task values must be in [0, {tasks}); got {int(row_task.min())}..{int(row_task.max())}")
+    batch = x.shape[0]
+    rows = x.reshape(batch, -1)  # [B, T·in]
+    counts = torch.bincount(row_task, minlength=tasks)
+    length = int(counts.max()) if batch else 0
+    order = torch.argsort(row_task, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_task = row_task[order]
+    position = torch.arange(batch, device=x.device) - starts[sorted_task]
+    padded = rows.new_zeros(tasks, length, rows.shape[1])
+    padded = padded.index_put((sorted_task, position), rows[order])
+    bits = _unpack_as(packed_masks.reshape(-1, packed_masks.shape[-1]), in_features, weight.dtype)
+    effective = bits.reshape(tasks, out_features, in_features) * weight  # [N, out, in]
+    products = torch.bmm(padded.reshape(tasks, -1, in_features), effective.transpose(1, 2))  # [N, L·T, out]
+    products = products.reshape(tasks, length, -1)
+    out = torch.empty(batch, products.shape[-1], dtype=products.dtype, device=x.device)
+    out = out.index_put((order,), products[sorted_task, position])
+    out = out.reshape(*x.shape[:-1], out_features)
+    return out if bias is None else out + bias

@@ -133,3 +133,28 @@ def test_minilm_mask_tuning_lowers_the_loss(tmp_path):
     hf.save_masks(model, str(file))
     masked_fp32_bytes = sum(m.in_features * m.out_features * 4 for m in hf.masked_modules(model).values())
     assert file.stat().st_size <= masked_fp32_bytes / 30, (file.stat().st_size, masked_fp32_bytes)
+
+
+def test_mixed_task_batch_routes_each_row_to_its_mask(tmp_path):
+    torch.manual_seed(0)
+    model = tiny("bert")
+    hf.apply_mask_tuning(model)
+    paths = []
+    for task in range(2):
+        with torch.no_grad():
+            for module in hf.masked_modules(model).values():
+                module.scores.uniform_(-1, 1)
+        paths.append(tmp_path / f"task{task}.safetensors")
+        hf.save_masks(model, str(paths[-1]))
+    row_task = torch.tensor([1, 0])
+    hf.set_row_masks(model, paths, row_task)
+    with torch.no_grad():
+        mixed = model(input_ids=INPUT, attention_mask=MASK).last_hidden_state
+    hf.set_row_masks(model, None)
+    for row, task in enumerate(row_task.tolist()):
+        hf.load_masks(model, str(paths[task]))
+        with torch.no_grad():
+            alone = model(input_ids=INPUT[row:row + 1], attention_mask=MASK[row:row + 1]).last_hidden_state
+        torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="row_task must be an integer tensor"):
+        hf.set_row_masks(model, paths, None)

@@ -147,3 +147,25 @@ def test_scores_errors():
         masked_linear_scores(x, weight, torch.randn(3, 7), 0.0)
     with pytest.raises(ValueError, match="threshold must be a float"):
         masked_linear_scores(x, weight, torch.randn(3, 8), "0.1")
+
+
+def test_routed_rows_each_use_their_task_mask():
+    from pefops.ops import masked_linear_routed
+
+    x, weight, scores, b = make_case(5 * 3, 8, 19)
+    x = x.reshape(5, 3, 19).requires_grad_()
+    b.requires_grad_()
+    masks = torch.stack([pack_mask(torch.rand(8, 19, generator=torch.Generator().manual_seed(t)) > 0.5) for t in range(3)])
+    task = torch.tensor([2, 0, 2, 1, 0])
+    out = masked_linear_routed(x, weight, masks, task, b)
+    expected = torch.stack([naive_masked_linear(x[i], weight, unpack_mask(masks[task[i]], 19), b) for i in range(5)])
+    assert_close(out, expected, torch.float32, "routed")
+    out.sum().backward()
+    expected_dx = torch.stack([torch.ones(3, 8, dtype=torch.float64) @ (weight.double() * unpack_mask(masks[task[i]], 19))
+                               for i in range(5)])
+    assert_close(x.grad, expected_dx, torch.float32, "dx")
+    assert_close(b.grad, torch.full((8,), 15.0), torch.float32, "dbias")
+    with pytest.raises(ValueError, match="row_task values must be in \\[0, 3\\)"):
+        masked_linear_routed(x, weight, masks, torch.tensor([0, 1, 2, 3, 0]))
+    with pytest.raises(ValueError, match="row_task must be an integer tensor \\[5\\]"):
+        masked_linear_routed(x, weight, masks, torch.tensor([0, 1]))
