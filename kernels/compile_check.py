@@ -24,8 +24,10 @@ def compile_for_target(kernel, dtype: str, constexprs: dict, data_pointers: set,
     """Compile `kernel` (a triton.jit function) for sm_<capability>. Pointers named in
     `data_pointers` get the activation dtype; other pointers are fp32; float scalars by name; the
     remaining runtime arguments are i32."""
-    signature = {}
-    for name in inspect.signature(kernel.fn).parameters:
+    signature, aligned = {}, []
+    for index, name in enumerate(inspect.signature(kernel.fn).parameters):
+        if name.endswith("_ptr") or name.startswith("stride"):
+            aligned.append(index)
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
@@ -34,9 +36,19 @@ def compile_for_target(kernel, dtype: str, constexprs: dict, data_pointers: set,
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs))
+    # Real launches specialise 16-byte-aligned pointers and strides divisible by 16 (vector loads);
+    # without the same hint ptxas sees scalar loads and reports a worst case.
+    attributes = {(index,): [["tt.divisibility", 16]] for index in aligned if signature[name_at(kernel, index)] != "constexpr"}
+    try:
+        source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs), attrs=attributes)
+    except TypeError:  # older Triton: no attrs argument
+        source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs))
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def name_at(kernel, index: int) -> str:
+    return list(inspect.signature(kernel.fn).parameters)[index]
 
 
 def ptxas_report(compiled, capability=90) -> dict:
