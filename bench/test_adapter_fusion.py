@@ -9,8 +9,6 @@ plain adapter.
 
 from __future__ import annotations
 
-import functools
-import json
 
 import pytest
 import torch
@@ -18,7 +16,8 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.adapter_fusion import setup_adapter_fusion  # noqa: E402
-from bench.runner import NotApplicable, ProviderUnavailable, max_rel_err  # noqa: E402
+from bench.runner import max_rel_err  # noqa: E402
+from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [
     {"tokens": 128, "hidden": 64, "adapters": 3, "r": 16},
@@ -27,47 +26,19 @@ PROVIDERS = ["eager", "compile", "pefops", "nofusion"]
 MODES = ["fwd", "fwd+bwd"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # as `python -m bench` does on CPU: one thread keeps timings meaningful on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _id(shape: dict) -> str:
     return f"T{shape['tokens']}-H{shape['hidden']}-N{shape['adapters']}-r{shape['r']}"
 
 
-@functools.lru_cache(maxsize=None)
-def _setup(shape_json: str):
-    # inputs built once per shape and shared by every provider and mode
-    return setup_adapter_fusion({**json.loads(shape_json), "device": "cpu", "dtype": torch.float32})
-
-
-def _fn(shape: dict, provider: str, mode: str):
-    setup = _setup(json.dumps(shape, sort_keys=True))
-    try:
-        return setup, setup.fn(provider, mode)
-    except NotApplicable:
-        pytest.skip(f"{provider} has no {mode} mode")
-    except ProviderUnavailable as error:
-        pytest.skip(f"{provider}: {error}")
+CASES = CpuCases("adapter_fusion", setup_adapter_fusion)
+_fn = CASES.fn
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_adapter_fusion(benchmark, shape, provider, mode):
-    setup, fn = _fn(shape, provider, mode)
-    fn()  # compile / first-call work stays out of the measurement
-    work = setup.work(provider, mode)
-    benchmark.group = f"adapter_fusion {_id(shape)} {mode}"
-    benchmark.extra_info.update({"provider": provider, "mode": mode, "shape": setup.shape,
-                                 "dtype": "float32", "bytes": work.bytes, "flops": work.flops,
-                                 "note": setup.describe(provider, mode)})
-    benchmark(fn)
+    CASES.benchmark(benchmark, shape, _id(shape), provider, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -86,7 +57,7 @@ def test_providers_agree(shape, provider, mode):
 def test_fusion_is_not_trivial():
     """The randomised fusion layer mixes the adapters (the softmax is neither uniform nor one-hot),
     so the providers-agree check compares a real mixture."""
-    setup = _setup(json.dumps(SHAPES[0], sort_keys=True))
+    setup = CASES.setup(SHAPES[0])
     fusion = setup.fusion
     with torch.no_grad():
         ups = torch.stack([a.up_projection(setup.x) for a in setup.adapters], dim=-2)

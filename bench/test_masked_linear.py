@@ -8,8 +8,6 @@ x, scores and bias) as the eager baseline.
 
 from __future__ import annotations
 
-import functools
-import json
 
 import pytest
 import torch
@@ -17,7 +15,8 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.masked_linear import setup_masked_linear  # noqa: E402
-from bench.runner import NotApplicable, ProviderUnavailable, max_rel_err  # noqa: E402
+from bench.runner import ProviderUnavailable, max_rel_err  # noqa: E402
+from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [
     {"rows": 1, "out_features": 256, "in_features": 200},  # decode; K not a multiple of 8 (mask tail bits)
@@ -27,48 +26,20 @@ PROVIDERS = ["eager", "compile", "dense", "pefops"]
 MODES = ["fwd", "fwd+bwd"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # as `python -m bench` does on CPU: one thread keeps timings meaningful on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _id(shape: dict) -> str:
     return (f"rows{shape['rows']}-N{shape['out_features']}-K{shape['in_features']}"
             + (f"-d{shape['density']}" if "density" in shape else ""))
 
 
-@functools.lru_cache(maxsize=None)
-def _setup(shape_json: str):
-    # inputs built once per shape and shared by every provider and mode
-    return setup_masked_linear({**json.loads(shape_json), "device": "cpu", "dtype": torch.float32})
-
-
-def _fn(shape: dict, provider: str, mode: str):
-    setup = _setup(json.dumps(shape, sort_keys=True))
-    try:
-        return setup, setup.fn(provider, mode)
-    except NotApplicable:
-        pytest.skip(f"{provider} has no {mode} mode")
-    except ProviderUnavailable as error:
-        pytest.skip(f"{provider}: {error}")
+CASES = CpuCases("masked_linear", setup_masked_linear)
+_fn = CASES.fn
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_masked_linear(benchmark, shape, provider, mode):
-    setup, fn = _fn(shape, provider, mode)
-    fn()  # compile / first-call work stays out of the measurement
-    work = setup.work(provider, mode)
-    benchmark.group = f"masked_linear {_id(shape)} {mode}"
-    benchmark.extra_info.update({"provider": provider, "mode": mode, "shape": setup.shape,
-                                 "dtype": "float32", "bytes": work.bytes, "flops": work.flops,
-                                 "note": setup.describe(provider, mode)})
-    benchmark(fn)
+    CASES.benchmark(benchmark, shape, _id(shape), provider, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -88,7 +59,7 @@ def test_providers_agree(shape, provider, mode):
 def test_mask_density_and_packing():
     """The mask kept has the requested density, and pefops' packed form is the bool mask."""
     shape = SHAPES[1]
-    setup = _setup(json.dumps(shape, sort_keys=True))
+    setup = CASES.setup(shape)
     assert abs(setup.mask.float().mean().item() - shape["density"]) < 0.02
     try:
         setup.fn("pefops", "fwd")

@@ -9,8 +9,6 @@ bottleneck adapter.
 
 from __future__ import annotations
 
-import functools
-import json
 
 import pytest
 import torch
@@ -18,7 +16,8 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.multi_adapter import setup_multi_adapter  # noqa: E402
-from bench.runner import NotApplicable, ProviderUnavailable, max_rel_err  # noqa: E402
+from bench.runner import max_rel_err  # noqa: E402
+from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [
     {"batch": 8, "seq": 16, "hidden": 64, "r": 8, "adapters": 4},
@@ -28,47 +27,19 @@ PROVIDERS = ["loop", "pefops", "copy"]
 MODES = ["fwd", "fwd+bwd"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # as `python -m bench` does on CPU: one thread keeps timings meaningful on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _id(shape: dict) -> str:
     return f"B{shape['batch']}-T{shape['seq']}-H{shape['hidden']}-r{shape['r']}-N{shape['adapters']}"
 
 
-@functools.lru_cache(maxsize=None)
-def _setup(shape_json: str):
-    # inputs built once per shape and shared by every provider and mode
-    return setup_multi_adapter({**json.loads(shape_json), "device": "cpu", "dtype": torch.float32})
-
-
-def _fn(shape: dict, provider: str, mode: str):
-    setup = _setup(json.dumps(shape, sort_keys=True))
-    try:
-        return setup, setup.fn(provider, mode)
-    except NotApplicable:
-        pytest.skip(f"{provider} has no {mode} mode")
-    except ProviderUnavailable as error:
-        pytest.skip(f"{provider}: {error}")
+CASES = CpuCases("multi_adapter", setup_multi_adapter)
+_fn = CASES.fn
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_multi_adapter(benchmark, shape, provider, mode):
-    setup, fn = _fn(shape, provider, mode)
-    fn()  # first-call work stays out of the measurement
-    work = setup.work(provider, mode)
-    benchmark.group = f"multi_adapter {_id(shape)} {mode}"
-    benchmark.extra_info.update({"provider": provider, "mode": mode, "shape": setup.shape,
-                                 "dtype": "float32", "bytes": work.bytes, "flops": work.flops,
-                                 "note": setup.describe(provider, mode)})
-    benchmark(fn)
+    CASES.benchmark(benchmark, shape, _id(shape), provider, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)

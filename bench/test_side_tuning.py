@@ -23,14 +23,6 @@ from bench.side_tuning import BENCHMARK, MODE, PROVIDERS, setup_side_tuning  # n
 CONFIG = {"model": "llama-tiny", "batch": 2, "seq": 32, "device": "cpu", "dtype": torch.float32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def _setup():
     return setup_side_tuning(dict(CONFIG))
