@@ -407,16 +407,22 @@ def _triton_limits(problem: backends.Problem) -> list[str]:
     return [f"rank {rank} exceeds the Triton kernel's limit of {MAX_TRITON_RANK}"] if rank > MAX_TRITON_RANK else []
 
 
-def _cuda_limits(problem: backends.Problem) -> list[str]:
-    reasons = []
-    tokens, rank = problem.sizes.get("tokens", 0), problem.sizes.get("rank", 0)
-    if tokens > MAX_DECODE_TOKENS:
-        reasons.append(f"the CUDA decode kernel serves at most {MAX_DECODE_TOKENS} tokens; got {tokens}")
-    if rank > MAX_TRITON_RANK:
-        reasons.append(f"rank {rank} exceeds the CUDA kernel's limit of {MAX_TRITON_RANK}")
-    if not reasons:
-        reasons += backends.cuda_extension_load_reasons("bottleneck_adapter_decode_forward")
-    return reasons
+def cuda_decode_limits(symbol: str, unit: str = "tokens"):
+    """The limits of a CUDA decode kernel of the adapter family (≤ 16 tokens, rank ≤ 1024), which
+    builds the extension on first use; `symbol` is its binding, `unit` names its rows in messages."""
+
+    def limits(problem: backends.Problem) -> list[str]:
+        reasons = []
+        tokens, rank = problem.sizes.get("tokens", 0), problem.sizes.get("rank", 0)
+        if tokens > MAX_DECODE_TOKENS:
+            reasons.append(f"the CUDA decode kernel serves at most {MAX_DECODE_TOKENS} {unit}; got {tokens}")
+        if rank > MAX_TRITON_RANK:
+            reasons.append(f"rank {rank} exceeds the CUDA kernel's limit of {MAX_TRITON_RANK}")
+        if not reasons:
+            reasons += backends.cuda_extension_load_reasons(symbol)
+        return reasons
+
+    return limits
 
 
 backends.register(backends.Implementation(
@@ -431,5 +437,6 @@ backends.register(backends.Implementation(
 backends.register(backends.Implementation(
     op=OP, backend="cuda", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=False,
     functions={"forward": _cuda_forward},
-    environment_reasons=backends.cuda_extension_environment_reasons, limits=_cuda_limits,
+    environment_reasons=backends.cuda_extension_environment_reasons,
+    limits=cuda_decode_limits("bottleneck_adapter_decode_forward"),
 ))

@@ -39,11 +39,10 @@ import torch
 
 from pefops import backend as backends
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
+from pefops.ops.bottleneck_adapter import _triton_limits, cuda_decode_limits
 
 OP = "multi_adapter"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_TRITON_RANK = 1024
-MAX_DECODE_TOKENS = 16
 
 # order of the gradients the backward op returns (and of its grad mask)
 GRAD_NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "scaling", "residual", "ln_weight", "ln_bias")
@@ -556,22 +555,7 @@ def _cuda_forward(x, index, down_weight, down_bias, up_weight, up_bias, scaling,
     ))
 
 
-def _triton_limits(problem: backends.Problem) -> list[str]:
-    rank = problem.sizes.get("rank", 0)
-    return [f"rank {rank} exceeds the Triton kernel's limit of {MAX_TRITON_RANK}"] if rank > MAX_TRITON_RANK else []
-
-
-def _cuda_limits(problem: backends.Problem) -> list[str]:
-    reasons = []
-    tokens, rank = problem.sizes.get("tokens", 0), problem.sizes.get("rank", 0)
-    if tokens > MAX_DECODE_TOKENS:
-        reasons.append(f"the CUDA decode kernel serves at most {MAX_DECODE_TOKENS} rows; got {tokens}")
-    if rank > MAX_TRITON_RANK:
-        reasons.append(f"rank {rank} exceeds the CUDA kernel's limit of {MAX_TRITON_RANK}")
-    if not reasons:
-        reasons += backends.cuda_extension_load_reasons("multi_adapter_decode_forward")
-    return reasons
-
+_cuda_limits = cuda_decode_limits("multi_adapter_decode_forward", unit="rows")
 
 backends.register(backends.Implementation(
     op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
@@ -585,5 +569,6 @@ backends.register(backends.Implementation(
 backends.register(backends.Implementation(
     op=OP, backend="cuda", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=False,
     functions={"forward": _cuda_forward},
-    environment_reasons=backends.cuda_extension_environment_reasons, limits=_cuda_limits,
+    environment_reasons=backends.cuda_extension_environment_reasons,
+    limits=_cuda_limits,
 ))
