@@ -101,3 +101,24 @@ def test_bad_config():
         AdapterFusion(8, "dense")
     with pytest.raises(ValueError, match="unknown fusion config keys"):
         AdapterFusion(8, {"heads": 2})
+
+
+def test_fused_op_rejects_bad_inputs():
+    from pefops.ops import adapter_fusion, stack_adapters
+
+    modules = adapters()
+    stacked = stack_adapters([m.down_proj.weight for m in modules], [m.down_proj.bias for m in modules],
+                             [m.up_proj.weight for m in modules], [m.up_proj.bias for m in modules],
+                             [m.scaling for m in modules])
+    x = torch.randn(3, 24)
+    with pytest.raises(ValueError, match="query must have x's shape"):
+        adapter_fusion(x, torch.randn(3, 23), x, *stacked)
+    with pytest.raises(ValueError, match="down_weight \\[R, 24\\] and up_weight \\[24, R\\] expected"):
+        adapter_fusion(x, x, x, stacked[0][:, :20], *stacked[1:])
+    with pytest.raises(ValueError, match="segment must be \\[R=13\\]"):
+        adapter_fusion(x, x, x, *stacked[:4], stacked[4][:5])
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        adapter_fusion(x, x, x, *stacked, temperature=0.0)
+    with pytest.raises(ValueError, match="adapter 1: expected down \\[r, 24\\]"):
+        stack_adapters([torch.randn(4, 24), torch.randn(4, 20)], [None, None],
+                       [torch.randn(24, 4), torch.randn(24, 4)], [None, None], [1.0, 1.0])
