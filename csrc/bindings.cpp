@@ -35,4 +35,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scaling"), pybind11::arg("residual"), pybind11::arg("ln_weight"),
         pybind11::arg("ln_bias"), pybind11::arg("eps"), pybind11::arg("activation"),
         pybind11::arg("negative_slope"));
+
+  m.def("lsh_counting_sort", &pefops::lsh_counting_sort,
+        "Stable counting sort of each row of keys (int64 or int32 [rows, n], CUDA, contiguous) with "
+        "values in [0, num_keys): returns (sorted_idx, undo_idx), int64 [rows, n], sorted_idx equal "
+        "to torch.argsort(keys, dim=1, stable=True) and undo_idx its inverse permutation "
+        "(undo_idx[r, sorted_idx[r, i]] = i). Keys outside [0, num_keys) sort after all valid keys.",
+        pybind11::arg("keys"), pybind11::arg("num_keys"));
 }

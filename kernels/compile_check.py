@@ -72,7 +72,7 @@ def ptxas_report(compiled, capability=90) -> dict:
     }
 
 
-KERNEL_MODULES = ("bottleneck_adapter", "masked_linear", "gated_blend", "fusion_mix", "multi_adapter")
+KERNEL_MODULES = ("bottleneck_adapter", "masked_linear", "gated_blend", "fusion_mix", "multi_adapter", "lsh_attention")
 
 
 def main(argv=None) -> int:

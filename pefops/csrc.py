@@ -51,7 +51,8 @@ __all__ = [
 EXTENSION_NAME = "pefops_csrc"  # module name of the just-in-time build
 PREBUILT_MODULE = "pefops._C"  # module name of the ahead-of-time build (setup.py)
 DEFAULT_ARCH_LIST = "8.0;9.0"  # targets when no GPU is visible to ask
-REQUIRED_SYMBOLS = ("bottleneck_adapter_decode_forward", "masked_linear_decode_forward", "multi_adapter_decode_forward")
+REQUIRED_SYMBOLS = ("bottleneck_adapter_decode_forward", "masked_linear_decode_forward", "multi_adapter_decode_forward",
+                    "lsh_counting_sort")
 EXTRA_CUDA_CFLAGS = ["-O3", "-lineinfo"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent

@@ -1,0 +1,397 @@
+"""LSH bucketed attention (Reformer): the fused chunked-attention core, forward (backward in
+kernels/lsh_attention_bwd.py; hashing and the round combine in kernels/lsh_attention_rounds.py,
+re-exported here).
+
+The chunked core (semantics of transformers' LSHSelfAttention._attend): per (batch, head) the nh
+hash rounds give a sorted order of length nh * S; q_idx / k_idx hold the original position
+(0 .. S-1) of every sorted query / key (each round a permutation). The sorted order is cut into
+NC = nh*S/L chunks of L = chunk_length; chunk c attends to chunks c - before .. c + after modulo NC
+(wrap-around across round boundaries; with few chunks a chunk repeats in the window and every copy
+counts). Scores = q . k * scale, then on original positions: the key padding mask (gathered by the
+key index) and causal q_pos >= k_pos replace the score by mask_value, then q_pos == k_pos by
+self_mask_value (last). Finite constants only, as transformers.
+
+Forward kernel: one program per (query block of a sorted chunk, batch * head). It gathers its query
+rows through q_idx and each window block's key / value rows through k_idx straight from q, k, v (no
+sorted copies in memory), runs an online softmax in fp32 with natural exponents, normalises by exp(m - lse) with the fp32 lse
+(transformers' exp(s - logsumexp(s)): where lse is a mask constant, -1e5 + log 2, its fp32 rounding
+is visible and reproduced), and writes out and lse at the original position of
+each query in its round (round = sorted position // S): out_rounds [B, H, nh, S, Dv] in v's dtype,
+lse_rounds [B, H, nh, S] fp32. Offsets: int64 base pointers per (batch, head), int32 offsets inside
+one (the launcher copies a tensor whose strides would overflow that); head dims are constexprs, so
+unpadded rows load as 16-byte vectors.
+
+Limits: any chunk_length (S a multiple of it; the full-attention path passes chunk_length = S);
+row blocks of at most 64 (32 for fp32) that do not divide the chunk get row masks (EVEN = False),
+rows past a chunk's end are no keys at all (-inf, not a mask constant); D, Dv <= 128 (padded to a
+power of two with masks); no dropout (the torch path serves it).
+
+Roofline (bf16, B=8, H=8, D=Dv=64, S=16k, nh=4, L=64, before=1, after=0; N = B*H*nh*S = 4.19 M
+sorted rows). Forward: q read once per round (N * 128 B = 537 MB), k and v once per round from HBM
+(the neighbour chunk's copy from L2: 1.07 GB), out_rounds written (537 MB), lse (17 MB), q_idx and
+k_idx (67 MB): 2.23 GB, >= 0.52 ms at 4.3 TB/s; dot products N * 2 * 2 * 64 * 128 = 137 GFLOP
+(0.14 ms of dense bf16 tensor cores). Memory-bound; random 128-byte row gathers will not stream at
+full bandwidth: expect ~0.8-1.2 ms. (Backward: kernels/lsh_attention_bwd.py.)
+
+References: Triton tutorial 06 (fused attention: online softmax, recompute backward); FlashAttention
+(Dao et al., 2022) and FlashAttention-2 (Dao, 2023); Kitaev et al., ICLR 2020 (Reformer);
+transformers' modeling_reformer.py (LSHSelfAttention) for the exact semantics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .bottleneck_adapter import _dot_settings
+from .lsh_attention_rounds import lsh_bucket_ids, lsh_combine_rounds, lsh_combine_rounds_backward
+
+__all__ = [
+    "MAX_HEAD_DIM", "lsh_chunked_forward", "lsh_chunked_backward", "lsh_bucket_ids", "lsh_combine_rounds",
+    "lsh_combine_rounds_backward", "compile_variants",
+]
+
+MAX_HEAD_DIM = 128
+
+
+# ------------------------------------------------------------------------------- shared pieces
+
+
+@triton.jit
+def _index_pointer(idx_ptr):
+    """The sorted index arrays are int64 (a no-op cast for the launchers' tensors;
+    kernels/compile_check.py types every non-data pointer as fp32)."""
+    return idx_ptr.to(tl.pointer_type(tl.int64))
+
+
+@triton.jit
+def _sorted_rows(idx_ptr, start, valid, EVEN: tl.constexpr, BLOCK: tl.constexpr):
+    """(original positions [BLOCK] int32, in-chunk flags [BLOCK]) of the sorted entries start ..
+    start + BLOCK - 1, of which the first `valid` lie in the chunk (all of them when EVEN: the block
+    divides the chunk length). Rows past the chunk read position 0 and are flagged."""
+    offs = tl.arange(0, BLOCK)
+    if EVEN:
+        in_chunk = offs < BLOCK
+        pos = tl.load(idx_ptr + start + offs)
+    else:
+        in_chunk = offs < valid
+        pos = tl.load(idx_ptr + start + offs, mask=in_chunk, other=0)
+    return pos.to(tl.int32), in_chunk
+
+
+@triton.jit
+def _gather_rows(base_ptr, pos, in_chunk, stride, offs, width_mask, EVEN: tl.constexpr, DOT_FP32: tl.constexpr):
+    """[BLOCK, BLOCK_D] rows pos of a (batch, head) slice (zeros past the chunk and the width)."""
+    if EVEN:
+        rows = tl.load(base_ptr + pos[:, None] * stride + offs[None, :], mask=width_mask[None, :], other=0.0)
+    else:
+        rows = tl.load(base_ptr + pos[:, None] * stride + offs[None, :],
+                       mask=in_chunk[:, None] & width_mask[None, :], other=0.0)
+    if DOT_FP32:
+        rows = rows.to(tl.float32)
+    return rows
+
+
+@triton.jit
+def _key_keep(key_mask_ptr, k_pos, HAS_KEY_MASK: tl.constexpr):
+    """The keys' padding-mask values (1 = keep) as int32, or the positions as a placeholder. The
+    mask is int8 (a no-op cast for the launchers' tensor; compile_check types it fp32)."""
+    keep = k_pos
+    if HAS_KEY_MASK:
+        keep = tl.load(key_mask_ptr.to(tl.pointer_type(tl.int8)) + k_pos).to(tl.int32)
+    return keep
+
+
+@triton.jit
+def _mask_scores(s, q_pos, k_pos, key_keep, HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                 SELF_MASK: tl.constexpr, MASK_VALUE: tl.constexpr, SELF_MASK_VALUE: tl.constexpr):
+    """(masked scores, live): q_pos / k_pos / key_keep are broadcastable 2-D views (a [M, 1]
+    column and a [1, N] row, or transposed); live is True where the score is still q . k (the
+    only places with a gradient)."""
+    live = (q_pos >= 0) & (k_pos >= 0)  # all True, at the full tile shape
+    if HAS_KEY_MASK:
+        live = live & (key_keep != 0)
+    if CAUSAL:
+        live = live & (q_pos >= k_pos)
+    s = tl.where(live, s, MASK_VALUE)
+    if SELF_MASK:
+        is_self = q_pos == k_pos
+        s = tl.where(is_self, SELF_MASK_VALUE, s)
+        live = live & (q_pos != k_pos)
+    return s, live
+
+
+# ------------------------------------------------------------------------------- forward kernel
+
+
+@triton.jit
+def lsh_fwd_kernel(
+    q_ptr,  # [B, H, S, D], unit stride on D
+    k_ptr,  # [B, H, S, D], unit stride on D, q's dtype
+    v_ptr,  # [B, H, S, Dv], unit stride on Dv, q's dtype
+    q_idx_ptr,  # [B, H, nh * S] int64, contiguous: original position of each sorted query
+    k_idx_ptr,  # [B, H, nh * S] int64, contiguous: original position of each sorted key
+    key_mask_ptr,  # [B, S] int8 (1 = keep), unit stride on S; read only with HAS_KEY_MASK
+    out_ptr,  # [B, H, nh, S, Dv] out, contiguous, q's dtype
+    lse_ptr,  # [B, H, nh, S] out, contiguous, float32
+    H, S, CHUNK, NUM_CHUNKS, WINDOW, SHIFT,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_mb,
+    scale_value,
+    MASK_VALUE: tl.constexpr, SELF_MASK_VALUE: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr,  # head dims: constexpr, so unpadded tiles load unmasked (vectorised)
+    EVEN: tl.constexpr,  # BLOCK_M and BLOCK_N divide CHUNK: no row masks
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    blocks_per_chunk = tl.cdiv(CHUNK, BLOCK_M)
+    chunk = pid // blocks_per_chunk
+    in_chunk_first = (pid % blocks_per_chunk) * BLOCK_M
+    # int64 bases per (b, h); offsets inside one (b, h) are int32 (the launcher checks they fit):
+    # [BLOCK, D] tiles of 64-bit offsets would take twice the registers of the gathers
+    q_idx_ptr = _index_pointer(q_idx_ptr) + bh * NUM_CHUNKS * CHUNK
+    k_idx_ptr = _index_pointer(k_idx_ptr) + bh * NUM_CHUNKS * CHUNK
+    q_ptr += b * stride_qb + h * stride_qh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
+    key_mask_ptr += b * stride_mb
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_mask = offs_d < D
+    dv_mask = offs_dv < DV
+
+    q_pos, q_ok = _sorted_rows(q_idx_ptr, chunk * CHUNK + in_chunk_first, CHUNK - in_chunk_first, EVEN, BLOCK_M)
+    q = _gather_rows(q_ptr, q_pos, q_ok, stride_qs, offs_d, d_mask, EVEN, DOT_FP32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for w in range(WINDOW):
+        key_chunk = (chunk + w + SHIFT) % NUM_CHUNKS  # SHIFT = -before + a multiple of NUM_CHUNKS, >= 0
+        for kb in range(0, CHUNK, BLOCK_N):
+            k_pos, k_ok = _sorted_rows(k_idx_ptr, key_chunk * CHUNK + kb, CHUNK - kb, EVEN, BLOCK_N)
+            k = _gather_rows(k_ptr, k_pos, k_ok, stride_ks, offs_d, d_mask, EVEN, DOT_FP32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_value
+            key_keep = _key_keep(key_mask_ptr, k_pos, HAS_KEY_MASK)
+            s, live = _mask_scores(s, q_pos[:, None], k_pos[None, :], key_keep[None, :], HAS_KEY_MASK, CAUSAL,
+                                   SELF_MASK, MASK_VALUE, SELF_MASK_VALUE)
+            if not EVEN:  # rows past the chunk are no keys at all (not masked ones)
+                s = tl.where(k_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _gather_rows(v_ptr, k_pos, k_ok, stride_vs, offs_dv, dv_mask, EVEN, DOT_FP32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    # out = sum exp(s - lse) v with the fp32-rounded lse, as transformers computes it (not acc / l):
+    # rows whose best score is a mask constant (lse near -1e5) then sum to 1 - 2e-3 exactly as there
+    lse = m_i + tl.log(l_i)
+    out = acc * tl.exp(m_i - lse)[:, None]
+    # the block's round (a chunk lies in one round: S is a multiple of L), as a row of [B*H*nh, S]
+    round_row = bh * NUM_CHUNKS * CHUNK + (chunk * CHUNK // S) * S
+    out_mask = dv_mask[None, :]
+    if not EVEN:
+        out_mask = q_ok[:, None] & dv_mask[None, :]
+    tl.store(out_ptr + round_row * DV + q_pos[:, None] * DV + offs_dv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=out_mask)
+    tl.store(lse_ptr + round_row + q_pos, lse, mask=q_ok)
+
+
+# ------------------------------------------------------------------------------- launchers
+
+
+# (BLOCK_M, BLOCK_N, num_warps) per kernel, for 16-bit operands with both head dims <= 64 / up to
+# 128, and for fp32 (its "ieee" dots run on FMA units and hold 4-byte operands: smaller tiles, 8
+# warps). ptxas for sm_90 (kernels/compile_check.py, every mask on, 16-byte aligned pointers):
+# bf16 D 64: forward 161 registers, dq 172, dk/dv 174; D 128: 169 / 191 / 193; no spills. fp32:
+# 68-112 registers, D 128 forward and dq spill 16 bytes. Larger tiles spilled (forward D 128 at 4
+# warps, dk/dv 64 x 64 at D 128); 64-bit offset tiles and masked head-dim loads cost 60-100 more.
+_TILES = {
+    "fwd": ((64, 64, 4), (64, 64, 8), (32, 32, 8)),
+    "dq": ((64, 64, 8), (64, 64, 8), (32, 32, 8)),
+    "dkdv": ((32, 64, 4), (32, 64, 8), (32, 32, 8)),  # BLOCK_M: the query step, BLOCK_N: the key block
+}
+
+
+def _block_sizes(kind: str, chunk_length: int, head_dim: int, value_dim: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_warps) for kernel `kind` (fwd, dq, dkdv): the row
+    blocks no larger than the chunk rounded up to a power of two, and at least 16 (tl.dot); the
+    head-dim blocks the dims rounded up to a power of two (>= 16)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(value_dim))
+    narrow, wide, fp32 = _TILES[kind]
+    block_m, block_n, num_warps = fp32 if dtype == torch.float32 else (narrow if max(block_d, block_dv) <= 64 else wide)
+    chunk_block = max(16, triton.next_power_of_2(chunk_length))
+    return min(block_m, chunk_block), min(block_n, chunk_block), block_d, block_dv, num_warps
+
+
+def _even(chunk_length: int, block_m: int, block_n: int) -> bool:
+    """Both row blocks divide the chunk: the kernels then skip every row mask."""
+    return chunk_length % block_m == 0 and chunk_length % block_n == 0
+
+
+def _mask_constants_ok(mask_value: float, self_mask_value: float):
+    for name, value in (("mask_value", mask_value), ("self_mask_value", self_mask_value)):
+        if not (isinstance(value, (int, float)) and abs(float(value)) < float("inf")):
+            raise ValueError(f"lsh_chunked: {name} must be a finite float (never -inf), got {value!r}")
+
+
+def _check_core(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, chunks_after):
+    """Validates the chunked core's inputs; returns (B, H, S, D, Dv, nh)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"lsh_chunked: q, k, v must be [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    batch, heads, seq, head_dim = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"lsh_chunked: k must have q's shape {tuple(q.shape)} and v its [B, H, S], got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"lsh_chunked: q, k, v must share one of float32/float16/bfloat16, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    value_dim = v.shape[3]
+    if not (1 <= head_dim <= MAX_HEAD_DIM and 1 <= value_dim <= MAX_HEAD_DIM):
+        raise ValueError(f"lsh_chunked: head dims 1..{MAX_HEAD_DIM} supported by the Triton kernels, got D = "
+                         f"{head_dim}, Dv = {value_dim}")
+    if not isinstance(chunk_length, int) or chunk_length < 1:
+        raise ValueError(f"lsh_chunked: chunk_length must be a positive int, got {chunk_length!r}")
+    if seq % chunk_length != 0:
+        raise ValueError(f"lsh_chunked: S = {seq} must be a multiple of chunk_length = {chunk_length} (pad first)")
+    if chunks_before < 0 or chunks_after < 0:
+        raise ValueError(f"lsh_chunked: chunks_before / chunks_after must be >= 0, got {chunks_before}, "
+                         f"{chunks_after}")
+    for name, idx in (("q_idx", q_idx), ("k_idx", k_idx)):
+        if (idx.dim() != 3 or tuple(idx.shape[:2]) != (batch, heads) or idx.shape[2] % seq != 0
+                or idx.shape[2] == 0 or idx.is_floating_point()):
+            raise ValueError(f"lsh_chunked: {name} must be an int tensor [B, H, nh * S] = [{batch}, {heads}, "
+                             f"nh * {seq}], got {idx.dtype} {tuple(idx.shape)}")
+    if q_idx.shape != k_idx.shape:
+        raise ValueError(f"lsh_chunked: q_idx and k_idx must have one shape, got {tuple(q_idx.shape)} and "
+                         f"{tuple(k_idx.shape)}")
+    if key_mask is not None and tuple(key_mask.shape) != (batch, seq):
+        raise ValueError(f"lsh_chunked: key_mask must be [B, S] = [{batch}, {seq}], got {tuple(key_mask.shape)}")
+    return batch, heads, seq, head_dim, value_dim, q_idx.shape[2] // seq
+
+
+def _unit_last(tensor):
+    """A unit last stride, and every offset inside one (batch, head) below 2**31 (the kernels add
+    int32 offsets to an int64 base per (batch, head)): else a contiguous copy."""
+    seq, width = tensor.shape[2], tensor.shape[3]
+    if seq * max(width, 1) >= 2 ** 31:
+        raise ValueError(f"lsh_chunked: S * D = {seq} * {width} must stay below 2**31")
+    if tensor.stride(-1) == 1 and (seq - 1) * tensor.stride(2) + width < 2 ** 31:
+        return tensor
+    return tensor.contiguous()
+
+
+def _index_arguments(q_idx, k_idx, key_mask, device):
+    """int64 contiguous indices and the key mask as int8 [B, S] with unit stride (or a dummy)."""
+    q_idx = q_idx.to(device=device, dtype=torch.int64).contiguous()
+    k_idx = q_idx if k_idx is q_idx else k_idx.to(device=device, dtype=torch.int64).contiguous()
+    if key_mask is None:
+        return q_idx, k_idx, torch.ones(1, dtype=torch.int8, device=device), 0
+    key_mask = key_mask.to(device=device, dtype=torch.bool).to(torch.int8).contiguous()
+    return q_idx, k_idx, key_mask, key_mask.stride(0)
+
+
+def _shifts(num_chunks: int, chunks_before: int, chunks_after: int) -> tuple[int, int]:
+    """(forward shift, backward shift), both non-negative. Forward: window step w of query chunk c
+    is key chunk c - before + w, so the shift is congruent to -before mod NC. Backward: window step
+    w of key chunk c is query chunk c + before - w (w <= before + after), so the shift is before
+    plus a multiple of NC above after; % then never sees a negative number."""
+    forward = num_chunks * (chunks_before // num_chunks + 1) - chunks_before
+    backward = chunks_before + num_chunks * (chunks_after // num_chunks + 1)
+    return forward, backward
+
+
+def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks_before, chunks_after, causal,
+                        self_mask, scale, mask_value, self_mask_value):
+    """The chunked attention core forward. q, k: [B, H, S, D] (k already normalised / scaled as the
+    caller wants; scores are q . k * scale), v: [B, H, S, Dv], one dtype (fp32/fp16/bf16), any
+    strides with a unit last stride (else copied); q_idx, k_idx: int [B, H, nh * S], the original
+    position of every sorted query / key (each round a permutation of 0 .. S-1); key_mask: [B, S]
+    bool (True = keep) or None. Returns (out_rounds [B, H, nh, S, Dv] in v's dtype, lse_rounds
+    [B, H, nh, S] float32), both at the original positions of the queries."""
+    batch, heads, seq, head_dim, value_dim, rounds = _check_core(q, k, v, q_idx, k_idx, key_mask, chunk_length,
+                                                                 chunks_before, chunks_after)
+    _mask_constants_ok(mask_value, self_mask_value)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q_idx, k_idx, mask_argument, stride_mb = _index_arguments(q_idx, k_idx, key_mask, q.device)
+    out = torch.empty((batch, heads, rounds, seq, value_dim), dtype=v.dtype, device=q.device)
+    lse = torch.empty((batch, heads, rounds, seq), dtype=torch.float32, device=q.device)
+    if batch * heads == 0:
+        return out, lse
+    num_chunks = rounds * seq // chunk_length
+    shift, _ = _shifts(num_chunks, chunks_before, chunks_after)
+    block_m, block_n, block_d, block_dv, num_warps = _block_sizes("fwd", chunk_length, head_dim, value_dim, q.dtype)
+    dot_fp32, precision = _dot_settings(q.dtype)
+    grid = (num_chunks * triton.cdiv(chunk_length, block_m), batch * heads)
+    lsh_fwd_kernel[grid](
+        q, k, v, q_idx, k_idx, mask_argument, out, lse,
+        heads, seq, chunk_length, num_chunks, 1 + chunks_before + chunks_after, shift,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), stride_mb, float(scale),
+        MASK_VALUE=float(mask_value), SELF_MASK_VALUE=float(self_mask_value), HAS_KEY_MASK=key_mask is not None,
+        CAUSAL=bool(causal), SELF_MASK=bool(self_mask), DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        D=head_dim, DV=value_dim, EVEN=_even(chunk_length, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps, num_stages=2,
+    )
+    return out, lse
+
+
+def lsh_chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds,
+                         *, chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value,
+                         self_mask_value):
+    """(dq, dk, dv) of lsh_chunked_forward, float32, shaped like q, k, v; see kernels/lsh_attention_bwd.py."""
+    from .lsh_attention_bwd import chunked_backward
+
+    _check_core(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, chunks_after)
+    _mask_constants_ok(mask_value, self_mask_value)
+    return chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds,
+                            lse_rounds, chunk_length=chunk_length, chunks_before=chunks_before,
+                            chunks_after=chunks_after, causal=causal, self_mask=self_mask, scale=scale,
+                            mask_value=mask_value, self_mask_value=self_mask_value)
+
+
+# ------------------------------------------------------------------------ ahead-of-time compile list
+
+DATA_POINTERS = frozenset({"q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr"})
+
+
+def compile_variants():
+    """The launch configurations kernels/compile_check.py compiles for a GPU target: forward and
+    backward kernels for every dtype at D = Dv = 64 and 128, chunk 64 and 128, every mask on, and
+    the hashing and round-combine kernels (kernels/lsh_attention_rounds.py). Yields (name, kernel,
+    dtype, constexprs, data_pointers, num_warps, num_stages)."""
+    from .lsh_attention_bwd import bwd_variants
+    from .lsh_attention_rounds import rounds_variants
+
+    for dtype_name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
+        dot_fp32 = dtype == torch.float32
+        mask_value, self_mask_value = (-1e4, -1e3) if dtype == torch.float16 else (-1e9, -1e5)
+        for head_dim in (64, 128):
+            for chunk in (64, 128):
+                block_m, block_n, block_d, block_dv, warps = _block_sizes("fwd", chunk, head_dim, head_dim, dtype)
+                yield (f"fwd-{dtype_name}-d{head_dim}-c{chunk}", lsh_fwd_kernel, dtype_name,
+                       dict(MASK_VALUE=mask_value, SELF_MASK_VALUE=self_mask_value, HAS_KEY_MASK=True, CAUSAL=True,
+                            SELF_MASK=True, DOT_FP32=dot_fp32, DOT_PRECISION="ieee", D=head_dim, DV=head_dim,
+                            EVEN=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv),
+                       DATA_POINTERS, warps, 2)
+                yield from bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value)
+    # padded head dims (24 -> 32, masked loads) and a chunk the blocks do not divide (50: row masks)
+    for dtype_name in ("bfloat16", "float32"):
+        dtype = getattr(torch, dtype_name)
+        block_m, block_n, block_d, block_dv, warps = _block_sizes("fwd", 50, 24, 24, dtype)
+        yield (f"fwd-{dtype_name}-d24-c50", lsh_fwd_kernel, dtype_name,
+               dict(MASK_VALUE=-1e9, SELF_MASK_VALUE=-1e5, HAS_KEY_MASK=True, CAUSAL=True, SELF_MASK=True,
+                    DOT_FP32=dtype == torch.float32, DOT_PRECISION="ieee", D=24, DV=24, EVEN=False, BLOCK_M=block_m,
+                    BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv), DATA_POINTERS, warps, 2)
+        yield from bwd_variants(dtype_name, dtype, 24, 50, -1e9, -1e5)
+    yield from rounds_variants()

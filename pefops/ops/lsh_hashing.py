@@ -1,0 +1,125 @@
+"""LSH hashing and sorting for Reformer attention (pefops.ops.lsh_attention), as transformers does it.
+
+transformers' LSHSelfAttention (models/reformer/modeling_reformer.py, `_hash_vectors`,
+`_get_sorted_bucket_idx_and_undo_sorted_bucket_idx`):
+
+  rotations  randn(heads, head_dim, num_hashes, sum(factors) // 2), after torch.manual_seed(hash_seed)
+             when a seed is set (the global generator is reseeded, as transformers does)
+  rotated    einsum("bmtd,mdhr->bmhtr", vectors, rotations)          [B, H, nh, S, R/2]
+  bucket     argmax([xR, -xR]) per factor (first index on ties), factors combined mixed-radix
+             (bucket = b0 + f0 * b1 + f0 * f1 * b2 ...)
+  padding    when any attention_mask entry is 0, padded tokens get the extra bucket `num_buckets`
+             and every round spans num_buckets + 1 buckets
+  offsets    round r adds r * (buckets per round); the rounds are concatenated: [B, H, nh * S]
+  sort       stable over the nh * S offset buckets (round, bucket, position), per (batch, head)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from pefops.ops import counting_sort
+
+BucketSpec = Union[int, Sequence[int]]
+
+
+def bucket_factors(num_buckets: BucketSpec) -> list[int]:
+    """num_buckets as a list of factors ([n] for an int); ValueError unless every factor is even
+    and positive (argmax over [xR, -xR] gives an even number of buckets per factor)."""
+    if isinstance(num_buckets, bool):
+        raise ValueError(f"num_buckets must be an even int or a list of even ints; got {num_buckets!r}")
+    if isinstance(num_buckets, int):
+        factors = [num_buckets]
+    elif isinstance(num_buckets, (list, tuple)) and num_buckets and all(
+            isinstance(f, int) and not isinstance(f, bool) for f in num_buckets):
+        factors = list(num_buckets)
+    else:
+        raise ValueError(f"num_buckets must be an even int or a non-empty list of even ints; got {num_buckets!r}")
+    for factor in factors:
+        if factor < 2 or factor % 2:
+            what = "num_buckets" if isinstance(num_buckets, int) else f"every factor of num_buckets {factors}"
+            raise ValueError(f"{what} must be even and >= 2 (buckets come in +/- pairs); got {factor}")
+    return factors
+
+
+def lsh_rotations(num_heads: int, head_dim: int, num_hashes: int, num_buckets: BucketSpec, *,
+                  hash_seed: Optional[int] = None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Random rotations [heads, head_dim, num_hashes, sum(factors) // 2] drawn as transformers draws
+    them: torch.manual_seed(hash_seed) first when hash_seed is set, then one torch.randn."""
+    factors = bucket_factors(num_buckets)
+    if hash_seed is not None:
+        torch.manual_seed(hash_seed)
+    shape = (num_heads, head_dim, num_hashes, sum(factors) // 2)
+    return torch.randn(shape, device=device, dtype=dtype)
+
+
+def _padding_keep(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if attention_mask is None else attention_mask.to(torch.bool)
+
+
+def _argmax_plus_minus(rotated: torch.Tensor) -> torch.Tensor:
+    """argmax(cat([x, -x], -1), -1) without building the concatenation: the first maximum of x
+    (index i) unless -x has a strictly larger maximum, -min(x), at the first minimum j (index
+    R/2 + j). Ties resolve as argmax does (the first index): max and min return first indices."""
+    high, high_index = rotated.max(dim=-1)
+    low, low_index = rotated.min(dim=-1)
+    return torch.where(high >= -low, high_index, low_index + rotated.shape[-1])
+
+
+def lsh_hash(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: BucketSpec,
+             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Offset bucket ids int64 [B, H, nh * S] of vectors [B, H, S, D] (no gradient), exactly as
+    transformers' `_hash_vectors`; attention_mask [B, S] (0 = padding) or None.
+
+    Without a host synchronisation: the padding bucket exists iff some mask entry is 0, so the
+    per-round bucket count is num_buckets + any(mask == 0), computed as a tensor."""
+    factors = bucket_factors(num_buckets)
+    batch, heads, seq, dim = vectors.shape
+    if rotations.dim() != 4 or rotations.shape[0] != heads or rotations.shape[1] != dim \
+            or rotations.shape[3] != sum(factors) // 2:
+        raise ValueError(f"rotations must have shape [heads={heads}, head_dim={dim}, num_hashes, "
+                         f"{sum(factors) // 2}] (sum of bucket factors / 2); got {tuple(rotations.shape)}")
+    num_hashes = rotations.shape[2]
+    # the same einsum as transformers, so that argmax ties resolve bit for bit alike
+    rotated = torch.einsum("bmtd,mdhr->bmhtr", vectors.detach(), rotations)
+    buckets = None
+    start, radix = 0, 1
+    for factor in factors:
+        part = rotated[..., start:start + factor // 2]
+        start += factor // 2
+        part_buckets = _argmax_plus_minus(part)
+        buckets = part_buckets if buckets is None else buckets + radix * part_buckets
+        radix *= factor
+    total = math.prod(factors)
+    keep = _padding_keep(attention_mask)
+    per_round: Union[int, torch.Tensor] = total
+    if keep is not None:
+        # padded tokens into the extra bucket `total`; it exists only when something is padded
+        buckets = torch.where(keep[:, None, None, :], buckets, torch.full_like(buckets, total))
+        per_round = total + (~keep).any().to(torch.int64)
+    offsets = torch.arange(num_hashes, device=vectors.device, dtype=torch.int64) * per_round
+    return (buckets + offsets.view(1, 1, -1, 1)).flatten(2, 3)
+
+
+def stable_sort_indices(offset_buckets: torch.Tensor) -> torch.Tensor:
+    """lsh_sort's sorted_idx alone (torch.sort; what lsh_attention needs, no undo index)."""
+    return torch.sort(offset_buckets, dim=-1, stable=True).indices
+
+
+def lsh_sort(offset_buckets: torch.Tensor, num_keys: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_idx, undo_idx) int64 [B, H, N] of offset buckets [B, H, N]: the stable sort by
+    (bucket, index), which is transformers' `_stable_argsort` (its keys bucket * N + index are
+    unique, so its order is exactly the stable order); undo_idx[sorted_idx[i]] = i.
+
+    num_keys (an upper bound of the ids, e.g. num_hashes * (num_buckets + 1)) lets CUDA tensors use
+    the counting sort of pefops.ops.counting_sort (csrc) when it can serve them; torch.sort otherwise."""
+    if offset_buckets.is_cuda and num_keys is not None and not torch.compiler.is_compiling():
+        if not counting_sort.unavailable_reasons(offset_buckets, num_keys):
+            return counting_sort.lsh_counting_sort(offset_buckets.contiguous(), num_keys)
+    sorted_idx = stable_sort_indices(offset_buckets)
+    positions = torch.arange(sorted_idx.shape[-1], device=sorted_idx.device).expand_as(sorted_idx)
+    undo_idx = torch.empty_like(sorted_idx).scatter_(-1, sorted_idx, positions)
+    return sorted_idx, undo_idx
