@@ -26,6 +26,12 @@ from pefops.hf.fusion import (
     save_adapter_fusion,
     train_adapter_fusion,
 )
+from pefops.hf.lsh_attention import (
+    apply_lsh_attention,
+    configure_lsh_attention,
+    register_lsh_attention,
+    remove_lsh_attention,
+)
 from pefops.hf.mask_tuning import apply_mask_tuning, freeze_masks, load_masks, masked_modules, save_masks, set_row_masks
 from pefops.hf.side_tuning import SideTunedModel, load_side, save_side, side_tune
 
@@ -35,6 +41,7 @@ __all__ = [
     "resolve_config", "save_adapter", "set_active_adapters", "train_adapter",
     "apply_mask_tuning", "freeze_masks", "load_masks", "masked_modules", "save_masks", "set_row_masks",
     "SideTunedModel", "load_side", "save_side", "side_tune",
+    "apply_lsh_attention", "configure_lsh_attention", "register_lsh_attention", "remove_lsh_attention",
     "Fuse", "RowRouting", "add_adapter_fusion", "fusion_parameters", "fusion_regularization_loss", "load_adapter_fusion",
     "save_adapter_fusion", "train_adapter_fusion",
 ]
