@@ -59,6 +59,7 @@ REGISTRY: dict[str, str] = {
     "side_tuning": "bench.side_tuning",
     "adapter_fusion": "bench.adapter_fusion",
     "multi_adapter": "bench.multi_adapter",
+    "lsh_attention": "bench.lsh_attention",
 }
 
 DTYPES = {
