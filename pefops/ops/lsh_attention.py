@@ -13,7 +13,8 @@ qk, v: [B, H, S, D] (shared query/key projection and value projection per head).
      causal on original positions) := mask_value, then the self mask q_pos == k_pos :=
      self_mask_value; constants (-1e4, -1e3) for fp16 inputs, (-1e9, -1e5) otherwise;
   4. combines the rounds: out = sum_r softmax_r(lse_r) * out_r (the gradient flows through lse).
-Steps 1, 2 and 4 and the key normalisation are plain differentiable torch; step 3 is a
+Step 1 and the key normalisation are plain differentiable torch; the bucket ids of step 2 and the
+combine of step 4 have torch and Triton backends (pefops/ops/lsh_rounds.py); step 3 is a
 torch.library custom op with a backend per device (so the gradient of qk arrives through both its
 roles, query and key). lsh_attention_qkv is the variant with separate q and k (for attention
 interfaces of other architectures): q and k hashed with the same rotations, sorted apart, no key
@@ -41,6 +42,7 @@ import torch
 from pefops import backend as backends
 from pefops.ops.lsh_hashing import bucket_factors, lsh_hash, lsh_rotations, lsh_sort, stable_sort_indices
 from pefops.ops.lsh_chunked import _EagerChunkedAttention, _chunked_backward_torch, _chunked_forward_torch
+from pefops.ops.lsh_rounds import combine_rounds
 from pefops.ops.lsh_reference import len_and_dim_norm, lsh_attention_ref, mask_constants
 
 OP = "lsh_attention"
@@ -237,11 +239,12 @@ def _lsh_forward(q, k, v, shared, *, num_hashes, num_buckets, chunk_length, num_
             rotations = lsh_rotations(heads, dim, num_hashes, num_buckets, hash_seed=hash_seed, device=q.device,
                                       dtype=q.dtype)
         num_keys = num_hashes * (math.prod(bucket_factors(num_buckets)) + 1)  # ids < this, padding bucket included
-        q_idx = _sorted_positions(lsh_hash(q, rotations, num_buckets, key_mask), num_keys, full_seq)
+        q_idx = _sorted_positions(lsh_hash(q, rotations, num_buckets, key_mask, backend=backend), num_keys, full_seq)
         if shared:
             k_idx = q_idx
         else:
-            k_idx = _sorted_positions(lsh_hash(k, rotations, num_buckets, key_mask), num_keys, full_seq)
+            k_buckets = lsh_hash(k, rotations, num_buckets, key_mask, backend=backend)
+            k_idx = _sorted_positions(k_buckets, num_keys, full_seq)
         config = (chunk_length, num_chunks_before, num_chunks_after, causal, shared, scale, mask_value,
                   self_mask_value)
     out_rounds, lse_rounds = _chunked_attention(q, keys, v, q_idx, k_idx, key_mask, config, float(dropout_p), backend)
@@ -251,8 +254,7 @@ def _lsh_forward(q, k, v, shared, *, num_hashes, num_buckets, chunk_length, num_
         # rounds combined by their log-sum-exp; the gradient flows through lse_rounds too. Written
         # as transformers writes it, exp(lse - logsumexp(lse)), not softmax: the rounding differs
         # for rounds whose lse are all at a mask constant (fp32 rounds -1e5 + log(nh)).
-        weights = torch.exp(lse_rounds - torch.logsumexp(lse_rounds, dim=2, keepdim=True)).unsqueeze(-1)
-        out = (out_rounds * weights.to(out_rounds.dtype)).sum(2)
+        out = combine_rounds(out_rounds, lse_rounds, backend)
     out = out[:, :, :seq]
     if return_lse:
         return out, lse_rounds[..., :seq]

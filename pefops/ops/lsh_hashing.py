@@ -16,12 +16,12 @@ transformers' LSHSelfAttention (models/reformer/modeling_reformer.py, `_hash_vec
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 
 from pefops.ops import counting_sort
+from pefops.ops.lsh_rounds import bucket_ids
 
 BucketSpec = Union[int, Sequence[int]]
 
@@ -60,48 +60,22 @@ def _padding_keep(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tens
     return None if attention_mask is None else attention_mask.to(torch.bool)
 
 
-def _argmax_plus_minus(rotated: torch.Tensor) -> torch.Tensor:
-    """argmax(cat([x, -x], -1), -1) without building the concatenation: the first maximum of x
-    (index i) unless -x has a strictly larger maximum, -min(x), at the first minimum j (index
-    R/2 + j). Ties resolve as argmax does (the first index): max and min return first indices."""
-    high, high_index = rotated.max(dim=-1)
-    low, low_index = rotated.min(dim=-1)
-    return torch.where(high >= -low, high_index, low_index + rotated.shape[-1])
-
-
 def lsh_hash(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: BucketSpec,
-             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+             attention_mask: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
     """Offset bucket ids int64 [B, H, nh * S] of vectors [B, H, S, D] (no gradient), exactly as
     transformers' `_hash_vectors`; attention_mask [B, S] (0 = padding) or None.
 
-    Without a host synchronisation: the padding bucket exists iff some mask entry is 0, so the
-    per-round bucket count is num_buckets + any(mask == 0), computed as a tensor."""
+    The argmax / mixed radix / padding / offsets step runs on the selected backend
+    (pefops.ops.lsh_rounds.bucket_ids: torch, or the Triton kernel on CUDA tensors)."""
     factors = bucket_factors(num_buckets)
     batch, heads, seq, dim = vectors.shape
     if rotations.dim() != 4 or rotations.shape[0] != heads or rotations.shape[1] != dim \
             or rotations.shape[3] != sum(factors) // 2:
         raise ValueError(f"rotations must have shape [heads={heads}, head_dim={dim}, num_hashes, "
                          f"{sum(factors) // 2}] (sum of bucket factors / 2); got {tuple(rotations.shape)}")
-    num_hashes = rotations.shape[2]
     # the same einsum as transformers, so that argmax ties resolve bit for bit alike
     rotated = torch.einsum("bmtd,mdhr->bmhtr", vectors.detach(), rotations)
-    buckets = None
-    start, radix = 0, 1
-    for factor in factors:
-        part = rotated[..., start:start + factor // 2]
-        start += factor // 2
-        part_buckets = _argmax_plus_minus(part)
-        buckets = part_buckets if buckets is None else buckets + radix * part_buckets
-        radix *= factor
-    total = math.prod(factors)
-    keep = _padding_keep(attention_mask)
-    per_round: Union[int, torch.Tensor] = total
-    if keep is not None:
-        # padded tokens into the extra bucket `total`; it exists only when something is padded
-        buckets = torch.where(keep[:, None, None, :], buckets, torch.full_like(buckets, total))
-        per_round = total + (~keep).any().to(torch.int64)
-    offsets = torch.arange(num_hashes, device=vectors.device, dtype=torch.int64) * per_round
-    return (buckets + offsets.view(1, 1, -1, 1)).flatten(2, 3)
+    return bucket_ids(rotated, factors, _padding_keep(attention_mask), backend)
 
 
 def stable_sort_indices(offset_buckets: torch.Tensor) -> torch.Tensor:
