@@ -60,6 +60,7 @@ REGISTRY: dict[str, str] = {
     "adapter_fusion": "bench.adapter_fusion",
     "multi_adapter": "bench.multi_adapter",
     "lsh_attention": "bench.lsh_attention",
+    "prefix_attention": "bench.prefix_attention",
 }
 
 DTYPES = {

@@ -72,7 +72,8 @@ def ptxas_report(compiled, capability=90) -> dict:
     }
 
 
-KERNEL_MODULES = ("bottleneck_adapter", "masked_linear", "gated_blend", "fusion_mix", "multi_adapter", "lsh_attention")
+KERNEL_MODULES = ("bottleneck_adapter", "masked_linear", "gated_blend", "fusion_mix", "multi_adapter", "prefix_attention",
+                  "lsh_attention")
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,10 @@ from pefops.ops.masked_linear import (
 )
 from pefops.ops.multi_adapter import multi_adapter, multi_adapter_ref
 from pefops.ops.lsh_attention import lsh_attention, lsh_attention_qkv, lsh_attention_ref, lsh_hash, lsh_rotations, lsh_sort
+from pefops.ops.prefix_attention import prefix_attention, prefix_attention_ref
 
 __all__ = [
     "ACTIVATIONS", "adapter_fusion", "adapter_fusion_eager", "stack_adapters", "fusion_mix", "fusion_mix_ref", "alpha_blend", "gated_blend", "gated_blend_ref", "ladder_gate", "bottleneck_adapter", "bottleneck_adapter_ref", "masked_linear", "masked_linear_ref", "masked_linear_routed",
-    "masked_linear_scores", "masked_linear_scores_ref", "multi_adapter", "multi_adapter_ref", "pack_mask", "unpack_mask",
+    "masked_linear_scores", "masked_linear_scores_ref", "multi_adapter", "multi_adapter_ref", "prefix_attention", "prefix_attention_ref", "pack_mask", "unpack_mask",
     "lsh_attention", "lsh_attention_qkv", "lsh_attention_ref", "lsh_hash", "lsh_rotations", "lsh_sort",
 ]

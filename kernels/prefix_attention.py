@@ -1,0 +1,341 @@
+"""Attention over a learned prefix and the sequence (prefix-tuning) without concatenating them.
+
+    out[b, h] = softmax(scale * q[b, h] @ [pk[b?, g] ; k[b, g]]^T + mask) @ [pv[b?, g] ; v[b, g]]
+
+q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv], the prefix pk [Bp, Hkv, P, D], pv [Bp, Hkv, P, Dv]
+with Bp = 1 (shared by the batch, read with batch stride 0) or B; query head h reads kv head
+g = h // GROUP (grouped-query attention). The prefix is always visible; the sequence keys go through
+the masks: causal bottom-right aligned (query i sees key j <= i + Sk - Sq) and one 4-D mask read
+through its strides (stride 0 on broadcast dimensions: a [B, Sk] key-padding mask is [B, 1, 1, Sk]),
+bool (True = attend) or additive (0 / -inf / finfo.min). Additive values are clamped at -2e38 before
+scaling to base 2, so finfo.min stays finite (a row masked by finfo.min everywhere averages its keys,
+as SDPA's does) while -inf hides a key; a row with no visible key at all gives zeros.
+
+Forward: one program per (query block, query head, batch row) streams the prefix blocks, then the
+sequence blocks, with the online softmax in base 2 (running max, rescaled fp32 accumulator) and
+writes the output and the row log-sum-exp (fp32, natural log; +inf for a row without visible keys,
+so the backward's probabilities there are 0). Under causal, key blocks the whole query block sees
+run without the per-element test, blocks on the diagonal with it, blocks past it not at all, and
+the query blocks with the most keys are scheduled first.
+Backward: kernels/prefix_attention_bwd.py (recompute from the lse; dK/dV per key block, the
+prefix's summed over the batch deterministically; dQ per query block).
+
+Dot products accumulate in fp32; 16-bit inputs feed the tensor cores in their dtype, fp32 inputs use
+TF32 when torch allows it. The interpreter's bf16 dot is wrong (triton 3.8): it upcasts there.
+D and Dv up to 256 (tiles padded to powers of two, masked).
+
+References: Dao et al., FlashAttention-2 (2023) and the Triton fused-attention tutorial (06) for the
+online softmax and the recompute backward; Li & Liang, Prefix-Tuning (ACL 2021) for the operation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .bottleneck_adapter import _dot_settings
+
+__all__ = ["MAX_HEAD_DIM", "prefix_attention_forward", "compile_variants"]
+
+MAX_HEAD_DIM = 256
+# mask kinds
+NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
+# the delta kernel's warps: at 4 warps ptxas spills its [64, 64] fp16 tile (sm_90)
+DELTA_WARPS = 8
+
+
+@triton.jit
+def _sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
+                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """The base-2 scores s [BM, BN] of a sequence block with its masks applied: hidden keys -inf,
+    additive values added (clamped at -2e38 so finfo.min stays finite after scaling by log2 e).
+    MASK_ROWS: the mask varies by query row (a [BM, BN] tile, int32 offsets within the (b, h)
+    slice, checked by the launcher); else one [BN] row of key padding broadcast to every query."""
+    keep = n_valid[None, :]
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+    if MASK_KIND != 0:
+        if MASK_ROWS:
+            tile_mask = m_valid[:, None] & n_valid[None, :]
+            offsets = offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        else:
+            tile_mask = n_valid[None, :]
+            offsets = offs_n[None, :] * stride_mn
+        if MASK_KIND == 1:
+            visible = tl.load(mask_ptr.to(tl.pointer_type(tl.int8)) + offsets, mask=tile_mask, other=0)
+            keep = keep & (visible != 0)
+        else:
+            bias = tl.load(mask_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            keep = keep & (bias != float("-inf"))
+            s = s + tl.maximum(bias, -2.0e38) * 1.4426950408889634
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, n_limit, offs_m, m_valid,
+                         offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
+                         IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                         MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """One key block of the forward: scores, masks, running max / sum update, acc += p @ v."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < n_limit
+    k_t = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],  # [BLOCK_D, BLOCK_N]
+                  mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],  # [BLOCK_N, BLOCK_DV]
+                mask=n_valid[:, None] & dv_valid[None, :], other=0.0)
+    if DOT_FP32:
+        k_t = k_t.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+    if IS_SEQUENCE:
+        s = _sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
+                             CAUSAL, MASK_KIND, MASK_ROWS)
+    else:
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen no visible key keeps max -inf: subtract 0 there, not -inf (no NaN)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _causal_key_range(pid_m, Sk, causal_shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """(full_end, end_n) for query block pid_m: sequence key blocks below full_end are visible to
+    every row of the block, [full_end, end_n) straddle the causal diagonal, keys from end_n on are
+    hidden from every row. Without causal: (Sk, Sk)."""
+    if CAUSAL:
+        # row i sees keys j <= i + causal_shift
+        end_n = tl.maximum(tl.minimum(Sk, (pid_m + 1) * BLOCK_M + causal_shift), 0)
+        full_end = tl.minimum(tl.maximum(pid_m * BLOCK_M + causal_shift + 1, 0) // BLOCK_N * BLOCK_N, end_n)
+    else:
+        end_n = Sk
+        full_end = Sk
+    return full_end, end_n
+
+
+@triton.jit
+def prefix_attention_fwd_kernel(
+    q_ptr,  # [B, Hq, Sq, D]
+    k_ptr,  # [B, Hkv, Sk, D]
+    v_ptr,  # [B, Hkv, Sk, Dv]
+    pk_ptr,  # [Bp, Hkv, P, D], Bp = 1 (stride_pkb = 0) or B
+    pv_ptr,  # [Bp, Hkv, P, Dv]
+    mask_ptr,  # [Bm, Hm, Sqm, Sk] bool or additive, broadcast dimensions with stride 0 (unused without a mask)
+    out_ptr,  # [B, Hq, Sq, Dv]
+    lse_ptr,  # [B, Hq, Sq] float32, natural log
+    Sq, Sk, P, D, Dv, GROUP,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pkb, stride_pkh, stride_pkn,
+    stride_pvb, stride_pvh, stride_pvn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om,
+    scale_value,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: start them first (shorter tail)
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    g = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < Sq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_valid = offs_dv < Dv
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    qk_scale = scale_value * 1.4426950408889634  # base-2 softmax
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    mask_ptr += b * stride_mb + h * stride_mh
+    causal_shift = Sk - Sq
+
+    # the prefix: every slot visible
+    pk_base = pk_ptr + b * stride_pkb + g * stride_pkh
+    pv_base = pv_ptr + b * stride_pvb + g * stride_pvh
+    for start_n in range(0, P, BLOCK_N):
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, q, pk_base, pv_base, stride_pkn, stride_pvn, start_n, P, offs_m, m_valid, offs_d, d_valid,
+            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
+            False, CAUSAL, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_N)
+
+    # the sequence: key blocks every row of this query block sees whole, then (causal) the blocks on
+    # the diagonal with the per-element causal test; blocks past the diagonal are skipped
+    full_end, end_n = _causal_key_range(pid_m, Sk, causal_shift, CAUSAL, BLOCK_M, BLOCK_N)
+    k_base = k_ptr + b * stride_kb + g * stride_kh
+    v_base = v_ptr + b * stride_vb + g * stride_vh
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, Sk, offs_m, m_valid, offs_d, d_valid,
+            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
+            True, False, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_N)
+    for start_n in range(full_end, end_n, BLOCK_N):
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, Sk, offs_m, m_valid, offs_d, d_valid,
+            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
+            True, True, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_N)
+
+    empty = l_i == 0.0  # no visible key: output 0, lse +inf (backward probabilities 0)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & dv_valid[None, :])
+    tl.store(lse_ptr + (b * tl.num_programs(1) + h) * Sq + offs_m, lse, mask=m_valid)
+
+
+# ------------------------------------------------------------------------------------ launchers
+
+
+def _tiles(head_dim: int, value_dim: int, fp32: bool, kernel: str, masked: bool = False,
+           mask_rows: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head size. Forward: a [BLOCK_M, Dv]
+    fp32 accumulator and the q tile stay on chip; dK/dV: two [BLOCK_N, D] fp32 accumulators; dQ: one
+    [BLOCK_M, D]. A per-query-row mask tile (mask_rows) or any mask / causal (masked) at the widest
+    heads costs registers: narrower key blocks there. fp32 inputs (no tensor-core dot unless TF32)
+    take small tiles, dK/dV without software pipelining. Checked on sm_90 by kernels/compile_check.py:
+    no spills for 16-bit, none or a few bytes for fp32."""
+    size = 0 if max(head_dim, value_dim) <= 64 else 1 if max(head_dim, value_dim) <= 128 else 2
+    if fp32:
+        return {"forward": ((16, 16, 4, 3), (16, 16, 4, 3), (16, 16, 4, 3)),
+                "dkdv": ((32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)),
+                "dq": ((32, 32, 4, 3), (16, 16, 4, 3), (16, 16, 4, 3))}[kernel][size]
+    if kernel == "forward":
+        return ((128, 64, 8, 3), (128, 32 if mask_rows else 64, 8, 3), (64, 16 if masked else 32, 8, 3))[size]
+    if kernel == "dkdv":
+        return ((32, 64, 8, 3), (32, 64, 8, 3), (32, 32, 8, 3))[size]
+    return ((64, 64, 4, 3), (64, 32, 8, 3), (32, 32, 8, 3))[size]
+
+
+def _block_dim(size: int) -> int:
+    return max(16, triton.next_power_of_2(size))
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The kernels index the last dimension with unit stride."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _strides3(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a [B, H, N, X] tensor; a size-1 batch (a shared prefix) gets
+    stride 0 so every row of the batch reads it."""
+    stride_b = 0 if tensor.shape[0] == 1 else tensor.stride(0)
+    return stride_b, tensor.stride(1), tensor.stride(2)
+
+
+def _mask_arguments(mask, dummy):
+    """(pointer tensor, kind, per-query-row?, [b, h, m, n] strides) of the normalised 4-D mask,
+    stride 0 on its size-1 (broadcast) dimensions. Offsets inside one (b, h) slice are int32 in the
+    kernels: a view whose slice spans more is copied compactly first."""
+    if mask is None:
+        return dummy, NO_MASK, False, (0, 0, 0, 0)
+
+    def strides_of(tensor):
+        return tuple(0 if size == 1 else stride for size, stride in zip(tensor.shape, tensor.stride()))
+
+    def slice_span(strides):
+        return (mask.shape[2] - 1) * strides[2] + (mask.shape[3] - 1) * strides[3]
+
+    strides = strides_of(mask)
+    if slice_span(strides) >= 2**31:
+        mask = mask.contiguous()
+        strides = strides_of(mask)
+        if slice_span(strides) >= 2**31:
+            raise ValueError(f"attention_mask of shape {tuple(mask.shape)} is too large for the Triton kernel "
+                             "(over 2**31 elements per batch row and head); use backend='torch'")
+    kind = BOOL_MASK if mask.dtype == torch.bool else ADDITIVE_MASK
+    return mask, kind, mask.shape[2] != 1, strides
+
+
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float):
+    """q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv], prefix_k / prefix_v [1 or B, Hkv, P, D / Dv],
+    mask None or 4-D broadcastable to [B, Hq, Sq, Sk] (bool or additive). Returns (out [B, Hq, Sq, Dv]
+    in q's dtype, lse [B, Hq, Sq] float32)."""
+    q, k, v, prefix_k, prefix_v = (_rows(t) for t in (q, k, v, prefix_k, prefix_v))
+    batch, q_heads, sq, dim = q.shape
+    kv_heads, sk, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    prefix_len = prefix_k.shape[2]
+    out = q.new_empty((batch, q_heads, sq, value_dim))
+    lse = q.new_empty((batch, q_heads, sq), dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+    dot_fp32, precision = _dot_settings(q.dtype)
+    mask_tensor, mask_kind, mask_rows, mask_strides = _mask_arguments(mask, q)
+    block_m, block_n, warps, stages = _tiles(dim, value_dim, q.dtype == torch.float32, "forward",
+                                             causal or mask is not None, mask_rows)
+    grid = (triton.cdiv(sq, block_m), q_heads, batch)
+    prefix_attention_fwd_kernel[grid](
+        q, k if sk else q, v if sk else q, prefix_k if prefix_len else q, prefix_v if prefix_len else q,
+        mask_tensor, out, lse,
+        sq, sk, prefix_len, dim, value_dim, q_heads // kv_heads,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_strides3(prefix_k), *_strides3(prefix_v),
+        *mask_strides, *out.stride()[:3],
+        float(scale),
+        CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(dim), BLOCK_DV=_block_dim(value_dim),
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+# ------------------------------------------------------------------------ ahead-of-time compile list
+
+# (label, CAUSAL, MASK_KIND, MASK_ROWS): no mask; causal with key padding; a 4-D bool mask; causal with
+# a 4-D additive mask
+MASK_VARIANTS = (("nomask", False, NO_MASK, False), ("causal-padding", True, BOOL_MASK, False),
+                 ("bool4d", False, BOOL_MASK, True), ("causal-additive4d", True, ADDITIVE_MASK, True))
+DATA_POINTERS = ("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "out_ptr", "dout_ptr", "dq_ptr")
+
+
+def compile_variants():
+    """The launch configurations kernels/compile_check.py compiles for a GPU target: every dtype,
+    head sizes 64/128/256, the no-mask / causal / bool-mask / additive-mask variants at the heuristic
+    tiles; dK/dV of the sequence write in the input dtype, the prefix's partials in fp32. Yields
+    (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages)."""
+    from .prefix_attention_bwd import (  # imported here: that module imports this one
+        prefix_attention_bwd_delta_kernel,
+        prefix_attention_bwd_dkdv_kernel,
+        prefix_attention_bwd_dq_kernel,
+    )
+
+    for dtype in ("bfloat16", "float16", "float32"):
+        fp32 = dtype == "float32"
+        for head_dim in (64, 128, 256):
+            for label, causal, mask_kind, mask_rows in MASK_VARIANTS:
+                common = dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=fp32,
+                              DOT_PRECISION="ieee", BLOCK_D=head_dim, BLOCK_DV=head_dim)
+                block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "forward",
+                                                         causal or mask_kind != NO_MASK, mask_rows)
+                yield (f"fwd-{dtype}-d{head_dim}-{label}", prefix_attention_fwd_kernel, dtype,
+                       dict(common, BLOCK_M=block_m, BLOCK_N=block_n), DATA_POINTERS, warps, stages)
+                block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dkdv")
+                yield (f"bwd-dkdv-{dtype}-d{head_dim}-{label}", prefix_attention_bwd_dkdv_kernel, dtype,
+                       dict(common, IS_SEQUENCE=True, BLOCK_M=block_m, BLOCK_N=block_n),
+                       DATA_POINTERS + ("dk_ptr", "dv_ptr"), warps, stages)
+                block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dq")
+                yield (f"bwd-dq-{dtype}-d{head_dim}-{label}", prefix_attention_bwd_dq_kernel, dtype,
+                       dict(common, BLOCK_M=block_m, BLOCK_N=block_n), DATA_POINTERS, warps, stages)
+            # dK/dV over the prefix: no masks, fp32 partial outputs
+            block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dkdv")
+            yield (f"bwd-dkdv-prefix-{dtype}-d{head_dim}", prefix_attention_bwd_dkdv_kernel, dtype,
+                   dict(CAUSAL=True, MASK_KIND=BOOL_MASK, MASK_ROWS=False, DOT_FP32=fp32, DOT_PRECISION="ieee",
+                        BLOCK_D=head_dim, BLOCK_DV=head_dim, IS_SEQUENCE=False, BLOCK_M=block_m, BLOCK_N=block_n),
+                   DATA_POINTERS, warps, stages)
+        yield (f"bwd-delta-{dtype}", prefix_attention_bwd_delta_kernel, dtype,
+               dict(BLOCK_M=64, BLOCK_DV=64), ("out_ptr", "dout_ptr"), DELTA_WARPS, 1)
