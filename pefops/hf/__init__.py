@@ -34,6 +34,17 @@ from pefops.hf.lsh_attention import (
 )
 from pefops.hf.mask_tuning import apply_mask_tuning, freeze_masks, load_masks, masked_modules, save_masks, set_row_masks
 from pefops.hf.side_tuning import SideTunedModel, load_side, save_side, side_tune
+from pefops.hf.peft_import import load_peft_prefix, load_peft_prompt
+from pefops.hf.prefix_tuning import (
+    PrefixTuning,
+    apply_prefix_tuning,
+    load_prefix,
+    prefix_disabled,
+    prefix_parameters,
+    remove_prefix_tuning,
+    save_prefix,
+)
+from pefops.hf.prompt_tuning import PromptTuning, apply_prompt_tuning, prompt_disabled, remove_prompt_tuning
 
 __all__ = [
     "ARCHITECTURES", "AdapterLayer", "BottleneckConfig", "DoubleSeqBnConfig", "ParBnConfig", "SeqBnConfig",
@@ -44,4 +55,7 @@ __all__ = [
     "apply_lsh_attention", "configure_lsh_attention", "register_lsh_attention", "remove_lsh_attention",
     "Fuse", "RowRouting", "add_adapter_fusion", "fusion_parameters", "fusion_regularization_loss", "load_adapter_fusion",
     "save_adapter_fusion", "train_adapter_fusion",
+    "PrefixTuning", "PromptTuning", "apply_prefix_tuning", "apply_prompt_tuning", "load_peft_prefix", "load_peft_prompt",
+    "load_prefix", "prefix_disabled", "prefix_parameters", "prompt_disabled", "remove_prefix_tuning",
+    "remove_prompt_tuning", "save_prefix",
 ]

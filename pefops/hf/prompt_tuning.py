@@ -1,0 +1,155 @@
+"""Prompt tuning (Lester et al. 2021) in transformers models (GPT-2, LLaMA, BERT, RoBERTa, T5), as PEFT
+does it: P trainable virtual embeddings are prepended to the input embeddings, the attention mask
+gets P ones in front, labels P ignored (-100) entries, token_type_ids P zeros, and position_ids are
+dropped (the model numbers the P + S inputs 0..P+S-1). Outputs have P + S positions, as PEFT's.
+
+Forward pre-hooks do it, so model(...), the training loop and generate() run unchanged. Decoder-only
+and encoder-only models: a hook on the model prepends the prompt when the cache is empty (prefill);
+later decoding steps only extend the mask, because the cache already holds the prompt. T5: the
+prompt goes in front of the encoder input only (Lester et al.'s setting): a hook on the encoder
+stack prepends it, one on the decoder stack extends the cross-attention mask. (PEFT's SEQ_2_SEQ_LM
+prompt tuning also prepends a second prompt to the decoder inputs in forward, but not in generate;
+that variant is not reproduced.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from pefops.nn.prefix_tuning import PromptEmbedding
+
+ATTRIBUTE = "prompt_tuning"
+MODEL_TYPES = ("gpt2", "llama", "bert", "roberta", "t5")
+
+
+class PromptTuning(nn.Module):
+    """The virtual prompt of one model (`model.prompt_tuning`) and the hook that prepends it."""
+
+    def __init__(self, prompt: PromptEmbedding, model_type: str):
+        super().__init__()
+        self.prompt = prompt
+        self.model_type = model_type
+        self.enabled = True
+        self._hooks: list = []
+        self._word_embeddings: list = []  # [the model's input embedding], kept out of the module tree
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prompt.num_virtual_tokens
+
+    def config_dict(self) -> dict:
+        return {"method": "prompt_tuning", "model_type": self.model_type,
+                "num_virtual_tokens": self.prompt.num_virtual_tokens, "hidden": self.prompt.hidden}
+
+    def extra_repr(self) -> str:
+        return f"model_type={self.model_type}, enabled={self.enabled}"
+
+    def encoder_decoder_hooks(self, model):
+        """T5: the prompt in front of the encoder input, the cross-attention mask extended to match."""
+        encoder, decoder = model.get_encoder(), model.get_decoder()
+        self._hooks.append(encoder.register_forward_pre_hook(self.pre_hook, with_kwargs=True))
+        self._hooks.append(decoder.register_forward_pre_hook(self.decoder_pre_hook, with_kwargs=True))
+
+    def decoder_pre_hook(self, decoder, args, kwargs):
+        mask, states = kwargs.get("encoder_attention_mask"), kwargs.get("encoder_hidden_states")
+        if not self.enabled or mask is None or states is None or mask.dim() != 2:
+            return None
+        if mask.shape[1] + self.num_virtual_tokens == states.shape[1]:  # encoder output holds the prompt
+            kwargs["encoder_attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], self.num_virtual_tokens)),
+                                                          mask], dim=1)
+        return args, kwargs
+
+    def pre_hook(self, model, args, kwargs):
+        if not self.enabled:
+            return None
+        if args:
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise ValueError("with prompt tuning, pass the model's inputs by keyword "
+                                 "(only input_ids may be positional)")
+            kwargs["input_ids"] = args[0]
+        input_ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            if input_ids is None:
+                raise ValueError("prompt tuning needs input_ids or inputs_embeds")
+            embeds = self._word_embeddings[0](input_ids)
+        batch, count = embeds.shape[0], self.num_virtual_tokens
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache is None or int(cache.get_seq_length()) == 0
+        if prefill:  # later steps find the prompt in the cache
+            embeds = torch.cat([self.prompt(batch).to(embeds.dtype), embeds], dim=1)
+            labels = kwargs.get("labels")
+            if labels is not None:
+                kwargs["labels"] = torch.cat([labels.new_full((batch, count), -100), labels], dim=1)
+            token_type_ids = kwargs.get("token_type_ids")
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros((batch, count)), token_type_ids], dim=1)
+        kwargs["inputs_embeds"] = embeds
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("prompt tuning extends 2-D attention masks [batch, keys]; got shape "
+                                 f"{tuple(mask.shape)}")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones((batch, count)), mask], dim=1)
+        if "position_ids" in kwargs:  # as PEFT: the model numbers the prompt and the tokens itself
+            kwargs["position_ids"] = None
+        return (), kwargs
+
+
+def apply_prompt_tuning(model, num_virtual_tokens: int, init="random", tokenizer=None, init_std: float = 0.02,
+                        generator=None) -> PromptTuning:
+    """Prepend `num_virtual_tokens` trainable input embeddings to every input of a GPT-2, LLaMA, BERT or
+    RoBERTa model (T5: to every encoder input); freeze the base. init: "random" (normal, std
+    init_std), "vocab" (embeddings of random vocabulary tokens), or a text (its tokens' embeddings,
+    cycled to P; needs tokenizer) or a list of token ids. Returns the PromptTuning module (also
+    `model.prompt_tuning`)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"prompt tuning supports model types {', '.join(MODEL_TYPES)}; got {model_type!r}")
+    if getattr(model, ATTRIBUTE, None) is not None:
+        raise ValueError("the model already has prompt tuning: call remove_prompt_tuning first")
+    word_embeddings = model.get_input_embeddings()
+    prompt = PromptEmbedding(num_virtual_tokens, word_embeddings.weight.shape[1], init=init,
+                             word_embeddings=word_embeddings, tokenizer=tokenizer, init_std=init_std,
+                             generator=generator)
+    prompt = prompt.to(device=word_embeddings.weight.device, dtype=torch.float32)
+    owner = PromptTuning(prompt, model_type)
+    owner._word_embeddings.append(word_embeddings)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if getattr(model.config, "is_encoder_decoder", False):
+        owner.encoder_decoder_hooks(model)
+    else:
+        owner._hooks.append(model.register_forward_pre_hook(owner.pre_hook, with_kwargs=True))
+    setattr(model, ATTRIBUTE, owner)
+    return owner
+
+
+def _owner(model) -> PromptTuning:
+    owner = getattr(model, ATTRIBUTE, None)
+    if not isinstance(owner, PromptTuning):
+        raise ValueError("the model has no prompt tuning: call apply_prompt_tuning (or load_prefix) first")
+    return owner
+
+
+@contextlib.contextmanager
+def prompt_disabled(model):
+    """Run the model without its virtual prompt inside the block."""
+    owner = _owner(model)
+    previous, owner.enabled = owner.enabled, False
+    try:
+        yield
+    finally:
+        owner.enabled = previous
+
+
+def remove_prompt_tuning(model) -> PromptTuning:
+    owner = _owner(model)
+    for hook in owner._hooks:
+        hook.remove()
+    owner._hooks.clear()
+    delattr(model, ATTRIBUTE)
+    return owner
