@@ -26,6 +26,13 @@ def merge(paths: list[Path]) -> runner.RunResult:
     meta = dict(results[-1].meta)
     meta["merged_from"] = [str(path) for path in paths]
     meta["complete"] = all(bool(r.meta.get("complete", True)) for r in results)
+    # each op's own settings (table columns, baselines) come from the input its rows come from, and
+    # each input's start time is kept with its ops: the merged run's meta is the last input's otherwise
+    meta["ops"] = {}
+    for op, index in latest_for_op.items():
+        op_meta = dict(results[index].meta.get("ops", {}).get(op, {}))
+        op_meta.setdefault("run_started", results[index].meta.get("run_started"))
+        meta["ops"][op] = op_meta
     merged = runner.RunResult(meta=meta, rows=[], skipped=[])
     for index, result in enumerate(results):
         merged.rows += [row for row in result.rows if latest_for_op[row["op"]] == index]

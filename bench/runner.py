@@ -873,7 +873,13 @@ def details_table(rows: list[dict]) -> str:
 
 def provenance_line(meta: dict) -> str:
     v = meta.get("versions", {})
-    parts = [f"measured {meta.get('run_started', '?')}", f"torch {v.get('torch')}"]
+    started = {op: op_meta.get("run_started") for op, op_meta in meta.get("ops", {}).items()
+               if isinstance(op_meta, dict) and op_meta.get("run_started")}
+    if len(set(started.values())) > 1:  # a merge of runs (bench/merge.py): say when each op ran
+        when = ", ".join(f"{op} {time}" for op, time in started.items())
+        parts = [f"merged runs, measured {when}", f"torch {v.get('torch')}"]
+    else:
+        parts = [f"measured {meta.get('run_started', '?')}", f"torch {v.get('torch')}"]
     if v.get("triton"):
         parts.append(f"triton {v.get('triton')}")
     parts.append(f"pefops {v.get('pefops')}")
