@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pefops.hf.prefix_tuning import PrefixTuning, apply_prefix_tuning
+from pefops.hf.prefix_tuning import PrefixTuning, apply_prefix_tuning, set_trainable_modules
 from pefops.hf.prompt_tuning import PromptTuning, apply_prompt_tuning
 
 PEFT_CONFIG = "adapter_config.json"
@@ -63,6 +63,12 @@ def _load_heads(model, tensors: dict) -> list[str]:
     return loaded
 
 
+def _heads_trainable(model, parameter_names: list[str]) -> tuple[str, ...]:
+    """The imported heads' modules train on, as PEFT's modules_to_save do (and save_prefix keeps them)."""
+    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in parameter_names))
+    return set_trainable_modules(model, modules)
+
+
 def load_peft_prefix(model, directory) -> PrefixTuning:
     """Apply prefix-tuning to `model` from a PEFT PREFIX_TUNING checkpoint (GPT-2, LLaMA, BERT): the
     flat prefix PEFT saved, positions shifted by P as PEFT's cache offset does. Returns the
@@ -80,7 +86,7 @@ def load_peft_prefix(model, directory) -> PrefixTuning:
         remove_prefix_tuning(model)
         raise ValueError(f"the PEFT prefix has (num_layers, token_dim, kv heads) {found}; this model needs {expected}")
     encoder.load_flat(flat.to(encoder.embedding.weight.device))
-    _load_heads(model, tensors)
+    tuning.trainable_modules = _heads_trainable(model, _load_heads(model, tensors))
     return tuning
 
 
@@ -97,5 +103,5 @@ def load_peft_prompt(model, directory) -> PromptTuning:
     tuning = apply_prompt_tuning(model, count)
     with torch.no_grad():
         tuning.prompt.embedding.weight.copy_(embeddings.to(tuning.prompt.embedding.weight))
-    _load_heads(model, tensors)
+    tuning.trainable_modules = _heads_trainable(model, _load_heads(model, tensors))
     return tuning

@@ -173,6 +173,31 @@ def _set_implementation(model, name: str) -> None:
 # ------------------------------------------------------------------------------------ the module
 
 
+def set_trainable_modules(model, names) -> tuple[str, ...]:
+    """Make the named submodules of `model` (e.g. a task head: "classifier", "score") trainable after
+    the base was frozen; save_prefix writes them with the prefix (PEFT's modules_to_save)."""
+    if isinstance(names, str):
+        names = (names,)
+    names = tuple(names)
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            children = [child for child, _ in model.named_children()]
+            raise ValueError(f"trainable_modules: the model has no submodule {name!r} (top-level modules: "
+                             f"{children})") from None
+        if not any(True for _ in module.parameters()):
+            raise ValueError(f"trainable_modules: {name!r} has no parameters")
+        module.requires_grad_(True)
+    return names
+
+
+def trainable_module_parameters(model, names) -> dict[str, nn.Parameter]:
+    """{"model.<module>.<parameter>": parameter} of the trainable modules (the keys save_prefix uses)."""
+    return {f"model.{name}.{key}": parameter for name in names
+            for key, parameter in model.get_submodule(name).named_parameters()}
+
+
 class PrefixTuning(nn.Module):
     """The prefix of one model: the PrefixEncoder (one "layer" per attention site) plus what
     apply_prefix_tuning changed, so it can be undone. Lives on the model as `model.prefix_tuning`."""
@@ -186,6 +211,7 @@ class PrefixTuning(nn.Module):
         self.base_implementation = base_implementation
         self.peft_compatible_positions = peft_compatible_positions
         self.cross_attention = cross_attention
+        self.trainable_modules: tuple[str, ...] = ()
         self.enabled = True
         self._hooks: list = []
 
@@ -200,7 +226,7 @@ class PrefixTuning(nn.Module):
                 "projection_hidden": encoder.projection_hidden, "embedding_dim": encoder.embedding_dim,
                 "num_layers": encoder.num_layers, "num_kv_heads": encoder.num_kv_heads, "head_dim": encoder.head_dim,
                 "peft_compatible_positions": self.peft_compatible_positions,
-                "cross_attention": self.cross_attention}
+                "cross_attention": self.cross_attention, "trainable_modules": list(self.trainable_modules)}
 
     def extra_repr(self) -> str:
         return (f"model_type={self.model_type}, sites={len(self.sites)}, base={self.base_implementation}, "
@@ -253,15 +279,18 @@ def _position_hook(num_virtual_tokens: int):
 
 def apply_prefix_tuning(model, num_virtual_tokens: int, projection: bool = True, projection_hidden: int = 512,
                         peft_compatible_positions: bool = False, cross_attention: bool = False,
-                        zero_init: bool = False, embedding_dim: Optional[int] = None) -> PrefixTuning:
+                        zero_init: bool = False, embedding_dim: Optional[int] = None,
+                        trainable_modules=()) -> PrefixTuning:
     """Add a trainable prefix of `num_virtual_tokens` key/value slots to every attention layer of a
     transformers GPT-2, LLaMA, BERT, RoBERTa or T5 model; freeze the base. Returns the PrefixTuning
-    module (also `model.prefix_tuning`); its parameters are the only trainable ones.
+    module (also `model.prefix_tuning`); its parameters (and trainable_modules') are the only trainable ones.
 
     projection / projection_hidden / zero_init / embedding_dim: see PrefixEncoder (PEFT's
     prefix_projection / encoder_hidden_size / init_weights="zero" / token_dim).
     peft_compatible_positions: shift real tokens' positions by P as PEFT does (GPT-2, LLaMA, BERT).
     cross_attention: T5 only, also prefix the decoder's cross-attention (PEFT does not).
+    trainable_modules: names of submodules that train too (a task head, e.g. "classifier"; PEFT's
+    modules_to_save); save_prefix writes them with the prefix.
     The model must use the "sdpa" or "eager" attention implementation."""
     model_type = _model_type(model)
     if getattr(model, ATTRIBUTE, None) is not None:
@@ -290,6 +319,7 @@ def apply_prefix_tuning(model, num_virtual_tokens: int, projection: bool = True,
                          peft_compatible_positions, cross_attention)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    owner.trainable_modules = set_trainable_modules(model, trainable_modules)
     register_attention_functions()
     for index, (_, module) in enumerate(sites):
         module.__dict__[SITE_ATTRIBUTE] = (owner, index)  # a plain attribute: not a registered submodule
@@ -358,7 +388,8 @@ def _tuning_module(model):
 def save_prefix(model, directory) -> None:
     """Write the trainable prefix (or virtual prompt) to `directory`: prefix_config.json (the
     hyper-parameters apply_prefix_tuning needs) and prefix.safetensors (every parameter, the MLP
-    included, so training resumes where it stopped). Base weights are not written."""
+    included, so training resumes where it stopped), with the trainable modules' parameters (a task
+    head) under "model.<module>.<parameter>". Other base weights are not written."""
     import json
     from pathlib import Path
 
@@ -369,7 +400,8 @@ def save_prefix(model, directory) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, **tuning.config_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-    tensors = {name: p.detach().cpu().contiguous() for name, p in tuning.named_parameters()}
+    parameters = {**dict(tuning.named_parameters()), **trainable_module_parameters(model, tuning.trainable_modules)}
+    tensors = {name: p.detach().cpu().contiguous() for name, p in parameters.items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
 
 
@@ -399,13 +431,15 @@ def load_prefix(model, directory):
                 projection_hidden=config["projection_hidden"] or 512,
                 peft_compatible_positions=config["peft_compatible_positions"],
                 cross_attention=config["cross_attention"],
-                embedding_dim=config["embedding_dim"] if config["projection"] else None)
+                embedding_dim=config["embedding_dim"] if config["projection"] else None,
+                trainable_modules=config.get("trainable_modules", ()))
     elif method == "prompt_tuning":
         from pefops.hf.prompt_tuning import ATTRIBUTE as PROMPT_ATTRIBUTE, apply_prompt_tuning
 
         tuning = getattr(model, PROMPT_ATTRIBUTE, None)
         if tuning is None:
-            tuning = apply_prompt_tuning(model, config["num_virtual_tokens"])
+            tuning = apply_prompt_tuning(model, config["num_virtual_tokens"],
+                                         trainable_modules=config.get("trainable_modules", ()))
     else:
         raise ValueError(f"{directory / CONFIG_NAME}: unknown method {method!r}")
     differences = {key: (value, tuning.config_dict().get(key)) for key, value in config.items()
@@ -413,7 +447,7 @@ def load_prefix(model, directory):
     if differences:
         raise ValueError(f"the model's {method} differs from the saved one (saved, model): {differences}")
     tensors = load_file(str(directory / WEIGHTS_NAME))
-    parameters = dict(tuning.named_parameters())
+    parameters = {**dict(tuning.named_parameters()), **trainable_module_parameters(model, tuning.trainable_modules)}
     if set(tensors) != set(parameters):
         raise ValueError(f"{directory / WEIGHTS_NAME} does not match: "
                          f"missing {sorted(set(parameters) - set(tensors))}, "

@@ -19,6 +19,7 @@ import contextlib
 import torch
 from torch import nn
 
+from pefops.hf.prefix_tuning import set_trainable_modules
 from pefops.nn.prefix_tuning import PromptEmbedding
 
 ATTRIBUTE = "prompt_tuning"
@@ -32,6 +33,7 @@ class PromptTuning(nn.Module):
         super().__init__()
         self.prompt = prompt
         self.model_type = model_type
+        self.trainable_modules: tuple[str, ...] = ()
         self.enabled = True
         self._hooks: list = []
         self._word_embeddings: list = []  # [the model's input embedding], kept out of the module tree
@@ -42,7 +44,8 @@ class PromptTuning(nn.Module):
 
     def config_dict(self) -> dict:
         return {"method": "prompt_tuning", "model_type": self.model_type,
-                "num_virtual_tokens": self.prompt.num_virtual_tokens, "hidden": self.prompt.hidden}
+                "num_virtual_tokens": self.prompt.num_virtual_tokens, "hidden": self.prompt.hidden,
+                "trainable_modules": list(self.trainable_modules)}
 
     def extra_repr(self) -> str:
         return f"model_type={self.model_type}, enabled={self.enabled}"
@@ -80,9 +83,11 @@ class PromptTuning(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prefill = cache is None or int(cache.get_seq_length()) == 0
         if prefill:  # later steps find the prompt in the cache
+            length = embeds.shape[1]
             embeds = torch.cat([self.prompt(batch).to(embeds.dtype), embeds], dim=1)
             labels = kwargs.get("labels")
-            if labels is not None:
+            # token labels (language modelling) get -100 for the prompt; per-sequence labels stay
+            if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
                 kwargs["labels"] = torch.cat([labels.new_full((batch, count), -100), labels], dim=1)
             token_type_ids = kwargs.get("token_type_ids")
             if token_type_ids is not None:
@@ -100,11 +105,12 @@ class PromptTuning(nn.Module):
 
 
 def apply_prompt_tuning(model, num_virtual_tokens: int, init="random", tokenizer=None, init_std: float = 0.02,
-                        generator=None) -> PromptTuning:
+                        generator=None, trainable_modules=()) -> PromptTuning:
     """Prepend `num_virtual_tokens` trainable input embeddings to every input of a GPT-2, LLaMA, BERT or
     RoBERTa model (T5: to every encoder input); freeze the base. init: "random" (normal, std
     init_std), "vocab" (embeddings of random vocabulary tokens), or a text (its tokens' embeddings,
-    cycled to P; needs tokenizer) or a list of token ids. Returns the PromptTuning module (also
+    cycled to P; needs tokenizer) or a list of token ids. trainable_modules: submodules that train too
+    (a task head; PEFT's modules_to_save), saved by save_prefix. Returns the PromptTuning module (also
     `model.prompt_tuning`)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in MODEL_TYPES:
@@ -120,6 +126,7 @@ def apply_prompt_tuning(model, num_virtual_tokens: int, init="random", tokenizer
     owner._word_embeddings.append(word_embeddings)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    owner.trainable_modules = set_trainable_modules(model, trainable_modules)
     if getattr(model.config, "is_encoder_decoder", False):
         owner.encoder_decoder_hooks(model)
     else:

@@ -426,3 +426,44 @@ def test_gpu_prefix_tuning_fused_path_and_inductor(kind, dtype):
         compiled = output_of(torch.compile(model), inputs)
         eager = output_of(model, inputs)
     assert (compiled - eager).abs().max().item() <= tolerance * max(1.0, eager.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_trainable_modules_train_and_are_saved_with_the_prefix(tmp_path, method):
+    # a task head trains beside the prefix (PEFT's modules_to_save) and comes back with load_prefix
+    def classifier():
+        torch.manual_seed(0)
+        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=64,
+                                         pad_token_id=0, num_labels=3)
+        return transformers.BertForSequenceClassification(config).eval()
+
+    def apply(model):
+        if method == "prefix":
+            return hf.apply_prefix_tuning(model, 3, projection_hidden=12, trainable_modules=["classifier"])
+        return hf.apply_prompt_tuning(model, 3, trainable_modules="classifier")
+
+    model = classifier()
+    tuning = apply(model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert all(name.startswith(("classifier.", "prefix_tuning.", "prompt_tuning.")) for name in trainable)
+    assert tuning.config_dict()["trainable_modules"] == ["classifier"]
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    before = model.classifier.weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(input_ids=ids, labels=torch.tensor([0, 2])).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.classifier.weight, before)
+    hf.save_prefix(model, tmp_path / "task")
+    fresh = classifier()
+    hf.load_prefix(fresh, tmp_path / "task")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+    assert fresh.classifier.weight.requires_grad
+
+
+def test_trainable_modules_errors():
+    model = make_model("bert")
+    with pytest.raises(ValueError, match="no submodule 'head'"):
+        hf.apply_prefix_tuning(model, 3, trainable_modules=["head"])
