@@ -92,7 +92,10 @@ def lsh_sort(offset_buckets: torch.Tensor, num_keys: Optional[int] = None) -> tu
     the counting sort of pefops.ops.counting_sort (csrc) when it can serve them; torch.sort otherwise."""
     if offset_buckets.is_cuda and num_keys is not None and not torch.compiler.is_compiling():
         if not counting_sort.unavailable_reasons(offset_buckets, num_keys):
-            return counting_sort.lsh_counting_sort(offset_buckets.contiguous(), num_keys)
+            try:
+                return counting_sort.lsh_counting_sort(offset_buckets.contiguous(), num_keys)
+            except RuntimeError:
+                pass  # the first JIT build failed (remembered: later calls skip it); torch sorts instead
     sorted_idx = stable_sort_indices(offset_buckets)
     positions = torch.arange(sorted_idx.shape[-1], device=sorted_idx.device).expand_as(sorted_idx)
     undo_idx = torch.empty_like(sorted_idx).scatter_(-1, sorted_idx, positions)
