@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 _TENSOR_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-_FLOAT_SCALARS = {"scale_value", "eps", "negative_slope"}
+_FLOAT_SCALARS = {"scale_value", "eps", "negative_slope", "dropout_p"}
 
 
 def compile_for_target(kernel, dtype: str, constexprs: dict, data_pointers: set, num_warps=4, num_stages=3,

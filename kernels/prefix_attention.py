@@ -20,12 +20,19 @@ the query blocks with the most keys are scheduled first.
 Backward: kernels/prefix_attention_bwd.py (recompute from the lse; dK/dV per key block, the
 prefix's summed over the batch deterministically; dQ per query block).
 
+Dropout (DROPOUT constexpr, dropout_p in [0, 1), an integer seed): the normalised probabilities are
+multiplied by keep / (1 - dropout_p) with keep = tl.rand(seed, counter) >= dropout_p, one Philox
+draw per (batch, query head, query row, key of [prefix ; sequence]) from the single helper
+_dropout_keep, so the backward redraws the forward's mask instead of storing it; the running sum
+l and the lse stay those of the un-dropped softmax. prefix_dropout_keep_mask materialises the mask.
+
 Dot products accumulate in fp32; 16-bit inputs feed the tensor cores in their dtype, fp32 inputs use
 TF32 when torch allows it. The interpreter's bf16 dot is wrong (triton 3.8): it upcasts there.
 D and Dv up to 256 (tiles padded to powers of two, masked).
 
 References: Dao et al., FlashAttention-2 (2023) and the Triton fused-attention tutorial (06) for the
-online softmax and the recompute backward; Li & Liang, Prefix-Tuning (ACL 2021) for the operation.
+online softmax and the recompute backward; Li & Liang, Prefix-Tuning (ACL 2021) for the operation;
+Salmon et al., Parallel Random Numbers: As Easy as 1, 2, 3 (SC 2011) for Philox (tl.rand).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import triton.language as tl
 
 from .bottleneck_adapter import _dot_settings
 
-__all__ = ["MAX_HEAD_DIM", "prefix_attention_forward", "compile_variants"]
+__all__ = ["MAX_HEAD_DIM", "prefix_attention_forward", "prefix_dropout_keep_mask", "compile_variants"]
 
 MAX_HEAD_DIM = 256
 # mask kinds
@@ -73,12 +80,26 @@ def _sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, s
 
 
 @triton.jit
+def _dropout_keep(seed, dropout_p, rows, offs_n, key_shift, key_count):
+    """The dropout keep mask [BM, BN] of one tile, shared by the forward, the backward and the debug
+    launcher so all three draw the same bits: keep = rand(seed, counter) >= dropout_p with the
+    Philox counter ((b * Hq + h) * Sq + query) * (P + Sk) + key, the key index over [prefix ;
+    sequence] (key_shift: 0 for the prefix, P for the sequence). rows [BM] holds (b * Hq + h) * Sq +
+    query as int64, so the counter is int64 (tl.rand feeds its low and high words to Philox): unique
+    and exact up to B * Hq * Sq * (P + Sk) < 2**63, no wrap for any size that fits in memory."""
+    offsets = rows[:, None] * key_count + (key_shift + offs_n)[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
 def _online_softmax_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, n_limit, offs_m, m_valid,
                          offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
+                         seed, dropout_p, rows, key_shift, key_count,
                          IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                          MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-    """One key block of the forward: scores, masks, running max / sum update, acc += p @ v."""
+                         DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the forward: scores, masks, running max / sum update, acc += p @ v (with
+    DROPOUT: the sum l keeps every probability, the accumulator gets p * keep / (1 - dropout_p))."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < n_limit
     k_t = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],  # [BLOCK_D, BLOCK_N]
@@ -101,6 +122,9 @@ def _online_softmax_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    if DROPOUT:
+        keep = _dropout_keep(seed, dropout_p, rows, offs_n, key_shift, key_count)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -139,9 +163,9 @@ def prefix_attention_fwd_kernel(
     stride_pvb, stride_pvh, stride_pvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
-    scale_value,
+    scale_value, dropout_p, seed,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -166,6 +190,7 @@ def prefix_attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     mask_ptr += b * stride_mb + h * stride_mh
     causal_shift = Sk - Sq
+    rows = (b * tl.num_programs(1) + h) * Sq + offs_m  # [BLOCK_M] int64: the dropout counter's row
 
     # the prefix: every slot visible
     pk_base = pk_ptr + b * stride_pkb + g * stride_pkh
@@ -173,8 +198,8 @@ def prefix_attention_fwd_kernel(
     for start_n in range(0, P, BLOCK_N):
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pkn, stride_pvn, start_n, P, offs_m, m_valid, offs_d, d_valid,
-            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
-            False, CAUSAL, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_N)
+            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, rows, 0, P + Sk,
+            False, CAUSAL, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
 
     # the sequence: key blocks every row of this query block sees whole, then (causal) the blocks on
     # the diagonal with the per-element causal test; blocks past the diagonal are skipped
@@ -184,13 +209,13 @@ def prefix_attention_fwd_kernel(
     for start_n in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, Sk, offs_m, m_valid, offs_d, d_valid,
-            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
-            True, False, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_N)
+            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, rows, P, P + Sk,
+            True, False, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
     for start_n in range(full_end, end_n, BLOCK_N):
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, Sk, offs_m, m_valid, offs_d, d_valid,
-            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
-            True, True, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_N)
+            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, rows, P, P + Sk,
+            True, True, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
 
     empty = l_i == 0.0  # no visible key: output 0, lse +inf (backward probabilities 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -204,18 +229,24 @@ def prefix_attention_fwd_kernel(
 
 
 def _tiles(head_dim: int, value_dim: int, fp32: bool, kernel: str, masked: bool = False,
-           mask_rows: bool = False) -> tuple[int, int, int, int]:
+           mask_rows: bool = False, dropout: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head size. Forward: a [BLOCK_M, Dv]
     fp32 accumulator and the q tile stay on chip; dK/dV: two [BLOCK_N, D] fp32 accumulators; dQ: one
     [BLOCK_M, D]. A per-query-row mask tile (mask_rows) or any mask / causal (masked) at the widest
     heads costs registers: narrower key blocks there. fp32 inputs (no tensor-core dot unless TF32)
-    take small tiles, dK/dV without software pipelining. Checked on sm_90 by kernels/compile_check.py:
-    no spills for 16-bit, none or a few bytes for fp32."""
+    take small tiles, dK/dV without software pipelining. Dropout's Philox bits cost registers: at
+    the widest heads the forward takes [32, 32] tiles on 4 warps, dQ at D 128 [64, 16] (the heuristic
+    tiles spilled there, causal with padding). Checked on sm_90 by kernels/compile_check.py: no
+    spills for 16-bit, none or a few bytes for fp32."""
     size = 0 if max(head_dim, value_dim) <= 64 else 1 if max(head_dim, value_dim) <= 128 else 2
     if fp32:
         return {"forward": ((16, 16, 4, 3), (16, 16, 4, 3), (16, 16, 4, 3)),
                 "dkdv": ((32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)),
                 "dq": ((32, 32, 4, 3), (16, 16, 4, 3), (16, 16, 4, 3))}[kernel][size]
+    if dropout and (kernel, size) == ("forward", 2):
+        return (32, 32, 4, 3)
+    if dropout and (kernel, size) == ("dq", 1):
+        return (64, 16, 8, 3)
     if kernel == "forward":
         return ((128, 64, 8, 3), (128, 32 if mask_rows else 64, 8, 3), (64, 16 if masked else 32, 8, 3))[size]
     if kernel == "dkdv":
@@ -263,10 +294,13 @@ def _mask_arguments(mask, dummy):
     return mask, kind, mask.shape[2] != 1, strides
 
 
-def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float):
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float, dropout_p: float = 0.0,
+                             seed: int = 0):
     """q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv], prefix_k / prefix_v [1 or B, Hkv, P, D / Dv],
-    mask None or 4-D broadcastable to [B, Hq, Sq, Sk] (bool or additive). Returns (out [B, Hq, Sq, Dv]
-    in q's dtype, lse [B, Hq, Sq] float32)."""
+    mask None or 4-D broadcastable to [B, Hq, Sq, Sk] (bool or additive). dropout_p > 0: attention
+    probabilities dropped with the keep mask of (seed, dropout_p) (see prefix_dropout_keep_mask), the
+    kept ones scaled by 1 / (1 - dropout_p); lse stays that of the un-dropped softmax. Returns (out
+    [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32)."""
     q, k, v, prefix_k, prefix_v = (_rows(t) for t in (q, k, v, prefix_k, prefix_v))
     batch, q_heads, sq, dim = q.shape
     kv_heads, sk, value_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -278,7 +312,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, sc
     dot_fp32, precision = _dot_settings(q.dtype)
     mask_tensor, mask_kind, mask_rows, mask_strides = _mask_arguments(mask, q)
     block_m, block_n, warps, stages = _tiles(dim, value_dim, q.dtype == torch.float32, "forward",
-                                             causal or mask is not None, mask_rows)
+                                             causal or mask is not None, mask_rows, dropout_p > 0.0)
     grid = (triton.cdiv(sq, block_m), q_heads, batch)
     prefix_attention_fwd_kernel[grid](
         q, k if sk else q, v if sk else q, prefix_k if prefix_len else q, prefix_v if prefix_len else q,
@@ -286,20 +320,58 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, sc
         sq, sk, prefix_len, dim, value_dim, q_heads // kv_heads,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_strides3(prefix_k), *_strides3(prefix_v),
         *mask_strides, *out.stride()[:3],
-        float(scale),
+        float(scale), float(dropout_p), int(seed),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(dim), BLOCK_DV=_block_dim(value_dim),
+        DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(dim),
+        BLOCK_DV=_block_dim(value_dim),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
+@triton.jit
+def prefix_dropout_keep_mask_kernel(
+    keep_ptr,  # [B, Hq, Sq, P + Sk] int8 contiguous
+    Sq, Sk, P, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The dropout keep mask the attention kernels draw, materialised (tests and debugging): the
+    same helper and counters, key index over [prefix ; sequence]. One program per (query block,
+    head, batch row).
+
+    References: Salmon et al., Parallel Random Numbers: As Easy as 1, 2, 3 (SC 2011), Philox."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < Sq
+    rows = (b * tl.num_programs(1) + h) * Sq + offs_m
+    for start_n in range(0, P + Sk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, dropout_p, rows, offs_n, 0, P + Sk)
+        tl.store(keep_ptr + rows[:, None] * (P + Sk) + offs_n[None, :], keep.to(tl.int8),
+                 mask=m_valid[:, None] & (offs_n[None, :] < P + Sk))
+
+
+def prefix_dropout_keep_mask(batch: int, q_heads: int, sq: int, prefix_len: int, sk: int, dropout_p: float, seed: int,
+                             device="cpu") -> torch.Tensor:
+    """The keep mask [B, Hq, Sq, P + Sk] (bool, True = kept) that prefix_attention_forward and the
+    backward apply for (dropout_p, seed): column j < P is prefix slot j, column P + j sequence key j."""
+    keep = torch.zeros((batch, q_heads, sq, prefix_len + sk), dtype=torch.int8, device=device)
+    if keep.numel():
+        prefix_dropout_keep_mask_kernel[(triton.cdiv(sq, 16), q_heads, batch)](
+            keep, sq, sk, prefix_len, float(dropout_p), int(seed), BLOCK_M=16, BLOCK_N=32)
+    return keep.bool()
+
+
 # ------------------------------------------------------------------------ ahead-of-time compile list
 
-# (label, CAUSAL, MASK_KIND, MASK_ROWS): no mask; causal with key padding; a 4-D bool mask; causal with
-# a 4-D additive mask
-MASK_VARIANTS = (("nomask", False, NO_MASK, False), ("causal-padding", True, BOOL_MASK, False),
-                 ("bool4d", False, BOOL_MASK, True), ("causal-additive4d", True, ADDITIVE_MASK, True))
+# (label, CAUSAL, MASK_KIND, MASK_ROWS, DROPOUT): no mask; causal with key padding; a 4-D bool mask;
+# causal with a 4-D additive mask; with dropout (training): causal with key padding (GPT-2) and key
+# padding alone (BERT)
+MASK_VARIANTS = (("nomask", False, NO_MASK, False, False), ("causal-padding", True, BOOL_MASK, False, False),
+                 ("bool4d", False, BOOL_MASK, True, False), ("causal-additive4d", True, ADDITIVE_MASK, True, False),
+                 ("causal-padding-dropout", True, BOOL_MASK, False, True),
+                 ("padding-dropout", False, BOOL_MASK, False, True))
 DATA_POINTERS = ("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "out_ptr", "dout_ptr", "dq_ptr")
 
 
@@ -317,25 +389,26 @@ def compile_variants():
     for dtype in ("bfloat16", "float16", "float32"):
         fp32 = dtype == "float32"
         for head_dim in (64, 128, 256):
-            for label, causal, mask_kind, mask_rows in MASK_VARIANTS:
+            for label, causal, mask_kind, mask_rows, dropout in MASK_VARIANTS:
                 common = dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=fp32,
-                              DOT_PRECISION="ieee", BLOCK_D=head_dim, BLOCK_DV=head_dim)
+                              DOT_PRECISION="ieee", DROPOUT=dropout, BLOCK_D=head_dim, BLOCK_DV=head_dim)
                 block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "forward",
-                                                         causal or mask_kind != NO_MASK, mask_rows)
+                                                         causal or mask_kind != NO_MASK, mask_rows, dropout)
                 yield (f"fwd-{dtype}-d{head_dim}-{label}", prefix_attention_fwd_kernel, dtype,
                        dict(common, BLOCK_M=block_m, BLOCK_N=block_n), DATA_POINTERS, warps, stages)
                 block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dkdv")
                 yield (f"bwd-dkdv-{dtype}-d{head_dim}-{label}", prefix_attention_bwd_dkdv_kernel, dtype,
                        dict(common, IS_SEQUENCE=True, BLOCK_M=block_m, BLOCK_N=block_n),
                        DATA_POINTERS + ("dk_ptr", "dv_ptr"), warps, stages)
-                block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dq")
+                block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dq", dropout=dropout)
                 yield (f"bwd-dq-{dtype}-d{head_dim}-{label}", prefix_attention_bwd_dq_kernel, dtype,
                        dict(common, BLOCK_M=block_m, BLOCK_N=block_n), DATA_POINTERS, warps, stages)
             # dK/dV over the prefix: no masks, fp32 partial outputs
             block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dkdv")
             yield (f"bwd-dkdv-prefix-{dtype}-d{head_dim}", prefix_attention_bwd_dkdv_kernel, dtype,
                    dict(CAUSAL=True, MASK_KIND=BOOL_MASK, MASK_ROWS=False, DOT_FP32=fp32, DOT_PRECISION="ieee",
-                        BLOCK_D=head_dim, BLOCK_DV=head_dim, IS_SEQUENCE=False, BLOCK_M=block_m, BLOCK_N=block_n),
+                        DROPOUT=False, BLOCK_D=head_dim, BLOCK_DV=head_dim, IS_SEQUENCE=False, BLOCK_M=block_m,
+                        BLOCK_N=block_n),
                    DATA_POINTERS, warps, stages)
         yield (f"bwd-delta-{dtype}", prefix_attention_bwd_delta_kernel, dtype,
                dict(BLOCK_M=64, BLOCK_DV=64), ("out_ptr", "dout_ptr"), DELTA_WARPS, 1)

@@ -4,6 +4,10 @@ mask helpers and the tile table), with recompute: no [Sq, P + Sk] matrix in memo
     delta = rowsum(dO * O)                                  (fp32, one program per query block)
     p = exp2(s - lse), dV += p^T dO, dS = p * (dO V^T - delta), dK += s dS^T Q, dQ += s dS K
 
+With dropout (z = keep / (1 - dropout_p), the forward's mask redrawn by the shared helper
+_dropout_keep from the same seed and counters, O the dropped output):
+    dV += (p z)^T dO, dS = p * (z dO V^T - delta), delta = rowsum(dO * O) as before
+
 dK/dV: one program per (key block, kv head, batch row), looping over the query heads of its group
 and over the query blocks (causal: from the first block that sees the keys; blocks that see them
 whole skip the per-element test). Run once over the sequence (writing dk, dv in the input dtype)
@@ -25,6 +29,7 @@ from .prefix_attention import (
     DELTA_WARPS,
     _block_dim,
     _causal_key_range,
+    _dropout_keep,
     _mask_arguments,
     _rows,
     _sequence_scores,
@@ -79,9 +84,11 @@ def _probabilities(q, k_t, offs_m, offs_n, m_valid, n_valid, lse_log2, qk_scale,
 @triton.jit
 def _dkdv_step(dk, dv, k_t, v_t, q_base, dout_ptr, lse_ptr, delta_ptr, row_base, m0, Sq, Dv, stride_qm, offs_n,
                n_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
+               seed, dropout_p, key_shift, key_count,
                IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
-               DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One query block of dK/dV: dv += p^T dO, dk += (p * (dO v^T - delta))^T q (scaled by the caller)."""
+               DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query block of dK/dV: dv += p^T dO, dk += (p * (dO v^T - delta))^T q (scaled by the caller);
+    with DROPOUT the dropped, rescaled p in dv and the same mask on dO v^T."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_valid = offs_m < Sq
     q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],  # [BLOCK_M, BLOCK_D]
@@ -96,8 +103,14 @@ def _dkdv_step(dk, dv, k_t, v_t, q_base, dout_ptr, lse_ptr, delta_ptr, row_base,
     delta = tl.load(delta_ptr + row_base + offs_m, mask=m_valid, other=0.0)
     p = _probabilities(q, k_t, offs_m, offs_n, m_valid, n_valid, lse_log2, qk_scale, mask_ptr, stride_mm, stride_mn,
                        causal_shift, IS_SEQUENCE, CAUSAL, MASK_KIND, MASK_ROWS, DOT_PRECISION)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
-    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, dropout_p, row_base + offs_m, offs_n, key_shift, key_count)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+        dv = tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+        dp = tl.where(keep, tl.dot(do, v_t, input_precision=DOT_PRECISION) * keep_scale, 0.0)
+    else:
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -114,14 +127,14 @@ def prefix_attention_bwd_dkdv_kernel(
     delta_ptr,  # [B, Hq, Sq] float32
     dk_ptr,  # [B, Hkv, N, D] contiguous: the sequence's dk, or per-row fp32 partials of the prefix's
     dv_ptr,  # [B, Hkv, N, Dv] contiguous
-    Sq, Sk, N, D, Dv, GROUP,
+    Sq, Sk, N, D, Dv, GROUP, P,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    scale_value,
+    scale_value, dropout_p, seed,
     IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -146,6 +159,7 @@ def prefix_attention_bwd_dkdv_kernel(
     causal_shift = Sk - Sq
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    key_shift = P if IS_SEQUENCE else 0  # the dropout counter's key index runs over [prefix ; sequence]
     start_m = 0
     full_start = 0
     if IS_SEQUENCE and CAUSAL:
@@ -162,13 +176,13 @@ def prefix_attention_bwd_dkdv_kernel(
         for m0 in range(start_m, tl.minimum(full_start, Sq), BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k_t, v_t, q_base, dout_ptr, lse_ptr, delta_ptr, row_base, m0, Sq, Dv,
                                 stride_qm, offs_n, n_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale,
-                                head_mask_ptr, stride_mm, stride_mn, causal_shift, IS_SEQUENCE, True, MASK_KIND,
-                                MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_M)
+                                head_mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, key_shift, P + Sk,
+                                IS_SEQUENCE, True, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_M)
         for m0 in range(full_start, Sq, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k_t, v_t, q_base, dout_ptr, lse_ptr, delta_ptr, row_base, m0, Sq, Dv,
                                 stride_qm, offs_n, n_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale,
-                                head_mask_ptr, stride_mm, stride_mn, causal_shift, IS_SEQUENCE, False, MASK_KIND,
-                                MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_M)
+                                head_mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, key_shift, P + Sk,
+                                IS_SEQUENCE, False, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_M)
     dk = dk * scale_value
     out_rows = ((b * kv_heads + g) * N + offs_n[:, None]).to(tl.int64)
     tl.store(dk_ptr + out_rows * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -180,9 +194,10 @@ def prefix_attention_bwd_dkdv_kernel(
 @triton.jit
 def _dq_step(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, start_n, n_limit, offs_m, m_valid,
              offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
+             seed, dropout_p, rows, key_shift, key_count,
              IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
-             DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key block of dQ: dq += (p * (dO v^T - delta)) @ k."""
+             DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of dQ: dq += (p * (dO v^T - delta)) @ k (DROPOUT: dO v^T masked and rescaled)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < n_limit
     k_t = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],  # [BLOCK_D, BLOCK_N]
@@ -195,6 +210,9 @@ def _dq_step(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, s
     p = _probabilities(q, k_t, offs_m, offs_n, m_valid, n_valid, lse_log2, qk_scale, mask_ptr, stride_mm, stride_mn,
                        causal_shift, IS_SEQUENCE, CAUSAL, MASK_KIND, MASK_ROWS, DOT_PRECISION)
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, dropout_p, rows, offs_n, key_shift, key_count)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
 
@@ -218,9 +236,9 @@ def prefix_attention_bwd_dq_kernel(
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    scale_value,
+    scale_value, dropout_p, seed,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -249,23 +267,27 @@ def prefix_attention_bwd_dq_kernel(
     mask_ptr += b * stride_mb + h * stride_mh
     causal_shift = Sk - Sq
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    rows = row_base + offs_m  # [BLOCK_M] int64: the dropout counter's row
     pk_base = pk_ptr + b * stride_pkb + g * stride_pkh
     pv_base = pv_ptr + b * stride_pvb + g * stride_pvh
     for start_n in range(0, P, BLOCK_N):
         dq = _dq_step(dq, q, do, lse_log2, delta, pk_base, pv_base, stride_pkn, stride_pvn, start_n, P, offs_m,
                       m_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn,
-                      causal_shift, False, CAUSAL, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_N)
+                      causal_shift, seed, dropout_p, rows, 0, P + Sk, False, CAUSAL, MASK_KIND, MASK_ROWS, DOT_FP32,
+                      DOT_PRECISION, DROPOUT, BLOCK_N)
     full_end, end_n = _causal_key_range(pid_m, Sk, causal_shift, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = k_ptr + b * stride_kb + g * stride_kh
     v_base = v_ptr + b * stride_vb + g * stride_vh
     for start_n in range(0, full_end, BLOCK_N):
         dq = _dq_step(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, start_n, Sk, offs_m,
                       m_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn,
-                      causal_shift, True, False, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_N)
+                      causal_shift, seed, dropout_p, rows, P, P + Sk, True, False, MASK_KIND, MASK_ROWS, DOT_FP32,
+                      DOT_PRECISION, DROPOUT, BLOCK_N)
     for start_n in range(full_end, end_n, BLOCK_N):
         dq = _dq_step(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, start_n, Sk, offs_m,
                       m_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn,
-                      causal_shift, True, True, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, BLOCK_N)
+                      causal_shift, seed, dropout_p, rows, P, P + Sk, True, True, MASK_KIND, MASK_ROWS, DOT_FP32,
+                      DOT_PRECISION, DROPOUT, BLOCK_N)
     dq = dq * scale_value
     tl.store(dq_ptr + (row_base + offs_m[:, None]).to(tl.int64) * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=m_valid[:, None] & d_valid[None, :])
@@ -275,8 +297,9 @@ def prefix_attention_bwd_dq_kernel(
 
 
 def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal: bool, scale: float,
-                              need=None):
-    """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of prefix_attention_forward, shapes and dtypes
+                              need=None, dropout_p: float = 0.0, seed: int = 0):
+    """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of prefix_attention_forward (with the forward's
+    dropout_p and seed, so the same keep mask is redrawn), shapes and dtypes
     of the inputs (a shared prefix's gradient summed over the batch in fp32). need: {"q", "k", "v",
     "prefix_k", "prefix_v"} -> bool (default all); a kernel none of whose gradients is needed is not
     launched and its gradients come back as None."""
@@ -311,7 +334,8 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, 
         fp32 = q.dtype == torch.float32
         mask_tensor, mask_kind, mask_rows, mask_strides = _mask_arguments(mask, q)
         common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=dot_fp32,
-                      DOT_PRECISION=precision, BLOCK_D=_block_dim(dim), BLOCK_DV=_block_dim(value_dim))
+                      DOT_PRECISION=precision, DROPOUT=dropout_p > 0.0, BLOCK_D=_block_dim(dim),
+                      BLOCK_DV=_block_dim(value_dim))
         sizes = (sq, sk)
         block_m, block_n, warps, stages = _tiles(dim, value_dim, fp32, "dkdv")
         sources = [(k, v, dk, dv, sk, True, need_sequence),
@@ -323,20 +347,20 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, 
             value_strides = values.stride()[:3] if is_sequence else _strides3(values)
             prefix_attention_bwd_dkdv_kernel[(triton.cdiv(length, block_n), kv_heads, batch)](
                 q, keys, values, mask_tensor, grad_out, lse, delta, d_keys, d_values,
-                *sizes, length, dim, value_dim, q_heads // kv_heads,
+                *sizes, length, dim, value_dim, q_heads // kv_heads, prefix_len,
                 *q.stride()[:3], *key_strides, *value_strides, *mask_strides,
-                float(scale), IS_SEQUENCE=is_sequence, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                num_stages=stages, **common,
+                float(scale), float(dropout_p), int(seed), IS_SEQUENCE=is_sequence, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=warps, num_stages=stages, **common,
             )
         if need["q"]:
-            block_m, block_n, warps, stages = _tiles(dim, value_dim, fp32, "dq")
+            block_m, block_n, warps, stages = _tiles(dim, value_dim, fp32, "dq", dropout=dropout_p > 0.0)
             prefix_attention_bwd_dq_kernel[(triton.cdiv(sq, block_m), q_heads, batch)](
                 q, k if sk else q, v if sk else q, prefix_k if prefix_len else q, prefix_v if prefix_len else q,
                 mask_tensor, grad_out, lse, delta, dq,
                 *sizes, prefix_len, dim, value_dim, q_heads // kv_heads,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_strides3(prefix_k), *_strides3(prefix_v),
-                *mask_strides, float(scale), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                num_stages=stages, **common,
+                *mask_strides, float(scale), float(dropout_p), int(seed), BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=warps, num_stages=stages, **common,
             )
     if need_prefix:
         if prefix_k.shape[0] != batch:  # shared by the batch: fixed-order sum over the rows

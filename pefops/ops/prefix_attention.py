@@ -24,11 +24,15 @@ the op's output shapes never depend on the backend); the backward is a custom op
 
 Backends:
   torch   scaled_dot_product_attention over [expanded prefix ; k] with the mask extended by visible
-          columns, in fp32 (fp64 for fp64 inputs): the CPU path, the oracle `prefix_attention_ref`,
-          and the only path with dropout (dropout_p > 0 always runs it under plain autograd). The
-          custom op's backward is the explicit softmax backward over the concatenated keys.
+          columns, in fp32 (fp64 for fp64 inputs): the CPU path and the oracle `prefix_attention_ref`.
+          Its dropout is SDPA's own, so with dropout_p > 0 it runs under plain autograd (its backward
+          could not redraw SDPA's mask). The custom op's backward is the explicit softmax backward
+          over the concatenated keys.
   triton  flash-attention-style kernels (kernels/prefix_attention.py) reading the two KV sources in
           place: no concatenation, no expansion over the batch or the query heads of a group.
+          Dropout in the kernels: a Philox keep mask from a seed the op draws from torch's default
+          generator (torch.manual_seed makes runs reproducible), redrawn by the backward from the
+          same seed, so no mask is stored.
 """
 
 from __future__ import annotations
@@ -113,6 +117,25 @@ def _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale, dropout_p=0
                                              scale=scale)
     # contiguous: the fake implementation promises it (inductor checks strides; SDPA may return another layout)
     return out.to(q.dtype).contiguous(), q.new_zeros((batch, q_heads, sq), dtype=torch.float32)
+
+
+def _torch_op_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale, dropout_p, seed):
+    """The torch backend of the forward custom op: no dropout there (see _refuse_torch_dropout)."""
+    _refuse_torch_dropout(dropout_p)
+    return _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale)
+
+
+def _torch_op_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal, scale, dropout_p, seed,
+                       grad_mask):
+    _refuse_torch_dropout(dropout_p)
+    return _torch_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal, scale, grad_mask)
+
+
+def _refuse_torch_dropout(dropout_p):
+    if dropout_p > 0.0:
+        raise ValueError(f"the torch backend of pefops::prefix_attention_fwd/bwd takes no dropout (got dropout_p="
+                         f"{dropout_p}): its backward cannot redraw SDPA's dropout mask; prefix_attention runs the "
+                         "torch backend's dropout under plain autograd instead")
 
 
 def _torch_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal, scale, grad_mask):
@@ -287,8 +310,6 @@ def _triton_limits(problem: backends.Problem) -> list[str]:
         size = problem.sizes.get(name, 0)
         if size > MAX_TRITON_HEAD_DIM:
             reasons.append(f"{name} {size} exceeds the Triton kernel's limit of {MAX_TRITON_HEAD_DIM}")
-    if problem.sizes.get("dropout", 0):
-        reasons.append("dropout_p > 0 runs on the torch backend only")
     return reasons
 
 
@@ -298,14 +319,17 @@ def _triton_limits(problem: backends.Problem) -> list[str]:
 @torch.library.custom_op("pefops::prefix_attention_fwd", mutates_args=())
 def _prefix_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-    mask: Optional[torch.Tensor], causal: bool, scale: float, backend: str,
+    mask: Optional[torch.Tensor], causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor],
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # seed: None without dropout, else an int64 CPU tensor [1] (a tensor, not an int, so torch.compile
+    # traces its drawing instead of breaking the graph on .item())
     implementation = backends.select(OP, _problem(q, v, "forward"), backend or None)
-    return implementation.functions["forward"](q, k, v, prefix_k, prefix_v, mask, causal, scale)
+    return implementation.functions["forward"](q, k, v, prefix_k, prefix_v, mask, causal, scale, dropout_p, seed)
 
 
 @_prefix_attention_fwd.register_fake
-def _(q, k, v, prefix_k, prefix_v, mask, causal, scale, backend):
+def _(q, k, v, prefix_k, prefix_v, mask, causal, scale, dropout_p, seed, backend):
     batch, q_heads, sq, _ = q.shape
     out = q.new_empty((batch, q_heads, sq, v.shape[-1]))
     return out, q.new_empty((batch, q_heads, sq), dtype=torch.float32)
@@ -315,11 +339,11 @@ def _(q, k, v, prefix_k, prefix_v, mask, causal, scale, backend):
 def _prefix_attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
     prefix_v: torch.Tensor, mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool,
-    scale: float, grad_mask: Sequence[bool], backend: str,
+    scale: float, dropout_p: float, seed: Optional[torch.Tensor], grad_mask: Sequence[bool], backend: str,
 ) -> list[torch.Tensor]:
     implementation = backends.select(OP, _problem(q, v, "backward"), backend or None)
     grads = implementation.functions["backward"](grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal,
-                                                 scale, list(grad_mask))
+                                                 scale, dropout_p, seed, list(grad_mask))
     # custom ops return tensors only: an empty tensor stands for "not needed"
     inputs = (q, k, v, prefix_k, prefix_v)
     return [grad.to(reference.dtype).reshape(reference.shape) if needed else q.new_empty(0)
@@ -327,29 +351,29 @@ def _prefix_attention_bwd(
 
 
 @_prefix_attention_bwd.register_fake
-def _(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal, scale, grad_mask, backend):
+def _(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal, scale, dropout_p, seed, grad_mask, backend):
     inputs = (q, k, v, prefix_k, prefix_v)
     return [reference.new_empty(reference.shape) if needed else q.new_empty(0)
             for needed, reference in zip(grad_mask, inputs)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, mask, causal, scale, backend = inputs
+    q, k, v, prefix_k, prefix_v, mask, causal, scale, dropout_p, seed, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, out, lse)
-    ctx.config = (causal, scale, backend)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, mask, out, lse, seed)
+    ctx.config = (causal, scale, dropout_p, backend)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, prefix_k, prefix_v, mask, out, lse = ctx.saved_tensors
-    causal, scale, backend = ctx.config
+    q, k, v, prefix_k, prefix_v, mask, out, lse, seed = ctx.saved_tensors
+    causal, scale, dropout_p, backend = ctx.config
     grad_mask = list(ctx.needs_input_grad[:5])
     grads = [None] * 5
     if any(grad_mask):
         outputs = _prefix_attention_bwd(grad_out.contiguous(), q, k, v, prefix_k, prefix_v, mask, out, lse, causal,
-                                        scale, grad_mask, backend)
+                                        scale, dropout_p, seed, grad_mask, backend)
         grads = [grad if needed else None for grad, needed in zip(outputs, grad_mask)]
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -366,46 +390,61 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attention_mask=None, causal
     or [B, Hkv, P, D] (per row), prefix_v likewise with Dv (None for both: P = 0). Hq must be a multiple
     of Hkv (query head h uses kv head h // (Hq // Hkv)). attention_mask (sequence keys only): [B, Sk]
     key padding (bool or 0/1), or a bool / float additive mask broadcastable to [B, Hq, Sq, Sk].
-    causal: bottom-right aligned, the prefix always visible. scale: default 1/sqrt(D). dropout_p > 0
-    runs the torch path. backend: None/"auto", "triton" or "torch" (PEFOPS_BACKEND sets the default).
+    causal: bottom-right aligned, the prefix always visible. scale: default 1/sqrt(D). dropout_p: the
+    attention probabilities' dropout (pass 0 outside training), its mask drawn from torch's default
+    generator (the Triton kernels' Philox seed, or SDPA's dropout on the torch backend).
+    backend: None/"auto", "triton" or "torch" (PEFOPS_BACKEND sets the default).
     Returns [B, Hq, Sq, Dv] in q's dtype.
     """
     q, k, v, prefix_k, prefix_v, mask, scale = _normalise(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale,
                                                           dropout_p)
     forced = backends.forced_backend(backend)  # rejects a misspelt backend before any work
-    dropout = dropout_p > 0.0
-    if dropout:
-        # dropout's random mask cannot be recomputed by a backward op: the reference under autograd
-        # serves it (a forced backend must be able to, else select raises with the reason)
-        backends.select(OP, _problem(q, v, "forward", dropout=True), backend)
-        return _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale, float(dropout_p))[0]
+    if dropout_p > 0.0:
+        implementation = backends.select(OP, _problem(q, v, "forward", dropout=True), backend)
+        if implementation.backend == "torch":
+            # SDPA's dropout mask cannot be redrawn by a backward op: the reference under autograd serves it
+            return _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale, float(dropout_p))[0]
+        # the kernels redraw their mask from this seed in the backward; drawn from torch's default CPU
+        # generator, so torch.manual_seed makes a run reproducible
+        seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
+        return _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale, float(dropout_p), seed,
+                                     implementation.backend)[0]
     if forced is None and not backends.compiling():
         if backends.select(OP, _problem(q, v, "forward")).backend == "torch":
             # Eager calls the torch backend serves run the differentiable reference directly under
             # autograd (no custom-op dispatch, no recomputation in backward). Compiled graphs and
             # forced backends go through the custom op.
             return _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale)[0]
-    return _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale, backend or "")[0]
+    return _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale, 0.0, None, backend or "")[0]
 
 
 # ------------------------------------------------------------------------------------ backends
 
 
-def _triton_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale):
+def _seed_value(dropout_p, seed) -> int:
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("dropout_p > 0 needs a seed tensor (int64 [1]) for the Triton kernels' dropout mask")
+    return int(seed.item()) if dropout_p > 0.0 else 0
+
+
+def _triton_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale, dropout_p, seed):
     kernels = backends.import_kernels("prefix_attention")
-    return kernels.prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale)
+    return kernels.prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale, dropout_p,
+                                            _seed_value(dropout_p, seed))
 
 
-def _triton_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal, scale, grad_mask):
+def _triton_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal, scale, dropout_p, seed,
+                     grad_mask):
     kernels = backends.import_kernels("prefix_attention_bwd")
     grads = kernels.prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal, scale,
-                                              need=dict(zip(GRAD_NAMES, grad_mask)))
+                                              need=dict(zip(GRAD_NAMES, grad_mask)), dropout_p=dropout_p,
+                                              seed=_seed_value(dropout_p, seed))
     return tuple(grad if needed else None for grad, needed in zip(grads, grad_mask))
 
 
 backends.register(backends.Implementation(
     op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
-    functions={"forward": _torch_forward, "backward": _torch_backward},
+    functions={"forward": _torch_op_forward, "backward": _torch_op_backward},
 ))
 backends.register(backends.Implementation(
     op=OP, backend="triton", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=True,

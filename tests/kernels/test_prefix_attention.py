@@ -12,7 +12,7 @@ import torch
 
 from pefops import backend as backends
 from pefops.ops import prefix_attention, prefix_attention_ref
-from tests.ops.test_prefix_attention import MASKS, PrefixCase, check_against_naive, make_inputs
+from tests.ops.test_prefix_attention import MASKS, PrefixCase, check_against_naive, make_inputs, naive_prefix_attention
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.triton
@@ -128,6 +128,142 @@ def test_compile_variants_cover_every_kernel():
                      "prefix_attention_bwd_dkdv_kernel", "prefix_attention_bwd_dq_kernel"}
 
 
+# ------------------------------------------------------------------------------------ dropout
+
+SEED_RANGE = 2**31 - 1  # the op draws torch.randint(SEED_RANGE, (1,)) from torch's default generator
+
+
+def keep_mask(c: PrefixCase, dropout_p, seed):
+    kernels = importlib.import_module("pefops.kernels.prefix_attention")
+    return kernels.prefix_dropout_keep_mask(c.batch, c.q_heads, c.sq, c.prefix, c.sk, dropout_p, seed, device=DEVICE)
+
+
+def check_dropout_against_naive(c: PrefixCase, dropout_p=0.3, torch_seed=11):
+    """Output and every gradient with dropout against the float64 definition under the kernels' own
+    keep mask (materialised by prefix_dropout_keep_mask from the seed the op draws)."""
+    inputs = make_inputs(c)
+    mask = inputs[5]
+    torch.manual_seed(torch_seed)
+    out = prefix_attention(*inputs[:5], attention_mask=mask, causal=c.causal, dropout_p=dropout_p, backend="triton")
+    torch.manual_seed(torch_seed)
+    seed = int(torch.randint(SEED_RANGE, (1,), dtype=torch.int64).item())
+    keep = keep_mask(c, dropout_p, seed)
+    dropped = keep.numel() - keep.sum().item()
+    assert 0 < dropped < keep.numel(), "the case must drop some probabilities and keep others"
+    exact = [t.detach().to(torch.float64).requires_grad_() for t in inputs[:5]]
+    expected = naive_prefix_attention(*exact, mask=mask, causal=c.causal, dropout_keep=keep.cpu(),
+                                      dropout_p=dropout_p)
+    assert_close(out, expected, c.dtype, "out")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(c.dtype).to(DEVICE)
+    out.backward(grad_out)
+    expected.backward(grad_out.to(torch.float64).cpu())
+    for name, tensor, reference in zip(("q", "k", "v", "prefix_k", "prefix_v"), inputs[:5], exact):
+        assert_close(tensor.grad, reference.grad, c.dtype, f"grad {name}")
+    # the reference without the mask differs: the mask really was applied
+    plain = naive_prefix_attention(*exact, mask=mask, causal=c.causal)
+    assert not torch.allclose(out.detach().double().cpu(), plain.detach(), atol=1e-3)
+
+
+@pytest.mark.parametrize("c", [
+    case(2, 4, 2, 7, 9, 5, 16, causal=True, mask="pad_bool"),  # GQA, causal, key padding, shared prefix
+    case(2, 2, 2, 5, 11, 3, 24, value_dim=16, per_row=True, mask="bool4"),  # per-row prefix, 4-D mask
+    case(2, 2, 1, 6, 8, 3, 16, mask="add_min", empty_row=True, causal=True),  # additive, rows with prefix only
+    case(1, 2, 2, 4, 0, 6, 16),  # prefix only
+], ids=str)
+def test_dropout_matches_reference_with_the_kernels_mask(c):
+    check_dropout_against_naive(c)
+
+
+def test_dropout_with_many_small_blocks(monkeypatch):
+    # several prefix / sequence / query blocks per program: the counters of every tile line up
+    for module in ("prefix_attention", "prefix_attention_bwd"):
+        monkeypatch.setattr(backends.import_kernels(module), "_tiles", lambda *args, **kwargs: (16, 16, 4, 1))
+    check_dropout_against_naive(case(1, 2, 1, 21, 19, 17, 16, causal=True, mask="pad_bool"), dropout_p=0.2)
+
+
+def test_dropout_seed_reproducible_and_varies():
+    c = case(2, 2, 1, 5, 7, 3, 16, causal=True)
+    inputs = make_inputs(c, requires_grad=False)[:5]
+
+    def run(torch_seed):
+        torch.manual_seed(torch_seed)
+        return prefix_attention(*inputs, causal=True, dropout_p=0.4, backend="triton")
+
+    first, again, other = run(1), run(1), run(2)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    # two calls in one run draw different seeds, hence different masks
+    torch.manual_seed(1)
+    one = prefix_attention(*inputs, causal=True, dropout_p=0.4, backend="triton")
+    two = prefix_attention(*inputs, causal=True, dropout_p=0.4, backend="triton")
+    assert torch.equal(one, first) and not torch.allclose(one, two)
+
+
+def test_dropout_keep_fraction_and_counters():
+    c = case(2, 3, 1, 32, 48, 16, 16)
+    dropout_p = 0.25
+    keep = keep_mask(c, dropout_p, seed=12345).cpu()
+    assert keep.shape == (2, 3, 32, 64)
+    # 12288 Bernoulli draws: the kept fraction within 5 standard deviations (0.0039) of 1 - p, in the
+    # prefix columns and the sequence columns alike
+    for part in (keep, keep[..., :16], keep[..., 16:]):
+        deviation = (dropout_p * (1 - dropout_p) / part.numel()) ** 0.5
+        assert abs(part.double().mean().item() - (1 - dropout_p)) < 5 * deviation
+    # every (batch, head, row) slice draws its own bits
+    rows = keep.reshape(-1, 64)
+    assert torch.unique(rows, dim=0).shape[0] == rows.shape[0]
+    # the seed changes the mask, a same seed repeats it
+    assert torch.equal(keep, keep_mask(c, dropout_p, seed=12345).cpu())
+    assert not torch.equal(keep, keep_mask(c, dropout_p, seed=12346).cpu())
+
+
+def test_dropout_zero_is_the_plain_path():
+    c = case(2, 2, 1, 5, 7, 3, 16, mask="pad_bool", causal=True)
+    inputs = make_inputs(c)
+    plain = prefix_attention(*inputs[:5], attention_mask=inputs[5], causal=True, backend="triton")
+    plain.sum().backward()
+    plain_grads = [t.grad.clone() for t in inputs[:5]]
+    for t in inputs[:5]:
+        t.grad = None
+    zero = prefix_attention(*inputs[:5], attention_mask=inputs[5], causal=True, dropout_p=0.0, backend="triton")
+    zero.sum().backward()
+    assert torch.equal(plain, zero)
+    for t, expected in zip(inputs[:5], plain_grads):
+        assert torch.equal(t.grad, expected)
+
+
+def test_dropout_custom_op_contract():
+    c = case(1, 2, 1, 3, 4, 2, 16, mask="bool4")
+    q, k, v, prefix_k, prefix_v, mask = make_inputs(c)
+    args = (q, k, v, prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), mask, False, 0.25, 0.3, torch.tensor([77]),
+            "triton")
+    torch.library.opcheck(torch.ops.pefops.prefix_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_dropout_under_torch_compile_fullgraph():
+    # the seed is a tensor drawn inside the graph: no .item() graph break, same draw as eager
+    c = case(2, 2, 1, 5, 7, 3, 16, mask="pad_bool", causal=True)
+    inputs = make_inputs(c)
+
+    def step(q, k, v, prefix_k, prefix_v):
+        return prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask=inputs[5], causal=True, dropout_p=0.3,
+                                backend="triton")
+
+    torch.manual_seed(3)
+    eager = step(*inputs[:5])
+    eager.sum().backward()
+    eager_grads = [t.grad.clone() for t in inputs[:5]]
+    for t in inputs[:5]:
+        t.grad = None
+    torch.manual_seed(3)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*inputs[:5])
+    compiled.sum().backward()
+    assert torch.equal(compiled, eager)
+    for name, tensor, expected in zip(("q", "k", "v", "prefix_k", "prefix_v"), inputs[:5], eager_grads):
+        assert_close(tensor.grad, expected, torch.float32, f"compiled grad {name}")
+
+
 # ------------------------------------------------------------------------------------ gpu tier
 
 
@@ -159,6 +295,42 @@ def check_reference(c: PrefixCase):
     assert_close(out, expected, c.dtype, "out", tolerance=tolerance)
     for name, tensor, reference in zip(("q", "k", "v", "prefix_k", "prefix_v"), inputs[:5], exact):
         # gradients sum over many rows (the prefix over the whole batch): relative to their scale
+        assert_close(tensor.grad, reference.grad, c.dtype, f"grad {name}", tolerance=2 * tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [
+    PrefixCase(2, 12, 12, 512, 512, 20, 64, dtype=torch.bfloat16, causal=True, mask="pad_bool", device="cuda"),
+    PrefixCase(2, 8, 2, 300, 300, 30, 128, dtype=torch.float16, mask="pad_bool", device="cuda"),
+    PrefixCase(1, 4, 4, 200, 200, 10, 256, dtype=torch.bfloat16, causal=True, mask="pad_bool", device="cuda"),
+], ids=str)
+def test_gpu_dropout_real_sizes(c):
+    """Dropout at real sizes against an fp32 formula under the kernels' own keep mask: the dropout
+    tiles (widest heads) and the counters of many blocks."""
+    dropout_p = 0.1
+    inputs = make_inputs(c)
+    mask = inputs[5]
+    torch.manual_seed(0)
+    out = prefix_attention(*inputs[:5], attention_mask=mask, causal=c.causal, dropout_p=dropout_p, backend="triton")
+    torch.manual_seed(0)
+    keep = keep_mask(c, dropout_p, int(torch.randint(SEED_RANGE, (1,), dtype=torch.int64).item()))
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    q, k, v, prefix_k, prefix_v = exact = [t.detach().float().requires_grad_() for t in inputs[:5]]
+    group = c.q_heads // c.kv_heads
+    keys = torch.cat([prefix_k.expand(c.batch, -1, -1, -1), k], 2).repeat_interleave(group, 1)
+    values = torch.cat([prefix_v.expand(c.batch, -1, -1, -1), v], 2).repeat_interleave(group, 1)
+    scores = q @ keys.transpose(-1, -2) / c.dim ** 0.5
+    visible = torch.ones(c.batch, 1, c.sq, c.prefix + c.sk, dtype=torch.bool, device="cuda")
+    visible[..., c.prefix:] &= mask[:, None, None, :]
+    if c.causal:
+        visible[..., c.prefix:] &= torch.ones(c.sq, c.sk, dtype=torch.bool, device="cuda").tril(c.sk - c.sq)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    expected = (probs * keep / (1 - dropout_p)) @ values
+    expected.backward(grad_out.float())
+    tolerance = {torch.float16: 4e-3, torch.bfloat16: 2e-2}[c.dtype]
+    assert_close(out, expected, c.dtype, "out", tolerance=tolerance)
+    for name, tensor, reference in zip(("q", "k", "v", "prefix_k", "prefix_v"), inputs[:5], exact):
         assert_close(tensor.grad, reference.grad, c.dtype, f"grad {name}", tolerance=2 * tolerance)
 
 

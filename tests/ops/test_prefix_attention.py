@@ -86,10 +86,12 @@ def make_inputs(case: PrefixCase, seed=0, requires_grad=True):
     return q, k, v, prefix_k, prefix_v, make_mask(case, generator)
 
 
-def naive_prefix_attention(q, k, v, prefix_k, prefix_v, mask=None, causal=False, scale=None):
+def naive_prefix_attention(q, k, v, prefix_k, prefix_v, mask=None, causal=False, scale=None, dropout_keep=None,
+                           dropout_p=0.0):
     """The definition, in float64, written out: per query head the kv head h // group, the prefix
     (shared or per row) then the sequence, a keep matrix built from the mask's form, softmax by
-    max-subtraction, rows without any visible key -> 0."""
+    max-subtraction, rows without any visible key -> 0. dropout_keep [B, Hq, Sq, P + Sk] bool: the
+    normalised probabilities times dropout_keep / (1 - dropout_p)."""
     q, k, v, prefix_k, prefix_v = (t.to(torch.float64) for t in (q, k, v, prefix_k, prefix_v))
     batch, q_heads, sq, dim = q.shape
     kv_heads, sk = k.shape[1], k.shape[2]
@@ -123,6 +125,8 @@ def naive_prefix_attention(q, k, v, prefix_k, prefix_v, mask=None, causal=False,
         weights = torch.exp(scores - top)
         total = weights.sum(-1, keepdim=True)
         weights = torch.where(total > 0, weights / total.clamp_min(1e-300), torch.zeros_like(weights))
+        if dropout_keep is not None:
+            weights = weights * dropout_keep[:, h].to(torch.float64) / (1.0 - dropout_p)
         out[:, h] = torch.einsum("bqk,bkd->bqd", weights, values)
     return out
 
@@ -246,15 +250,30 @@ def test_gradcheck_float64(backend):
                              per_row[:5])
 
 
-def test_dropout_runs_on_torch_and_is_refused_by_triton():
+def test_dropout_on_the_torch_backend_is_sdpa_under_autograd():
     q, k, v, prefix_k, prefix_v, _ = make_inputs(PrefixCase(2, 2, 2, 4, 5, 3, 8))
     torch.manual_seed(0)
-    out = prefix_attention(q, k, v, prefix_k, prefix_v, dropout_p=0.5)
+    out = prefix_attention(q, k, v, prefix_k, prefix_v, dropout_p=0.5, backend="torch")
     out.sum().backward()
     assert prefix_k.grad is not None
     assert not torch.allclose(out, prefix_attention(q, k, v, prefix_k, prefix_v))
-    with pytest.raises(backends.BackendNotSupportedError, match="dropout"):
-        prefix_attention(q, k, v, prefix_k, prefix_v, dropout_p=0.1, backend="triton")
+    torch.manual_seed(0)  # SDPA draws from torch's generator: reproducible
+    again = prefix_attention(q, k, v, prefix_k, prefix_v, dropout_p=0.5, backend="torch")
+    assert torch.equal(out, again)
+
+
+def test_triton_declares_no_dropout_limit():
+    # the kernels implement dropout (tests/kernels/test_prefix_attention.py checks them)
+    problem = backends.Problem(torch.device("cuda"), torch.bfloat16, "forward",
+                               {"head_dim": 64, "value_dim": 64, "dropout": 1})
+    assert prefix_module._triton_limits(problem) == []
+
+
+def test_custom_op_torch_backend_refuses_dropout():
+    q, k, v, prefix_k, prefix_v, _ = make_inputs(PrefixCase(1, 2, 2, 3, 4, 2, 8), requires_grad=False)
+    with pytest.raises(ValueError, match="takes no dropout"):
+        torch.ops.pefops.prefix_attention_fwd(q, k, v, prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), None, False,
+                                              0.3, 0.1, torch.tensor([5]), "torch")
 
 
 # ------------------------------------------------------------------------------------ custom-op contract
@@ -263,11 +282,13 @@ def test_dropout_runs_on_torch_and_is_refused_by_triton():
 def test_opcheck():
     case = PrefixCase(2, 4, 2, 5, 6, 3, 8, mask="bool4")
     q, k, v, prefix_k, prefix_v, mask = make_inputs(case)
-    args = (q, k, v, prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), mask.view(2, 1, 5, 6), True, 0.4, "torch")
+    args = (q, k, v, prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), mask.view(2, 1, 5, 6), True, 0.4, 0.0, None,
+            "torch")
     torch.library.opcheck(torch.ops.pefops.prefix_attention_fwd.default, args)
     out, lse = (t.detach() for t in torch.ops.pefops.prefix_attention_fwd(*args))
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]]
-    backward_args = (torch.randn(out.shape), *detached, out, lse, True, 0.4, [True, False, True, True, True], "torch")
+    backward_args = (torch.randn(out.shape), *detached, out, lse, True, 0.4, 0.0, None, [True, False, True, True, True],
+                     "torch")
     torch.library.opcheck(torch.ops.pefops.prefix_attention_bwd.default, backward_args)
 
 
