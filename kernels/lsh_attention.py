@@ -24,7 +24,14 @@ unpadded rows load as 16-byte vectors.
 Limits: any chunk_length (S a multiple of it; the full-attention path passes chunk_length = S);
 row blocks of at most 64 (32 for fp32) that do not divide the chunk get row masks (EVEN = False),
 rows past a chunk's end are no keys at all (-inf, not a mask constant); D, Dv <= 128 (padded to a
-power of two with masks); no dropout (the torch path serves it).
+power of two with masks).
+
+Dropout (DROPOUT constexpr, dropout_p in [0, 1), an integer seed): the window probabilities are
+multiplied by keep / (1 - dropout_p) in the accumulator, keep = tl.rand(seed, counter) >= dropout_p
+from the shared helper _dropout_keep with a counter unique per (b * H + h, sorted query, window slot
+w * L + key offset in the chunk); the backward redraws the same bits (the dk/dv kernel's step w of
+a key chunk is the forward's step w of its query chunk), so no mask is stored. l and the lse stay
+those of the un-dropped softmax. lsh_dropout_keep_mask materialises the mask.
 
 Roofline (bf16, B=8, H=8, D=Dv=64, S=16k, nh=4, L=64, before=1, after=0; N = B*H*nh*S = 4.19 M
 sorted rows). Forward: q read once per round (N * 128 B = 537 MB), k and v once per round from HBM
@@ -48,7 +55,8 @@ from .bottleneck_adapter import _dot_settings
 from .lsh_attention_rounds import lsh_bucket_ids, lsh_combine_rounds, lsh_combine_rounds_backward
 
 __all__ = [
-    "MAX_HEAD_DIM", "lsh_chunked_forward", "lsh_chunked_backward", "lsh_bucket_ids", "lsh_combine_rounds",
+    "MAX_HEAD_DIM", "lsh_chunked_forward", "lsh_dropout_keep_mask", "lsh_chunked_backward", "lsh_bucket_ids",
+    "lsh_combine_rounds",
     "lsh_combine_rounds_backward", "compile_variants",
 ]
 
@@ -122,6 +130,16 @@ def _mask_scores(s, q_pos, k_pos, key_keep, HAS_KEY_MASK: tl.constexpr, CAUSAL: 
     return s, live
 
 
+@triton.jit
+def _dropout_keep(seed, dropout_p, rows, slots, SLOTS):
+    """The dropout keep mask of one tile, shared by the forward, both backward kernels and the debug
+    launcher so all draw the same bits: keep = rand(seed, rows * SLOTS + slots) >= dropout_p, rows
+    (b * H + h) * nh * S + sorted query index as int64, slots the window slot w * L + key offset in
+    the chunk (SLOTS = W * L), both broadcastable 2-D views ([M, 1] and [1, N], or transposed). The
+    counter is int64 (tl.rand feeds both words to Philox): unique up to B * H * nh * S * W * L < 2**63."""
+    return tl.rand(seed, rows * SLOTS + slots) >= dropout_p
+
+
 # ------------------------------------------------------------------------------- forward kernel
 
 
@@ -138,9 +156,9 @@ def lsh_fwd_kernel(
     H, S, CHUNK, NUM_CHUNKS, WINDOW, SHIFT,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_mb,
-    scale_value,
+    scale_value, dropout_p, seed,
     MASK_VALUE: tl.constexpr, SELF_MASK_VALUE: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,  # head dims: constexpr, so unpadded tiles load unmasked (vectorised)
     EVEN: tl.constexpr,  # BLOCK_M and BLOCK_N divide CHUNK: no row masks
@@ -169,6 +187,8 @@ def lsh_fwd_kernel(
     q_pos, q_ok = _sorted_rows(q_idx_ptr, chunk * CHUNK + in_chunk_first, CHUNK - in_chunk_first, EVEN, BLOCK_M)
     q = _gather_rows(q_ptr, q_pos, q_ok, stride_qs, offs_d, d_mask, EVEN, DOT_FP32)
 
+    # the dropout counter's rows: (b, h) and the sorted query index, int64
+    drop_rows = bh * NUM_CHUNKS * CHUNK + chunk * CHUNK + in_chunk_first + tl.arange(0, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -188,6 +208,10 @@ def lsh_fwd_kernel(
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = _gather_rows(v_ptr, k_pos, k_ok, stride_vs, offs_dv, dv_mask, EVEN, DOT_FP32)
+            if DROPOUT:  # l keeps every probability; the values see the dropped, rescaled ones
+                slots = w * CHUNK + kb + tl.arange(0, BLOCK_N)  # window slot w * L + key offset in the chunk
+                keep = _dropout_keep(seed, dropout_p, drop_rows[:, None], slots[None, :], WINDOW * CHUNK)
+                p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
@@ -211,7 +235,7 @@ def lsh_fwd_kernel(
 # (BLOCK_M, BLOCK_N, num_warps) per kernel, for 16-bit operands with both head dims <= 64 / up to
 # 128, and for fp32 (its "ieee" dots run on FMA units and hold 4-byte operands: smaller tiles, 8
 # warps). ptxas for sm_90 (kernels/compile_check.py, every mask on, 16-byte aligned pointers):
-# bf16 D 64: forward 161 registers, dq 172, dk/dv 174; D 128: 169 / 191 / 193; no spills. fp32:
+# bf16 D 64: forward 161 registers, dq 172, dk/dv 168; D 128: 169 / 191 / 193; no spills. fp32:
 # 68-112 registers, D 128 forward and dq spill 16 bytes. Larger tiles spilled (forward D 128 at 4
 # warps, dk/dv 64 x 64 at D 128); 64-bit offset tiles and masked head-dim loads cost 60-100 more.
 _TILES = {
@@ -312,13 +336,16 @@ def _shifts(num_chunks: int, chunks_before: int, chunks_after: int) -> tuple[int
 
 
 def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks_before, chunks_after, causal,
-                        self_mask, scale, mask_value, self_mask_value):
+                        self_mask, scale, mask_value, self_mask_value, dropout_p=0.0, seed=0):
     """The chunked attention core forward. q, k: [B, H, S, D] (k already normalised / scaled as the
     caller wants; scores are q . k * scale), v: [B, H, S, Dv], one dtype (fp32/fp16/bf16), any
     strides with a unit last stride (else copied); q_idx, k_idx: int [B, H, nh * S], the original
     position of every sorted query / key (each round a permutation of 0 .. S-1); key_mask: [B, S]
     bool (True = keep) or None. Returns (out_rounds [B, H, nh, S, Dv] in v's dtype, lse_rounds
-    [B, H, nh, S] float32), both at the original positions of the queries."""
+    [B, H, nh, S] float32), both at the original positions of the queries. dropout_p > 0: the window
+    probabilities dropped with the keep mask of (seed, dropout_p) (see lsh_dropout_keep_mask), the
+    kept ones scaled by 1 / (1 - dropout_p); lse stays that of the un-dropped softmax."""
+    _dropout_ok(dropout_p, seed)
     batch, heads, seq, head_dim, value_dim, rounds = _check_core(q, k, v, q_idx, k_idx, key_mask, chunk_length,
                                                                  chunks_before, chunks_after)
     _mask_constants_ok(mask_value, self_mask_value)
@@ -337,9 +364,10 @@ def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks
         q, k, v, q_idx, k_idx, mask_argument, out, lse,
         heads, seq, chunk_length, num_chunks, 1 + chunks_before + chunks_after, shift,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), stride_mb, float(scale),
+        v.stride(2), stride_mb, float(scale), float(dropout_p), int(seed),
         MASK_VALUE=float(mask_value), SELF_MASK_VALUE=float(self_mask_value), HAS_KEY_MASK=key_mask is not None,
-        CAUSAL=bool(causal), SELF_MASK=bool(self_mask), DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        CAUSAL=bool(causal), SELF_MASK=bool(self_mask), DROPOUT=dropout_p > 0.0, DOT_FP32=dot_fp32,
+        DOT_PRECISION=precision,
         D=head_dim, DV=value_dim, EVEN=_even(chunk_length, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps, num_stages=2,
     )
@@ -348,16 +376,59 @@ def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks
 
 def lsh_chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds,
                          *, chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value,
-                         self_mask_value):
-    """(dq, dk, dv) of lsh_chunked_forward, float32, shaped like q, k, v; see kernels/lsh_attention_bwd.py."""
+                         self_mask_value, dropout_p=0.0, seed=0):
+    """(dq, dk, dv) of lsh_chunked_forward, float32, shaped like q, k, v; see kernels/lsh_attention_bwd.py.
+    dropout_p, seed: the forward's (its keep mask is redrawn)."""
     from .lsh_attention_bwd import chunked_backward
 
+    _dropout_ok(dropout_p, seed)
     _check_core(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, chunks_after)
     _mask_constants_ok(mask_value, self_mask_value)
     return chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds,
                             lse_rounds, chunk_length=chunk_length, chunks_before=chunks_before,
                             chunks_after=chunks_after, causal=causal, self_mask=self_mask, scale=scale,
-                            mask_value=mask_value, self_mask_value=self_mask_value)
+                            mask_value=mask_value, self_mask_value=self_mask_value, dropout_p=float(dropout_p),
+                            seed=int(seed))
+
+
+def _dropout_ok(dropout_p, seed):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lsh_chunked: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"lsh_chunked: seed must be a non-negative int (the Philox seed), got {seed!r}")
+
+
+@triton.jit
+def lsh_dropout_keep_mask_kernel(
+    keep_ptr,  # [B * H, NS, SLOTS] int8 out, contiguous (NS = nh * S sorted queries, SLOTS = W * L)
+    NS, SLOTS, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The dropout keep mask the chunked-attention kernels draw, materialised (tests and debugging):
+    the same helper and counters. One program per (sorted-query block, batch * head).
+
+    References: Salmon et al., Parallel Random Numbers: As Easy as 1, 2, 3 (SC 2011), Philox."""
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = bh * NS + offs_m
+    for start_n in range(0, SLOTS, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, dropout_p, rows[:, None], offs_n[None, :], SLOTS)
+        tl.store(keep_ptr + rows[:, None] * SLOTS + offs_n[None, :], keep.to(tl.int8),
+                 mask=(offs_m[:, None] < NS) & (offs_n[None, :] < SLOTS))
+
+
+def lsh_dropout_keep_mask(batch: int, heads: int, sorted_length: int, chunk_length: int, window: int,
+                          dropout_p: float, seed: int, device="cpu") -> torch.Tensor:
+    """The keep mask [B, H, nh * S, W * L] (bool, True = kept) that lsh_chunked_forward and its
+    backward apply for (dropout_p, seed): row t is the sorted query t, column w * L + j the key j of
+    window step w (key chunk = query chunk - before + w, modulo the number of chunks)."""
+    slots = window * chunk_length
+    keep = torch.zeros((batch, heads, sorted_length, slots), dtype=torch.int8, device=device)
+    if keep.numel():
+        lsh_dropout_keep_mask_kernel[(triton.cdiv(sorted_length, 16), batch * heads)](
+            keep, sorted_length, slots, float(dropout_p), int(seed), BLOCK_M=16, BLOCK_N=32)
+    return keep.bool()
 
 
 # ------------------------------------------------------------------------ ahead-of-time compile list
@@ -376,22 +447,28 @@ def compile_variants():
     for dtype_name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
         dot_fp32 = dtype == torch.float32
         mask_value, self_mask_value = (-1e4, -1e3) if dtype == torch.float16 else (-1e9, -1e5)
+        # dropout (training) for the 16-bit dtypes at chunk 64; ptxas sm_90: bf16 D 64 forward 154
+        # registers, dq 196, dk/dv 198; D 128: 226 / 232 / 245; no spills
+        dropouts = ((False, 64), (False, 128), (True, 64)) if dtype != torch.float32 else ((False, 64), (False, 128))
         for head_dim in (64, 128):
-            for chunk in (64, 128):
+            for dropout, chunk in dropouts:
                 block_m, block_n, block_d, block_dv, warps = _block_sizes("fwd", chunk, head_dim, head_dim, dtype)
-                yield (f"fwd-{dtype_name}-d{head_dim}-c{chunk}", lsh_fwd_kernel, dtype_name,
+                label = "-dropout" if dropout else ""
+                yield (f"fwd-{dtype_name}-d{head_dim}-c{chunk}{label}", lsh_fwd_kernel, dtype_name,
                        dict(MASK_VALUE=mask_value, SELF_MASK_VALUE=self_mask_value, HAS_KEY_MASK=True, CAUSAL=True,
-                            SELF_MASK=True, DOT_FP32=dot_fp32, DOT_PRECISION="ieee", D=head_dim, DV=head_dim,
-                            EVEN=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv),
+                            SELF_MASK=True, DROPOUT=dropout, DOT_FP32=dot_fp32, DOT_PRECISION="ieee", D=head_dim,
+                            DV=head_dim, EVEN=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                            BLOCK_DV=block_dv),
                        DATA_POINTERS, warps, 2)
-                yield from bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value)
+                yield from bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value, dropout)
     # padded head dims (24 -> 32, masked loads) and a chunk the blocks do not divide (50: row masks)
     for dtype_name in ("bfloat16", "float32"):
         dtype = getattr(torch, dtype_name)
         block_m, block_n, block_d, block_dv, warps = _block_sizes("fwd", 50, 24, 24, dtype)
         yield (f"fwd-{dtype_name}-d24-c50", lsh_fwd_kernel, dtype_name,
                dict(MASK_VALUE=-1e9, SELF_MASK_VALUE=-1e5, HAS_KEY_MASK=True, CAUSAL=True, SELF_MASK=True,
-                    DOT_FP32=dtype == torch.float32, DOT_PRECISION="ieee", D=24, DV=24, EVEN=False, BLOCK_M=block_m,
+                    DROPOUT=False, DOT_FP32=dtype == torch.float32, DOT_PRECISION="ieee", D=24, DV=24, EVEN=False,
+                    BLOCK_M=block_m,
                     BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv), DATA_POINTERS, warps, 2)
         yield from bwd_variants(dtype_name, dtype, 24, 50, -1e9, -1e5)
     yield from rounds_variants()

@@ -17,6 +17,12 @@ original position occurs once, so a round's programs never write the same row; r
 launches, round 0 stores and later rounds add (load + add + store in a fixed round order): no atomics,
 bit-identical results run to run, and no per-round gradient buffers.
 
+Dropout (z = keep / (1 - dropout_p), the forward's mask redrawn by the shared helper _dropout_keep
+from the same seed and counters, O the dropped output): dv += (p z)^T dO, ds = p * (z dp - delta)
+with delta = rowsum(dO * O) - dlse as without dropout (rowsum(dO * O) = sum_j p_j z_j dp_j). The
+dk/dv kernel's window step w of key chunk c meets query chunk c + before - w, whose forward step
+toward c is the same w, so both kernels address the counter by (sorted query, w * L + key offset).
+
 The saved lse gives p = exp(s - lse), the probabilities of the forward (which normalises by the
 fp32-rounded lse as transformers does), and both kernels read it.
 
@@ -43,6 +49,7 @@ import triton.language as tl
 from .bottleneck_adapter import _dot_settings
 from .lsh_attention import (
     _block_sizes,
+    _dropout_keep,
     _even,
     _gather_rows,
     _index_arguments,
@@ -74,9 +81,10 @@ def lsh_bwd_dq_kernel(
     H, S, CHUNK, NUM_CHUNKS, WINDOW, SHIFT, ROUND,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_mb,
-    scale_value,
+    scale_value, dropout_p, seed,
     MASK_VALUE: tl.constexpr, SELF_MASK_VALUE: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_DLSE: tl.constexpr,
+    DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,  # head dims: constexpr, so unpadded tiles load unmasked (vectorised)
     EVEN: tl.constexpr,  # BLOCK_M and BLOCK_N divide CHUNK: no row masks
@@ -119,6 +127,8 @@ def lsh_bwd_dq_kernel(
     # p = exp(s - lse) with the saved fp32 lse: the probabilities the forward used (and transformers'
     # autograd uses: logsumexp's backward is exp(s - result)), also where lse's rounding is visible
     lse = tl.load(lse_ptr + round_row + q_pos, mask=q_ok, other=0.0)
+    # the dropout counter's rows, as in the forward: (b, h) and the sorted query index
+    drop_rows = bh * NUM_CHUNKS * CHUNK + chunk * CHUNK + in_chunk_first + tl.arange(0, BLOCK_M)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for w in range(WINDOW):
@@ -136,6 +146,10 @@ def lsh_bwd_dq_kernel(
             p = tl.exp(s - lse[:, None])
             v = _gather_rows(v_ptr, k_pos, k_ok, stride_vs, offs_dv, dv_mask, EVEN, DOT_FP32)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            if DROPOUT:  # d(out) / d(p) = z * (dO . v): the forward's keep mask, redrawn
+                slots = w * CHUNK + kb + tl.arange(0, BLOCK_N)
+                keep = _dropout_keep(seed, dropout_p, drop_rows[:, None], slots[None, :], WINDOW * CHUNK)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = tl.where(live, p * (dp - delta[:, None]), 0.0)
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
@@ -165,9 +179,9 @@ def lsh_bwd_dkdv_kernel(
     H, S, CHUNK, NUM_CHUNKS, WINDOW, SHIFT, ROUND,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_mb,
-    scale_value,
+    scale_value, dropout_p, seed,
     MASK_VALUE: tl.constexpr, SELF_MASK_VALUE: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,  # head dims: constexpr, so unpadded tiles load unmasked (vectorised)
     EVEN: tl.constexpr,  # BLOCK_M and BLOCK_N divide CHUNK: no row masks
@@ -215,8 +229,16 @@ def lsh_bwd_dkdv_kernel(
             if not EVEN:  # rows past the chunk are no queries / keys at all
                 s_t = tl.where(k_ok[:, None] & q_ok[None, :], s_t, float("-inf"))
             p_t = tl.exp(s_t - lse[None, :])
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if DROPOUT:  # the forward's step w toward this key chunk is w too: same counters
+                drop_rows = bh_row + q_chunk * CHUNK + qb + tl.arange(0, BLOCK_M)
+                slots = w * CHUNK + in_chunk_first + tl.arange(0, BLOCK_N)
+                keep_t = _dropout_keep(seed, dropout_p, drop_rows[None, :], slots[:, None], WINDOW * CHUNK)
+                dv = tl.dot(tl.where(keep_t, p_t * (1.0 / (1.0 - dropout_p)), 0.0).to(do.dtype), do, dv,
+                            input_precision=DOT_PRECISION)
+                dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
+            else:
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             ds_t = tl.where(live_t, p_t * (dp_t - delta[None, :]), 0.0)
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
@@ -236,7 +258,8 @@ def lsh_bwd_dkdv_kernel(
 
 
 def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds, *,
-                     chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value, self_mask_value):
+                     chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value, self_mask_value,
+                     dropout_p=0.0, seed=0):
     """(dq, dk, dv) float32, shaped like q, k, v (inputs checked by lsh_chunked_backward)."""
     batch, heads, seq, head_dim = q.shape
     value_dim = v.shape[3]
@@ -271,9 +294,10 @@ def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
     dot_fp32, precision = _dot_settings(q.dtype)
     sizes = (heads, seq, chunk_length, num_chunks, window)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-               v.stride(1), v.stride(2), stride_mb, float(scale))
+               v.stride(1), v.stride(2), stride_mb, float(scale), float(dropout_p), int(seed))
     options = dict(MASK_VALUE=float(mask_value), SELF_MASK_VALUE=float(self_mask_value),
                    HAS_KEY_MASK=key_mask is not None, CAUSAL=bool(causal), SELF_MASK=bool(self_mask),
+                   DROPOUT=dropout_p > 0.0,
                    DOT_FP32=dot_fp32, DOT_PRECISION=precision, D=head_dim, DV=value_dim, num_stages=2)
 
     def tiles(kind):
@@ -297,12 +321,13 @@ def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
     return dq, dk, dv
 
 
-def bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value):
+def bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value, dropout=False):
     """compile_variants() entries of the two backward kernels (every mask on)."""
     common = dict(MASK_VALUE=mask_value, SELF_MASK_VALUE=self_mask_value, HAS_KEY_MASK=True, CAUSAL=True,
-                  SELF_MASK=True, DOT_FP32=dtype == torch.float32, DOT_PRECISION="ieee", D=head_dim, DV=head_dim)
+                  SELF_MASK=True, DROPOUT=dropout, DOT_FP32=dtype == torch.float32, DOT_PRECISION="ieee", D=head_dim,
+                  DV=head_dim)
     for kind, kernel, extra in (("dq", lsh_bwd_dq_kernel, dict(HAS_DLSE=True)), ("dkdv", lsh_bwd_dkdv_kernel, {})):
         block_m, block_n, block_d, block_dv, warps = _block_sizes(kind, chunk, head_dim, head_dim, dtype)
-        yield (f"bwd-{kind}-{dtype_name}-d{head_dim}-c{chunk}", kernel, dtype_name,
+        yield (f"bwd-{kind}-{dtype_name}-d{head_dim}-c{chunk}{'-dropout' if dropout else ''}", kernel, dtype_name,
                dict(common, **extra, EVEN=_even(chunk, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
                     BLOCK_D=block_d, BLOCK_DV=block_dv), DATA_POINTERS, warps, 2)

@@ -25,9 +25,12 @@ Backends of the core (pefops.backend):
           values (windows are overlapping strided views), batched matmuls over all chunks of all
           rounds, masks from positions by broadcasting, the self mask written sparsely, in-place
           softmax, no index_add_. Eager autograd calls save the probabilities (no recomputation);
-          the custom-op backward recomputes them. Serves dropout.
-  triton  kernels/lsh_attention.py (fused, rows gathered inside the kernel, recomputing backward);
-          dropout_p == 0 only.
+          the custom-op backward recomputes them. Serves dropout through the eager autograd function
+          only (torch's dropout mask cannot be redrawn by the custom op's backward).
+  triton  kernels/lsh_attention.py (fused, rows gathered inside the kernel, recomputing backward).
+          Dropout in the kernels: a Philox keep mask from a seed drawn from torch's default
+          generator (torch.manual_seed makes runs reproducible) as an int64 CPU tensor passed
+          through the custom ops (graph-safe under torch.compile), redrawn by the backward.
 """
 
 from __future__ import annotations
@@ -68,11 +71,14 @@ def _config_kwargs(chunk_length, chunks_before, chunks_after, causal, self_mask,
 def _lsh_chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                      key_mask: Optional[torch.Tensor], chunk_length: int, chunks_before: int, chunks_after: int,
                      causal: bool, self_mask: bool, scale: float, mask_value: float, self_mask_value: float,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    implementation = backends.select(OP, _problem(q, v, "forward"), backend or None)
+                     dropout_p: float, seed: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # seed: None without dropout, else an int64 CPU tensor [1] (a tensor, not an int, so torch.compile
+    # traces its drawing instead of breaking the graph on .item())
+    implementation = backends.select(OP, _problem(q, v, "forward", dropout_p), backend or None)
     out_rounds, lse_rounds = implementation.functions["forward"](
-        q, k, v, q_idx, k_idx, key_mask, **_config_kwargs(chunk_length, chunks_before, chunks_after, causal,
-                                                          self_mask, scale, mask_value, self_mask_value))
+        q, k, v, q_idx, k_idx, key_mask, dropout_p=dropout_p, seed=seed,
+        **_config_kwargs(chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value,
+                         self_mask_value))
     return out_rounds.to(v.dtype), lse_rounds.to(_lse_dtype(q))
 
 
@@ -82,7 +88,7 @@ def _lse_dtype(q):
 
 @_lsh_chunked_fwd.register_fake
 def _(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, chunks_after, causal, self_mask, scale,
-      mask_value, self_mask_value, backend):
+      mask_value, self_mask_value, dropout_p, seed, backend):
     batch, heads, seq = q.shape[:3]
     rounds = q_idx.shape[-1] // seq
     return (v.new_empty((batch, heads, rounds, seq, v.shape[-1])),
@@ -94,50 +100,58 @@ def _lsh_chunked_bwd(grad_out_rounds: torch.Tensor, grad_lse_rounds: torch.Tenso
                      v: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, key_mask: Optional[torch.Tensor],
                      out_rounds: torch.Tensor, lse_rounds: torch.Tensor, chunk_length: int, chunks_before: int,
                      chunks_after: int, causal: bool, self_mask: bool, scale: float, mask_value: float,
-                     self_mask_value: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    implementation = backends.select(OP, _problem(q, v, "backward"), backend or None)
+                     self_mask_value: float, dropout_p: float, seed: Optional[torch.Tensor],
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    implementation = backends.select(OP, _problem(q, v, "backward", dropout_p), backend or None)
     grads = implementation.functions["backward"](
         grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds,
-        **_config_kwargs(chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value,
-                         self_mask_value))
+        dropout_p=dropout_p, seed=seed, **_config_kwargs(chunk_length, chunks_before, chunks_after, causal, self_mask,
+                                                         scale, mask_value, self_mask_value))
     return tuple(grad.to(like.dtype).reshape(like.shape) for grad, like in zip(grads, (q, k, v)))
 
 
 @_lsh_chunked_bwd.register_fake
 def _(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds, chunk_length,
-      chunks_before, chunks_after, causal, self_mask, scale, mask_value, self_mask_value, backend):
+      chunks_before, chunks_after, causal, self_mask, scale, mask_value, self_mask_value, dropout_p, seed, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, q_idx, k_idx, key_mask = inputs[:6]
-    ctx.save_for_backward(q, k, v, q_idx, k_idx, key_mask, *output)
-    ctx.config = inputs[6:]
+    config, (dropout_p, seed, backend) = inputs[6:14], inputs[14:]
+    ctx.save_for_backward(q, k, v, q_idx, k_idx, key_mask, seed, *output)
+    ctx.config = (*config, dropout_p)
+    ctx.backend = backend
 
 
 def _backward(ctx, grad_out_rounds, grad_lse_rounds):
-    q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds = ctx.saved_tensors
+    q, k, v, q_idx, k_idx, key_mask, seed, out_rounds, lse_rounds = ctx.saved_tensors
     if grad_lse_rounds is None:
         grad_lse_rounds = torch.zeros_like(lse_rounds)
     dq, dk, dv = _lsh_chunked_bwd(grad_out_rounds.contiguous(), grad_lse_rounds.contiguous(), q, k, v, q_idx, k_idx,
-                                  key_mask, out_rounds, lse_rounds, *ctx.config)
-    return (dq, dk, dv) + (None,) * 12
+                                  key_mask, out_rounds, lse_rounds, *ctx.config, seed, ctx.backend)
+    return (dq, dk, dv) + (None,) * 14
 
 
 _lsh_chunked_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _chunked_attention(q, k, v, q_idx, k_idx, key_mask, config, dropout_p, backend):
-    """The core through the eager autograd function (automatic torch choice, dropout) or the
-    custom op (compiled graphs, forced or non-torch backends)."""
+    """The core through the eager autograd function (automatic torch choice, torch's dropout) or
+    the custom op (compiled graphs, forced or non-torch backends, the kernels' dropout)."""
     forced = backends.forced_backend(backend)
     compiling = backends.compiling()
     if dropout_p > 0.0:
-        backends.select(OP, _problem(q, v, "forward", dropout_p), backend)  # a forced triton refuses here
-        return _EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, dropout_p)
+        if backends.select(OP, _problem(q, v, "forward", dropout_p), backend).backend == "torch":
+            # torch's dropout mask cannot be redrawn by the custom op's backward: plain autograd serves it
+            return _EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, dropout_p)
+        # the kernels redraw their mask from this seed in the backward; drawn from torch's default CPU
+        # generator, so torch.manual_seed makes a run reproducible
+        seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
+        return _lsh_chunked_fwd(q, k, v, q_idx, k_idx, key_mask, *config, dropout_p, seed, backend or "")
     if forced is None and not compiling and backends.select(OP, _problem(q, v, "forward")).backend == "torch":
         return _EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, 0.0)
-    return _lsh_chunked_fwd(q, k, v, q_idx, k_idx, key_mask, *config, backend or "")
+    return _lsh_chunked_fwd(q, k, v, q_idx, k_idx, key_mask, *config, 0.0, None, backend or "")
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -270,7 +284,8 @@ def lsh_attention(qk, v, *, num_hashes, num_buckets, chunk_length, num_chunks_be
     num_buckets: even int or list of even factors; attention_mask: [B, S] (1 token, 0 padding) or
     None; rotations: [H, D, num_hashes, sum(factors) // 2] in qk's dtype, else drawn as transformers
     does (torch.manual_seed(hash_seed) first when hash_seed is set); dropout_p applies to the
-    attention probabilities (torch backend); backend: None/"auto", "triton" or "torch".
+    attention probabilities (pass 0 outside training; mask drawn from torch's default generator);
+    backend: None/"auto", "triton" or "torch".
     Returns out [B, H, S, D] in v's dtype, and with return_lse=True also lse_rounds [B, H, nh, S]
     float32 (nh = 1 on the full-attention path, S <= chunk_length).
     """
@@ -325,29 +340,55 @@ def _triton_environment_reasons() -> list[str]:
 
 def _triton_limits(problem: backends.Problem) -> list[str]:
     reasons = []
-    if problem.sizes.get("dropout"):
-        reasons.append("dropout_p > 0 is served by the torch backend only")
     for name in ("head_dim", "value_dim"):
         if problem.sizes.get(name, 0) > 128:
             reasons.append(f"{name} {problem.sizes[name]} > 128")
     return reasons
 
 
-def _triton_forward(q, k, v, q_idx, k_idx, key_mask, **config):
+def _seed_value(dropout_p, seed) -> int:
+    if dropout_p > 0.0 and (seed is None or seed.numel() != 1):
+        raise ValueError("dropout_p > 0 needs a seed tensor (int64 [1]) for the Triton kernels' dropout mask; got "
+                         f"{seed!r}")
+    return int(seed.item()) if dropout_p > 0.0 else 0
+
+
+def _triton_forward(q, k, v, q_idx, k_idx, key_mask, *, dropout_p=0.0, seed=None, **config):
     return _triton_kernels().lsh_chunked_forward(q.contiguous(), k.contiguous(), v.contiguous(), q_idx.contiguous(),
-                                                 k_idx.contiguous(), key_mask, **config)
+                                                 k_idx.contiguous(), key_mask, dropout_p=float(dropout_p),
+                                                 seed=_seed_value(dropout_p, seed), **config)
 
 
-def _triton_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds,
-                     **config):
+def _triton_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds, *,
+                     dropout_p=0.0, seed=None, **config):
     return _triton_kernels().lsh_chunked_backward(
         grad_out_rounds.contiguous(), grad_lse_rounds.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-        q_idx.contiguous(), k_idx.contiguous(), key_mask, out_rounds, lse_rounds, **config)
+        q_idx.contiguous(), k_idx.contiguous(), key_mask, out_rounds, lse_rounds, dropout_p=float(dropout_p),
+        seed=_seed_value(dropout_p, seed), **config)
+
+
+def _refuse_torch_dropout(dropout_p):
+    if dropout_p > 0.0:
+        raise ValueError(f"the torch backend of pefops::lsh_chunked_fwd/bwd takes no dropout (got dropout_p="
+                         f"{dropout_p}): its backward cannot redraw torch's dropout mask; lsh_attention runs the torch "
+                         "backend's dropout under plain autograd (the eager function) instead")
+
+
+def _torch_op_forward(q, k, v, q_idx, k_idx, key_mask, *, dropout_p=0.0, seed=None, **config):
+    _refuse_torch_dropout(dropout_p)
+    return _chunked_forward_torch(q, k, v, q_idx, k_idx, key_mask, **config)
+
+
+def _torch_op_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds, *,
+                       dropout_p=0.0, seed=None, **config):
+    _refuse_torch_dropout(dropout_p)
+    return _chunked_backward_torch(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds,
+                                   lse_rounds, **config)
 
 
 backends.register(backends.Implementation(
     op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
-    functions={"forward": _chunked_forward_torch, "backward": _chunked_backward_torch},
+    functions={"forward": _torch_op_forward, "backward": _torch_op_backward},
 ))
 backends.register(backends.Implementation(
     op=OP, backend="triton", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=True,

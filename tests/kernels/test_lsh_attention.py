@@ -37,8 +37,10 @@ class Fp32LogSumExp(torch.autograd.Function):
 
 
 def reference_core(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks_before, chunks_after, causal,
-                   self_mask, scale, mask_value, self_mask_value):
-    """float64 (out_rounds [B, H, nh, S, Dv], lse_rounds [B, H, nh, S]); differentiable in q, k, v."""
+                   self_mask, scale, mask_value, self_mask_value, dropout_keep=None, dropout_p=0.0):
+    """float64 (out_rounds [B, H, nh, S, Dv], lse_rounds [B, H, nh, S]); differentiable in q, k, v.
+    dropout_keep: None or the keep mask [B, H, nh * S, window * L] (sorted queries x window slots),
+    applied to the window probabilities after the softmax with 1 / (1 - dropout_p); lse unchanged."""
     batch, heads, seq, head_dim = q.shape
     value_dim = v.shape[-1]
     total = q_idx.shape[-1]
@@ -67,7 +69,11 @@ def reference_core(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks_befo
     if self_mask:
         scores = torch.where(q_pos == k_pos, float(self_mask_value), scores)
     lse = Fp32LogSumExp.apply(scores, -1)
-    out = torch.einsum("bhcij,bhcjd->bhcid", torch.exp(scores - lse[..., None]), vs)
+    probs = torch.exp(scores - lse[..., None])
+    if dropout_keep is not None:
+        keep = dropout_keep.view(batch, heads, chunks, chunk_length, -1).to(probs.device)
+        probs = torch.where(keep, probs / (1.0 - dropout_p), 0.0)
+    out = torch.einsum("bhcij,bhcjd->bhcid", probs, vs)
     # sorted position p of round p // S holds the query at original position q_idx[p]
     place = q_idx.view(batch, heads, rounds, seq)
     out_rounds = torch.zeros(batch, heads, rounds, seq, value_dim, dtype=out.dtype, device=out.device).scatter(
@@ -111,28 +117,36 @@ def make_case(batch, heads, seq, head_dim, rounds, dtype, *, value_dim=None, pad
 
 
 def check_core(batch, heads, seq, head_dim, rounds, chunk_length, before, after, causal, self_mask, dtype, *,
-               padding=False, shared=True, value_dim=None, scale=1.0, seed=0, grad_lse=True):
+               padding=False, shared=True, value_dim=None, scale=1.0, seed=0, grad_lse=True, dropout_p=0.0,
+               dropout_seed=0):
     q, k, v, q_idx, k_idx, key_mask, g_out, g_lse = make_case(batch, heads, seq, head_dim, rounds, dtype,
                                                               value_dim=value_dim, padding=padding, shared=shared,
                                                               seed=seed)
     mask_value, self_mask_value = mask_constants(dtype)
     kwargs = dict(chunk_length=chunk_length, chunks_before=before, chunks_after=after, causal=causal,
                   self_mask=self_mask, scale=scale, mask_value=mask_value, self_mask_value=self_mask_value)
-    out, lse = kernels.lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, **kwargs)
+    drop = dict(dropout_p=dropout_p, seed=dropout_seed) if dropout_p > 0.0 else {}
+    out, lse = kernels.lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, **kwargs, **drop)
     assert out.dtype == v.dtype and lse.dtype == torch.float32
     leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
     cpu = lambda x: None if x is None else x.cpu()  # noqa: E731
-    ref_out, ref_lse = reference_core(*leaves, cpu(q_idx), cpu(k_idx), cpu(key_mask), **kwargs)
+    reference_drop = {}
+    if dropout_p > 0.0:
+        keep = kernels.lsh_dropout_keep_mask(batch, heads, rounds * seq, chunk_length, 1 + before + after, dropout_p,
+                                             dropout_seed, device=DEVICE)
+        reference_drop = dict(dropout_keep=keep.cpu(), dropout_p=dropout_p)
+    ref_out, ref_lse = reference_core(*leaves, cpu(q_idx), cpu(k_idx), cpu(key_mask), **kwargs, **reference_drop)
     assert_close(out.cpu(), ref_out, dtype, "out")
     assert_close(lse.cpu(), ref_lse, dtype, "lse")
     if not grad_lse:
         g_lse = torch.zeros_like(g_lse)
     ((ref_out * g_out.cpu().double()).sum() + (ref_lse * g_lse.cpu().double()).sum()).backward()
     grads = kernels.lsh_chunked_backward(g_out, g_lse if grad_lse else None, q, k, v, q_idx, k_idx, key_mask, out,
-                                         lse, **kwargs)
+                                         lse, **kwargs, **drop)
     for name, grad, leaf in zip(("dq", "dk", "dv"), grads, leaves):
         assert grad.shape == leaf.shape
         assert_close(grad.cpu(), leaf.grad, dtype, name)
+    return out, lse, grads
 
 
 # ------------------------------------------------------------------------------- chunked core
@@ -201,6 +215,53 @@ def test_core_strided_views_and_determinism():
     second = kernels.lsh_chunked_backward(g_out, None, q, k, v, q_idx, q_idx, None, out, lse, **kwargs)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("rounds, seq, chunk, before, after, causal, self_mask, padding, shared", [
+    (1, 16, 16, 2, 1, False, True, False, True),  # one chunk four times: every copy its own slots
+    (2, 32, 16, 1, 0, True, True, True, True),  # transformers' window, causal, padding, two rounds
+    (3, 16, 16, 1, 1, True, False, True, False),  # nh 3, three chunks in a window of three, separate keys
+    (2, 14, 7, 1, 1, False, True, True, True),  # chunk the blocks do not divide: row masks
+])
+def test_core_dropout_matches_reference(rounds, seq, chunk, before, after, causal, self_mask, padding, shared):
+    """Forward, lse (un-dropped) and dq / dk / dv incl. grad_lse against the float64 reference with the
+    keep mask the debug launcher materialises."""
+    check_core(2, 2, seq, 8, rounds, chunk, before, after, causal, self_mask, torch.float32, padding=padding,
+               shared=shared, scale=0.5, dropout_p=0.3, dropout_seed=1234)
+
+
+def test_core_dropout_bf16():
+    check_core(1, 2, 32, 16, 2, 16, 1, 0, True, True, torch.bfloat16, padding=True, dropout_p=0.2, dropout_seed=9)
+
+
+def test_core_dropout_seeds_zero_p_and_kept_fraction():
+    q, k, v, q_idx, k_idx, key_mask, g_out, _ = make_case(1, 2, 32, 8, 2, torch.float32, padding=True, seed=3)
+    kwargs = dict(chunk_length=16, chunks_before=1, chunks_after=0, causal=True, self_mask=True, scale=1.0,
+                  mask_value=-1e9, self_mask_value=-1e5)
+    plain = kernels.lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, **kwargs)
+    zero = kernels.lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, **kwargs, dropout_p=0.0, seed=77)
+    for a, b in zip(plain, zero):
+        assert torch.equal(a, b)  # p = 0: bitwise the kernel without dropout
+    first = kernels.lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, **kwargs, dropout_p=0.25, seed=5)
+    again = kernels.lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, **kwargs, dropout_p=0.25, seed=5)
+    other = kernels.lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, **kwargs, dropout_p=0.25, seed=6)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+    assert torch.equal(first[1], plain[1])  # lse stays that of the un-dropped softmax
+    grads = [kernels.lsh_chunked_backward(g_out, None, q, k, v, q_idx, k_idx, key_mask, first[0], first[1], **kwargs,
+                                          dropout_p=0.25, seed=5) for _ in range(2)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    keep = kernels.lsh_dropout_keep_mask(2, 3, 96, 32, 3, 0.25, 11, device=DEVICE)
+    assert keep.shape == (2, 3, 96, 96)
+    assert torch.equal(keep, kernels.lsh_dropout_keep_mask(2, 3, 96, 32, 3, 0.25, 11, device=DEVICE))
+    assert not torch.equal(keep, kernels.lsh_dropout_keep_mask(2, 3, 96, 32, 3, 0.25, 12, device=DEVICE))
+    assert abs(keep.float().mean().item() - 0.75) < 0.01  # 55 k draws: 4 sigma is 0.007
+    # heads and sorted rows draw different bits (the counter covers (b, h) and the sorted query)
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, :32], keep[0, 0, 32:64])
 
 
 def test_core_errors():

@@ -191,7 +191,8 @@ def _core_args(seq=32, chunk=8, rounds=2, key_mask=True, self_mask=True, require
     q_idx = torch.stack([torch.randperm(seq) for _ in range(2 * rounds)]).view(1, 2, rounds * seq)
     k_idx = q_idx if self_mask else torch.stack([torch.randperm(seq) for _ in range(2 * rounds)]).view(1, 2, -1)
     mask = torch.rand(1, seq) > 0.2 if key_mask else None
-    return (q, k, v, q_idx, k_idx, mask, chunk, 1, 1, True, self_mask, 1.0 if self_mask else 0.5, -1e9, -1e5, "")
+    return (q, k, v, q_idx, k_idx, mask, chunk, 1, 1, True, self_mask, 1.0 if self_mask else 0.5, -1e9, -1e5, 0.0, None,
+            "")
 
 
 @pytest.mark.parametrize("self_mask", [True, False])
@@ -207,7 +208,7 @@ def test_opcheck(self_mask):
 def test_core_torch_functions_match_eager_autograd():
     # the spec's _chunked_forward_torch / _chunked_backward_torch (recomputing) against the saving
     # eager autograd path
-    q, k, v, q_idx, k_idx, mask, *config, _ = _core_args()
+    q, k, v, q_idx, k_idx, mask, *config, _dropout_p, _seed, _backend = _core_args()
     names = ("chunk_length", "chunks_before", "chunks_after", "causal", "self_mask", "scale", "mask_value",
              "self_mask_value")
     kwargs = dict(zip(names, config))
@@ -273,8 +274,9 @@ def test_forced_triton_on_cpu_says_why():
     if not backends.triton_interpreter_enabled() or not _triton_file_present():
         with pytest.raises(backends.BackendNotSupportedError):
             lsh_attention(qk, v, backend="triton", **options)
-    with pytest.raises(backends.BackendNotSupportedError, match="dropout"):
-        lsh_attention(qk, v, backend="triton", dropout_p=0.1, **options)
+    if backends.triton_interpreter_enabled() and _triton_file_present():
+        # dropout runs in the kernels (tests below); here only: it no longer refuses
+        assert torch.isfinite(lsh_attention(qk, v, backend="triton", dropout_p=0.1, **options)).all()
     with pytest.raises(ValueError, match="not a backend"):
         lsh_attention(qk, v, backend="cudaa", **options)
 
@@ -290,6 +292,105 @@ def test_triton_backend_through_op(case):
     if not backends.triton_interpreter_enabled() and not torch.cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
     _compare(run_pefops(case, lsh_attention, backend="triton"), run_transformers(case), tolerance=1e-4)
+
+
+def test_torch_backend_of_the_op_refuses_dropout():
+    args = list(_core_args(requires_grad=False))
+    args[-3:] = [0.1, torch.tensor([7]), "torch"]
+    with pytest.raises(ValueError, match="takes no dropout"):
+        torch.ops.pefops.lsh_chunked_fwd(*args)
+
+
+def _needs_triton():
+    if not _triton_file_present():
+        pytest.skip("kernels/lsh_attention.py not written yet")
+    if not backends.triton_interpreter_enabled() and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_dropout_through_op_matches_float64_reference(causal):
+    """The full-attention path (S <= chunk: sorted order = original order, one round) with the
+    kernels' dropout: out and the gradients of qk (query and normalised key) and v against the
+    float64 chunked reference given the keep mask of the seed the op draws after torch.manual_seed."""
+    from pefops.kernels import lsh_attention as kernels
+    from tests.kernels.test_lsh_attention import reference_core
+
+    device = _needs_triton()
+    batch, heads, seq, dim, p = 2, 2, 16, 8, 0.3
+    generator = torch.Generator().manual_seed(1)
+    qk, v, grad = (torch.randn(batch, heads, seq, dim, generator=generator) for _ in range(3))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 11:] = 0
+    leaves = [x.to(device).requires_grad_() for x in (qk, v)]
+    torch.manual_seed(5)
+    out = lsh_attention(*leaves, num_hashes=2, num_buckets=4, chunk_length=16, causal=causal,
+                        attention_mask=mask.to(device), dropout_p=p, backend="triton")
+    grads = torch.autograd.grad((out * grad.to(device)).sum(), leaves)
+    torch.manual_seed(5)
+    seed = int(torch.randint(2**31 - 1, (1,), dtype=torch.int64).item())  # the op's first draw
+    keep = kernels.lsh_dropout_keep_mask(batch, heads, seq, seq, 1, p, seed, device=device).cpu()
+    reference = [x.double().requires_grad_() for x in (qk, v)]
+    positions = torch.arange(seq).expand(batch, heads, seq)
+    ref_out, _ = reference_core(reference[0], lsh_reference.len_and_dim_norm(reference[0]), reference[1], positions,
+                                positions, mask.bool(), chunk_length=seq, chunks_before=0, chunks_after=0,
+                                causal=causal, self_mask=True, scale=1.0, mask_value=-1e9, self_mask_value=-1e5,
+                                dropout_keep=keep, dropout_p=p)
+    ref_out = ref_out[:, :, 0]
+    ref_grads = torch.autograd.grad((ref_out * grad.double()).sum(), reference)
+    assert not keep.all()
+    assert_close(out.cpu(), ref_out, torch.float32, "out")
+    for name, a, e in zip(("dqk", "dv"), grads, ref_grads):
+        assert_close(a.cpu(), e, torch.float32, name)
+
+
+@pytest.mark.triton
+def test_triton_dropout_through_op_seeds():
+    """Hashed path, separate q / k: torch.manual_seed makes the kernels' dropout reproducible (out and
+    gradients bit for bit), another seed draws another mask, and the op with dropout is the op."""
+    device = _needs_triton()
+    generator = torch.Generator().manual_seed(2)
+    q, k, v, grad = (torch.randn(1, 2, 32, 8, generator=generator).to(device) for _ in range(4))
+    rotations = lsh_rotations(2, 8, 2, 4, hash_seed=0, device=device)
+
+    def run(seed, dropout_p=0.2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        torch.manual_seed(seed)
+        out = lsh_attention_qkv(*leaves, num_hashes=2, num_buckets=4, chunk_length=8, causal=True,
+                                rotations=rotations, dropout_p=dropout_p, backend="triton")
+        return (out, *torch.autograd.grad((out * grad).sum(), leaves))
+
+    first, again, other, plain = run(3), run(3), run(4), run(3, 0.0)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+    assert not torch.equal(first[0], plain[0])
+    assert all(torch.isfinite(t).all() for t in first)
+
+
+@pytest.mark.triton
+def test_triton_dropout_torch_compile_fullgraph():
+    """The seed is an int64 CPU tensor drawn in the graph and passed through the custom ops: a
+    full graph, with the same mask (and gradients) as eager under the same torch.manual_seed."""
+    device = _needs_triton()
+    generator = torch.Generator().manual_seed(4)
+    qk, v, grad = (torch.randn(1, 2, 32, 8, generator=generator).to(device) for _ in range(3))
+    rotations = lsh_rotations(2, 8, 2, 4, hash_seed=0, device=device)
+
+    def fn(qk, v):
+        return lsh_attention(qk, v, num_hashes=2, num_buckets=4, chunk_length=8, causal=True, rotations=rotations,
+                             dropout_p=0.25, backend="triton")
+
+    results = []
+    for function in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        leaves = [qk.clone().requires_grad_(), v.clone().requires_grad_()]
+        torch.manual_seed(8)
+        out = function(*leaves)
+        results.append((out, *torch.autograd.grad((out * grad).sum(), leaves)))
+    for name, a, e in zip(("out", "dqk", "dv"), results[1], results[0]):
+        assert_close(a, e, torch.float32, name)
 
 
 @pytest.mark.gpu
