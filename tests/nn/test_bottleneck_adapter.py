@@ -3,7 +3,6 @@ every option combination (fused and unfused paths)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pefops.nn import BottleneckAdapter
 from tests.adapter_inputs import NAIVE_ACTIVATIONS
