@@ -18,11 +18,11 @@ layer_norm; Welford / Chan et al. for merging chunk statistics.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import dot_settings, interpreting
 
 # Activation codes (pefops.ops.activations)
 IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, LEAKY_RELU = range(7)
@@ -381,18 +381,6 @@ bottleneck_adapter_bwd_rows_tuned = triton.autotune(
 # ----------------------------------------------------------------------------------- launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
-    """(upcast dot operands to fp32, input precision). fp32 follows torch's TF32 switch; the
-    interpreter's bf16 dot is wrong (seen on triton 3.8), so it upcasts there."""
-    if dtype == torch.float32:
-        return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 and not _interpreting() else "ieee"
-    return _interpreting() and dtype == torch.bfloat16, "ieee"
-
-
 def _block_sizes(rank: int, hidden: int, backward: bool = False, fp32: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_R, BLOCK_H, num_warps) heuristics: the [BLOCK_M, BLOCK_R] fp32 accumulator
     stays near 8K elements forward and 4K backward (which holds two products per chunk), fp32
@@ -431,7 +419,7 @@ def bottleneck_adapter_forward(
         return out, z, mean, rstd
     residual = x if residual is None else residual
     scale_mode, scale = _scale_arguments(scale, scale_value, hidden, x.device)
-    dot_fp32, precision = _dot_settings(x.dtype)
+    dot_fp32, precision = dot_settings(x.dtype)
     block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden, fp32=x.dtype == torch.float32)
     dummy = z  # any pointer for arguments a constexpr switch leaves unread
     arguments = (
@@ -448,7 +436,7 @@ def bottleneck_adapter_forward(
         HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
         DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_R=block_r,
     )
-    if _interpreting():
+    if interpreting():
         grid = (triton.cdiv(tokens, block_m),)
         bottleneck_adapter_fwd_kernel[grid](*arguments, **options, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps)
     else:
@@ -483,7 +471,7 @@ def bottleneck_adapter_backward_rows(
         sums = [zero_sum if p is not None else None for p in (dbu_part, dscale_part, dlnw_part, dlnb_part)]
         return (dy, dz, *sums)
     scale_mode, scale = _scale_arguments(scale, scale_value, hidden, device)
-    dot_fp32, precision = _dot_settings(grad.dtype)
+    dot_fp32, precision = dot_settings(grad.dtype)
     dummy = dz
     arguments = (
         grad, residual if residual is not None else dummy, up_weight,
@@ -502,7 +490,7 @@ def bottleneck_adapter_backward_rows(
         NEED_DLNW=need_ln_weight_grad, NEED_DLNB=need_ln_bias_grad,
         DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r,
     )
-    if _interpreting():
+    if interpreting():
         bottleneck_adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
     else:
         bottleneck_adapter_bwd_rows_tuned[(num_blocks,)](*arguments, **options)

@@ -38,11 +38,11 @@ row-blocked kernels; Pfeiffer et al., EACL 2021 (AdapterFusion).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import interpreting
 
 # Elements per [BLOCK_T, BLOCK_R] column tile, and its widest and narrowest column block.
 TILE_ELEMENTS = 2048
@@ -218,12 +218,8 @@ def fusion_mix_bwd_kernel(
 # ----------------------------------------------------------------------------------- launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _target_programs() -> int:
-    return 1 if _interpreting() else TARGET_PROGRAMS
+    return 1 if interpreting() else TARGET_PROGRAMS
 
 
 def _block_sizes(rows: int, units: int, adapters: int, target_programs: int = TARGET_PROGRAMS,

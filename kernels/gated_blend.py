@@ -28,11 +28,11 @@ elementwise kernels; Zhang et al., ECCV 2019 (side-tuning); Sung et al., NeurIPS
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import interpreting
 
 # Elements per [BLOCK_R, BLOCK_C] tile of the heuristic config, and its widest column block.
 TILE_ELEMENTS = 2048
@@ -172,10 +172,6 @@ gated_blend_bwd_tuned = triton.autotune(
 # ----------------------------------------------------------------------------------- launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _block_sizes(rows: int, cols: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) heuristics: up to 256 columns wide, as many rows as make a
     2K-element tile (16 elements a thread and tensor at 4 warps), neither wider nor taller than the
@@ -233,7 +229,7 @@ def gated_blend_forward(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, t
         return out
     per_channel, alpha = _alpha_argument(alpha, cols)
     arguments = (a, b, alpha, out, rows, cols, a.stride(0), b.stride(0), out.stride(0), 1.0 / float(temperature))
-    if _interpreting():
+    if interpreting():
         block_r, block_c, num_warps = _block_sizes(rows, cols)
         grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
         gated_blend_fwd_kernel[grid](*arguments, PER_CHANNEL=per_channel, BLOCK_R=block_r, BLOCK_C=block_c,
@@ -282,7 +278,7 @@ def gated_blend_backward(
     options = dict(PER_CHANNEL=per_channel, NEED_A=need_a, NEED_B=need_b, NEED_ALPHA=need_alpha,
                    BLOCK_R=block_r, BLOCK_C=block_c)
     grid = (row_programs, col_blocks)
-    if _interpreting():
+    if interpreting():
         gated_blend_bwd_kernel[grid](*arguments, **options, num_warps=num_warps)
     else:
         gated_blend_bwd_tuned[grid](*arguments, **options)

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_adapter import _dot_settings
+from .launch import dot_settings
 from .lsh_attention_rounds import lsh_bucket_ids, lsh_combine_rounds, lsh_combine_rounds_backward
 
 __all__ = [
@@ -358,7 +358,7 @@ def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks
     num_chunks = rounds * seq // chunk_length
     shift, _ = _shifts(num_chunks, chunks_before, chunks_after)
     block_m, block_n, block_d, block_dv, num_warps = _block_sizes("fwd", chunk_length, head_dim, value_dim, q.dtype)
-    dot_fp32, precision = _dot_settings(q.dtype)
+    dot_fp32, precision = dot_settings(q.dtype)
     grid = (num_chunks * triton.cdiv(chunk_length, block_m), batch * heads)
     lsh_fwd_kernel[grid](
         q, k, v, q_idx, k_idx, mask_argument, out, lse,

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_adapter import _dot_settings
+from .launch import dot_settings
 from .lsh_attention import (
     _block_sizes,
     _dropout_keep,
@@ -291,7 +291,7 @@ def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
     num_chunks = rounds * seq // chunk_length
     forward_shift, backward_shift = _shifts(num_chunks, chunks_before, chunks_after)
     window = 1 + chunks_before + chunks_after
-    dot_fp32, precision = _dot_settings(q.dtype)
+    dot_fp32, precision = dot_settings(q.dtype)
     sizes = (heads, seq, chunk_length, num_chunks, window)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                v.stride(1), v.stride(2), stride_mb, float(scale), float(dropout_p), int(seed))

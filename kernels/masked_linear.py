@@ -22,11 +22,11 @@ Alternative to Finetuning for Pretrained Language Models" (EMNLP 2020); numpy.pa
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import dot_settings, interpreting
 
 
 @triton.jit
@@ -321,18 +321,6 @@ masked_linear_grad_scores_tuned = triton.autotune(
 # ----------------------------------------------------------------------------------- launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
-    """(upcast dot operands to fp32, input precision). fp32 follows torch's TF32 switch; the
-    interpreter's bf16 dot is wrong (seen on triton 3.8), so it upcasts there."""
-    if dtype == torch.float32:
-        return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 and not _interpreting() else "ieee"
-    return _interpreting() and dtype == torch.bfloat16, "ieee"
-
-
 # (BLOCK_M, BLOCK_N, BLOCK_K) at most, for 16-bit and for fp32 operands.
 _HEURISTIC_BLOCKS = {
     "forward": ((128, 128, 32), (64, 64, 32)),
@@ -367,7 +355,7 @@ _TUNE_MIN_MACS = 1 << 24
 def _launch(kind, kernel, tuned, arguments, options, grid, rows, out_features, in_features, fp32):
     """The heuristic config under the interpreter and for small problems, else the autotuned kernel.
     grid: (meta dict of the block sizes) -> launch grid."""
-    if _interpreting() or rows * out_features * in_features < _TUNE_MIN_MACS:
+    if interpreting() or rows * out_features * in_features < _TUNE_MIN_MACS:
         block_m, block_n, block_k, warps, stages = _gemm_blocks(kind, rows, out_features, in_features, fp32)
         blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
         kernel[grid(blocks)](*arguments, **options, **blocks, num_warps=warps, num_stages=stages)
@@ -386,7 +374,7 @@ def masked_linear_forward(x, weight, packed_mask, bias=None):
         return y
     if in_features == 0:
         return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
-    dot_fp32, precision = _dot_settings(x.dtype)
+    dot_fp32, precision = dot_settings(x.dtype)
     arguments = (
         x, weight, packed_mask, bias if bias is not None else y, y,
         rows, out_features, in_features, packed_mask.shape[1],
@@ -409,7 +397,7 @@ def masked_linear_grad_input(grad, weight, packed_mask):
         return dx
     if out_features == 0:
         return dx.zero_()
-    dot_fp32, precision = _dot_settings(grad.dtype)
+    dot_fp32, precision = dot_settings(grad.dtype)
     arguments = (
         grad, weight, packed_mask, dx, rows, out_features, in_features, packed_mask.shape[1],
         grad.stride(0), weight.stride(0), weight.stride(1), dx.stride(0), _m_bucket(rows),
@@ -432,7 +420,7 @@ def masked_linear_grad_scores(grad, x, weight):
         return dscores
     if rows == 0:
         return dscores.zero_()
-    dot_fp32, precision = _dot_settings(x.dtype)
+    dot_fp32, precision = dot_settings(x.dtype)
     arguments = (
         grad, x, weight, dscores, rows, out_features, in_features,
         grad.stride(0), x.stride(0), weight.stride(0), weight.stride(1), _m_bucket(rows),

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import dot_settings, interpreting
 from .bottleneck_adapter import (
     GELU,
     MAX_RANK,
@@ -53,8 +54,6 @@ from .bottleneck_adapter import (
     _block_sizes,
     _chunk_scale,
     _chunk_sum,
-    _dot_settings,
-    _interpreting,
     _up_projection_chunk,
 )
 
@@ -554,7 +553,7 @@ def multi_adapter_forward(
         return out, z, mean, rstd
     residual = x if residual is None else residual
     scale_mode, scale = _scale_arguments(scale, x.device)
-    dot_fp32, precision = _dot_settings(x.dtype)
+    dot_fp32, precision = dot_settings(x.dtype)
     block_m, block_r, block_h, num_warps = _tile_sizes(rank, hidden, tokens, adapters, x.dtype == torch.float32)
     order, work, _ = group_rows(index, adapters, block_m)
     dummy = z  # any pointer for arguments a constexpr switch leaves unread
@@ -573,7 +572,7 @@ def multi_adapter_forward(
         DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r,
     )
     grid = (work.shape[0],)
-    if _interpreting():
+    if interpreting():
         multi_adapter_fwd_kernel[grid](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
     else:
         multi_adapter_fwd_tuned[grid](*arguments, **options)
@@ -619,7 +618,7 @@ def multi_adapter_backward(
     adapters, rank = down_weight.shape[0], down_weight.shape[1]
     device, dtype = grad.device, grad.dtype
     fp32 = dtype == torch.float32
-    dot_fp32, precision = _dot_settings(dtype)
+    dot_fp32, precision = dot_settings(dtype)
     scale_mode, scale_tensor = _scale_arguments(scale, device)
     result = {}
 
@@ -658,7 +657,7 @@ def multi_adapter_backward(
             NEED_DX=need["x"], DX_ADD_DY=residual is None,
             DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r,
         )
-        if _interpreting():
+        if interpreting():
             multi_adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
         else:
             multi_adapter_bwd_rows_tuned[(num_blocks,)](*arguments, **options)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_adapter import _dot_settings
+from .launch import dot_settings
 
 __all__ = ["MAX_HEAD_DIM", "prefix_attention_forward", "prefix_dropout_keep_mask", "compile_variants"]
 
@@ -309,7 +309,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, sc
     lse = q.new_empty((batch, q_heads, sq), dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
-    dot_fp32, precision = _dot_settings(q.dtype)
+    dot_fp32, precision = dot_settings(q.dtype)
     mask_tensor, mask_kind, mask_rows, mask_strides = _mask_arguments(mask, q)
     block_m, block_n, warps, stages = _tiles(dim, value_dim, q.dtype == torch.float32, "forward",
                                              causal or mask is not None, mask_rows, dropout_p > 0.0)

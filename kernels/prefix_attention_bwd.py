@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_adapter import _dot_settings
+from .launch import dot_settings
 from .prefix_attention import (
     DELTA_WARPS,
     _block_dim,
@@ -330,7 +330,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, 
             out, grad_out, delta, sq, value_dim, *out.stride()[:3], BLOCK_M=64, BLOCK_DV=min(_block_dim(value_dim), 64),
             num_warps=DELTA_WARPS,
         )
-        dot_fp32, precision = _dot_settings(q.dtype)
+        dot_fp32, precision = dot_settings(q.dtype)
         fp32 = q.dtype == torch.float32
         mask_tensor, mask_kind, mask_rows, mask_strides = _mask_arguments(mask, q)
         common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=dot_fp32,

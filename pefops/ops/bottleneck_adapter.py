@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
+from pefops.ops.common import compute_dtype, describe
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 
 OP = "bottleneck_adapter"
@@ -31,10 +32,6 @@ GRAD_NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "scaling"
 # ------------------------------------------------------------------------------------ reference
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _scale_of(scaling: Optional[torch.Tensor], scaling_value: float, dtype: torch.dtype):
     if scaling is None:
         return scaling_value
@@ -46,7 +43,7 @@ def _torch_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, scali
     """The reference forward, vectorised, in fp32 (fp64 for fp64 inputs). Differentiable, so
     `bottleneck_adapter_ref` is this function with plain autograd. x: [T, H]. Returns (out, z,
     mean, rstd)."""
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     z = torch.nn.functional.linear(x.to(cdt), down_weight.to(cdt), None if down_bias is None else down_bias.to(cdt))
     a = activation_forward(z, activation, negative_slope)
     u = torch.nn.functional.linear(a, up_weight.to(cdt), None if up_bias is None else up_bias.to(cdt))
@@ -120,22 +117,18 @@ def bottleneck_adapter_ref(x, down_weight, down_bias, up_weight, up_bias, *, act
 # ------------------------------------------------------------------------------------ validation
 
 
-def _describe(tensor: torch.Tensor) -> str:
-    return f"shape {tuple(tensor.shape)}, {str(tensor.dtype).removeprefix('torch.')}, {tensor.device}"
-
-
 def _normalise(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, layer_norm):
     """Check every argument (ValueError saying what was expected) and bring x and the residual to
     [tokens, hidden]. Returns (x2d, residual2d, scaling_tensor, scaling_value, ln_weight, ln_bias,
     ln_eps, has_ln, activation_code)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"x must be a tensor [..., hidden]; got {type(x).__name__ if not isinstance(x, torch.Tensor) else _describe(x)}")
+        raise ValueError(f"x must be a tensor [..., hidden]; got {type(x).__name__ if not isinstance(x, torch.Tensor) else describe(x)}")
     dtype, device = x.dtype, x.device
     if dtype not in FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"x must be float32, float16 or bfloat16 (float64 for gradcheck); got {dtype}")
     hidden = x.shape[-1]
     if not isinstance(down_weight, torch.Tensor) or down_weight.dim() != 2 or down_weight.shape[1] != hidden:
-        got = _describe(down_weight) if isinstance(down_weight, torch.Tensor) else type(down_weight).__name__
+        got = describe(down_weight) if isinstance(down_weight, torch.Tensor) else type(down_weight).__name__
         raise ValueError(f"down_weight must be [rank, hidden={hidden}]; got {got}")
     rank = down_weight.shape[0]
     if rank < 1:
@@ -225,7 +218,7 @@ def _bottleneck_adapter_fwd(
 def _(x, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual, ln_weight, ln_bias,
       ln_eps, layer_norm, activation, negative_slope, backend):
     tokens, rank = x.shape[0], down_weight.shape[0]
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     stats = tokens if layer_norm else 0
     return (x.new_empty(x.shape), x.new_empty((tokens, rank), dtype=cdt),
             x.new_empty((stats,), dtype=cdt), x.new_empty((stats,), dtype=cdt))

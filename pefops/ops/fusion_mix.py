@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pefops import backend as backends
+from pefops.ops.common import compute_dtype
 
 OP = "fusion_mix"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,10 +33,6 @@ TRITON_MAX_ADAPTERS = 64
 
 
 # ------------------------------------------------------------------------------------ reference
-
-
-def _compute_dtype(tensor):
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def segment_membership(segment_offsets, units: int, dtype=torch.float32):
@@ -52,7 +49,7 @@ def fusion_mix_ref(t_, a, bias_scores, segment_offsets, temperature, dropout_mas
     gather are matmuls with the one-hot membership (no loop over adapters). t_, a: [..., R];
     bias_scores, dropout_mask: [..., N]; segment_offsets: int [N + 1] on the inputs' device.
     Returns (w in a's dtype, p in bias_scores' dtype)."""
-    cdt = _compute_dtype(a)
+    cdt = compute_dtype(a.dtype)
     membership = segment_membership(segment_offsets.to(a.device), a.shape[-1], cdt)  # [R, N]
     a_c = a.to(cdt)
     scores = (t_.to(cdt) * a_c) @ membership + bias_scores.to(cdt)
@@ -71,7 +68,7 @@ def _torch_backward(dw, dp, t_, a, p, segment_offsets, temperature, dropout_mask
     """The gradients of the formula, vectorised (the same membership matmuls):
     dp_total = dp + Σ_{r in i} dw·a; ds = p ⊙ (dp_total − Σ_i p_i dp_total_i) / T (⊙ mask);
     d t_ = ds[seg] · a; d a = ds[seg] · t_ + dw · p[seg]; d bias = ds."""
-    cdt = _compute_dtype(a)
+    cdt = compute_dtype(a.dtype)
     membership = segment_membership(segment_offsets, a.shape[-1], cdt)
     dw_c, a_c, p_c = dw.to(cdt), a.to(cdt), p.to(cdt)
     dp_total = dp.to(cdt) + (dw_c * a_c) @ membership

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
+from pefops.ops.common import describe
 from pefops.ops.lsh_hashing import bucket_factors, lsh_hash, lsh_rotations, lsh_sort, stable_sort_indices
 from pefops.ops.lsh_chunked import _EagerChunkedAttention, _chunked_backward_torch, _chunked_forward_torch
 from pefops.ops.lsh_rounds import combine_rounds
@@ -157,12 +158,6 @@ def _chunked_attention(q, k, v, q_idx, k_idx, key_mask, config, dropout_p, backe
 # ------------------------------------------------------------------------------------ validation
 
 
-def _describe(tensor) -> str:
-    if not isinstance(tensor, torch.Tensor):
-        return type(tensor).__name__
-    return f"shape {tuple(tensor.shape)}, {str(tensor.dtype).removeprefix('torch.')}, {tensor.device}"
-
-
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
@@ -174,7 +169,7 @@ def _check_inputs(names, tensors, v, *, num_hashes, num_buckets, chunk_length, n
     first = tensors[0]
     for name, tensor in zip(names + ("v",), tensors + (v,)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
-            raise ValueError(f"{name} must be a tensor [batch, heads, seq, head_dim]; got {_describe(tensor)}")
+            raise ValueError(f"{name} must be a tensor [batch, heads, seq, head_dim]; got {describe(tensor)}")
         if tensor.dtype not in FLOAT_DTYPES + (torch.float64,):
             raise ValueError(f"{name} must be float32, float16 or bfloat16 (float64 for gradcheck); got {tensor.dtype}")
         if tensor.dtype != first.dtype:
@@ -196,14 +191,14 @@ def _check_inputs(names, tensors, v, *, num_hashes, num_buckets, chunk_length, n
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, seq):
             raise ValueError(f"attention_mask must be a tensor [batch, seq] = {(batch, seq)} (1 = token, "
-                             f"0 = padding); got {_describe(attention_mask)}")
+                             f"0 = padding); got {describe(attention_mask)}")
         if attention_mask.device != first.device:
             raise ValueError(f"attention_mask is on {attention_mask.device}, the inputs on {first.device}")
     if rotations is not None:
         expected = (heads, dim, num_hashes, sum(factors) // 2)
         if not isinstance(rotations, torch.Tensor) or tuple(rotations.shape) != expected:
             raise ValueError(f"rotations must have shape [heads, head_dim, num_hashes, sum(bucket factors) // 2] = "
-                             f"{expected}; got {_describe(rotations)}")
+                             f"{expected}; got {describe(rotations)}")
         if rotations.dtype != first.dtype or rotations.device != first.device:
             raise ValueError(f"rotations must have the inputs' dtype and device ({first.dtype}, {first.device}); "
                              f"got {rotations.dtype}, {rotations.device}")

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from pefops.ops.common import compute_dtype
+
 
 class _Layout(NamedTuple):
     """Index plan of one call in "padded chunk space".
@@ -169,10 +171,6 @@ def _gather_rows(tensor, rows, dtype):
     return torch.nn.functional.embedding(rows, table).to(dtype)
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _gathered(q, k, v, layout, cdt):
     """(padded queries [G*P, L, D], key buffer, value buffer [(G*P + W - 1) * L, D|Dv])."""
     length = layout.shape[4]
@@ -237,7 +235,7 @@ def _forward_impl(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, 
     (layout, padded queries, key buffer, value buffer, probs, dropped-out probs or None, lse)."""
     seq = q.shape[2]
     layout = _layout(q_idx, k_idx, seq, chunk_length, chunks_before, chunks_after)
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     q_padded, k_buffer, v_buffer = _gathered(q, k, v, layout, cdt)
     probs, lse = _probabilities(q_padded, k_buffer, q_idx, layout, key_mask, causal, self_mask, scale, mask_value,
                                 self_mask_value, chunks_before)
@@ -270,7 +268,7 @@ def _backward_impl(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_
     real score the constants' probabilities are exactly 0 (exp(-1e5 - lse) underflows), and a row
     made of constants only (lse at a mask constant) gets no score gradient at all (its dO is
     zeroed for ds, not for dv)."""
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     if saved is None:
         layout = _layout(q_idx, k_idx, q.shape[2], chunk_length, chunks_before, chunks_after)
         q_padded, k_buffer, v_buffer = _gathered(q, k, v, layout, cdt)

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
+from pefops.ops.common import compute_dtype
 
 BUCKET_OP = "lsh_bucket_ids"
 COMBINE_OP = "lsh_combine"
@@ -78,18 +79,14 @@ def bucket_ids(rotated: torch.Tensor, factors: Sequence[int], keep: Optional[tor
 # ------------------------------------------------------------------------------------ round combine
 
 
-def _compute_dtype(tensor):
-    return torch.promote_types(tensor.dtype, torch.float32)  # fp32, or float64 for float64 checks
-
-
 def _combine_forward_torch(out_rounds, lse_rounds):
     lse = torch.logsumexp(lse_rounds, dim=2)
     weights = torch.exp(lse_rounds - lse.unsqueeze(2)).unsqueeze(-1)
-    return (out_rounds.to(_compute_dtype(out_rounds)) * weights).sum(2).to(out_rounds.dtype), lse
+    return (out_rounds.to(compute_dtype(out_rounds.dtype)) * weights).sum(2).to(out_rounds.dtype), lse
 
 
 def _combine_backward_torch(grad_out, grad_lse, out_rounds, lse_rounds, out):
-    compute = _compute_dtype(out_rounds)
+    compute = compute_dtype(out_rounds.dtype)
     lse = torch.logsumexp(lse_rounds, dim=2, keepdim=True)
     weights = torch.exp(lse_rounds - lse)  # [B, H, nh, S]
     grad = grad_out.to(compute).unsqueeze(2)

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
+from pefops.ops.common import describe
 
 OP = "masked_linear"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -131,18 +132,12 @@ def masked_linear_scores_ref(x, weight, scores, threshold, bias=None):
 # ------------------------------------------------------------------------------------ validation
 
 
-def _describe(tensor) -> str:
-    if not isinstance(tensor, torch.Tensor):
-        return type(tensor).__name__
-    return f"shape {tuple(tensor.shape)}, {str(tensor.dtype).removeprefix('torch.')}, {tensor.device}"
-
-
 def _check_common(x, weight, bias):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features]; got {_describe(weight)}")
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features]; got {describe(weight)}")
     out_features, in_features = weight.shape
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x must be [..., in_features={in_features}]; got {_describe(x)}")
+        raise ValueError(f"x must be [..., in_features={in_features}]; got {describe(x)}")
     if x.dtype not in FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
     if weight.dtype != x.dtype:
@@ -151,7 +146,7 @@ def _check_common(x, weight, bias):
         raise ValueError(f"weight must be on x's device {x.device}; got {weight.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must be [out_features={out_features}]; got {_describe(bias)}")
+            raise ValueError(f"bias must be [out_features={out_features}]; got {describe(bias)}")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(f"bias must match x ({x.dtype}, {x.device}); got {bias.dtype}, {bias.device}")
     if weight.requires_grad and torch.is_grad_enabled():
@@ -296,9 +291,9 @@ def masked_linear_scores(x, weight, scores, threshold, bias=None, *, backend=Non
     (dyᵀ x) ⊙ W) and bias. scores [out, in], any float dtype."""
     out_features, in_features = _check_common(x, weight, bias)
     if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (out_features, in_features):
-        raise ValueError(f"scores must be [out_features={out_features}, in_features={in_features}]; got {_describe(scores)}")
+        raise ValueError(f"scores must be [out_features={out_features}, in_features={in_features}]; got {describe(scores)}")
     if not scores.is_floating_point() or scores.device != x.device:
-        raise ValueError(f"scores must be floating point on x's device {x.device}; got {_describe(scores)}")
+        raise ValueError(f"scores must be floating point on x's device {x.device}; got {describe(scores)}")
     if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
         raise ValueError(f"threshold must be a float; got {type(threshold).__name__}")
     x2 = _rows(x.reshape(-1, in_features))
@@ -381,12 +376,12 @@ def masked_linear_routed(x, weight, packed_masks, row_task, bias=None):
     bias."""
     out_features, in_features = _check_common(x, weight, bias)
     if not isinstance(packed_masks, torch.Tensor) or packed_masks.dim() != 3:
-        raise ValueError(f"packed_masks must be uint8 [tasks, out, ceil(in / 8)]; got {_describe(packed_masks)}")
+        raise ValueError(f"packed_masks must be uint8 [tasks, out, ceil(in / 8)]; got {describe(packed_masks)}")
     for task in range(packed_masks.shape[0]):
         _check_packed(packed_masks[task], out_features, in_features)
     tasks = packed_masks.shape[0]
     if not isinstance(row_task, torch.Tensor) or row_task.dim() != 1 or row_task.numel() != x.shape[0]:
-        raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); got {_describe(row_task)}")
+        raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); got {describe(row_task)}")
     row_task = row_task.to(device=x.device, dtype=torch.long)
     if row_task.numel() and (int(row_task.min()) < 0 or int(row_task.max()) >= tasks):
         raise ValueError(f"row_task values must be in [0, {tasks}); got {int(row_task.min())}..{int(row_task.max())}")

@@ -38,6 +38,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from pefops import backend as backends
+from pefops.ops.common import compute_dtype, describe
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 from pefops.ops.bottleneck_adapter import _triton_limits, cuda_decode_limits
 
@@ -49,10 +50,6 @@ GRAD_NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "scaling"
 
 
 # ------------------------------------------------------------------------------------ reference
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Padding(NamedTuple):
@@ -168,7 +165,7 @@ def _torch_forward(x, index, down_weight, down_bias, up_weight, up_bias, scaling
     """The reference forward, vectorised over adapters, in fp32 (fp64 for fp64 inputs): rows padded
     by adapter, batched GEMMs, rows back in order. Differentiable, so `multi_adapter_ref` is this
     function with plain autograd. x: [T, H], index [T] int64. Returns (out, z, mean, rstd)."""
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     padding = _padding(index, down_weight.shape[0])
     z_padded = _grouped_linear(_pad(x.to(cdt), padding), down_weight, down_bias, padding, cdt)
     u_padded = _grouped_linear(activation_forward(z_padded, activation, negative_slope), up_weight, up_bias,
@@ -260,12 +257,6 @@ def multi_adapter_ref(x, adapter_index, down_weight, down_bias, up_weight, up_bi
 # ------------------------------------------------------------------------------------ validation
 
 
-def _describe(tensor) -> str:
-    if not isinstance(tensor, torch.Tensor):
-        return type(tensor).__name__
-    return f"shape {tuple(tensor.shape)}, {str(tensor.dtype).removeprefix('torch.')}, {tensor.device}"
-
-
 def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual,
                layer_norm):
     """Check every argument (ValueError saying what was expected) and bring x and the residual to
@@ -273,14 +264,14 @@ def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, act
     Returns (x2d, index, residual2d, scaling_tensor, scaling_value, ln_weight, ln_bias, ln_eps,
     has_ln, activation_code)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise ValueError(f"x must be a tensor [batch, ..., hidden] (at least 2-D); got {_describe(x)}")
+        raise ValueError(f"x must be a tensor [batch, ..., hidden] (at least 2-D); got {describe(x)}")
     dtype, device = x.dtype, x.device
     if dtype not in FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"x must be float32, float16 or bfloat16 (float64 for gradcheck); got {dtype}")
     hidden = x.shape[-1]
     if (not isinstance(adapter_index, torch.Tensor) or adapter_index.is_floating_point()
             or adapter_index.is_complex() or adapter_index.dtype == torch.bool):
-        raise ValueError(f"adapter_index must be an integer tensor (int64); got {_describe(adapter_index)}")
+        raise ValueError(f"adapter_index must be an integer tensor (int64); got {describe(adapter_index)}")
     leading = tuple(x.shape[:-1])
     if adapter_index.dim() < 1 or tuple(adapter_index.shape) != leading[:adapter_index.dim()]:
         raise ValueError(f"adapter_index must have shape {leading[:1]} (one adapter per sequence of x {tuple(x.shape)}) "
@@ -288,7 +279,7 @@ def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, act
     if adapter_index.device != device:
         raise ValueError(f"adapter_index must be on x's device {device}; got {adapter_index.device}")
     if not isinstance(down_weight, torch.Tensor) or down_weight.dim() != 3 or down_weight.shape[2] != hidden:
-        raise ValueError(f"down_weight must be [adapters, rank, hidden={hidden}]; got {_describe(down_weight)}")
+        raise ValueError(f"down_weight must be [adapters, rank, hidden={hidden}]; got {describe(down_weight)}")
     adapters, rank = down_weight.shape[0], down_weight.shape[1]
     if adapters < 1 or rank < 1:
         raise ValueError(f"down_weight must hold at least one adapter of rank >= 1; got shape {tuple(down_weight.shape)}")
@@ -392,7 +383,7 @@ def _multi_adapter_fwd(
 def _(x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual, ln_weight, ln_bias,
       ln_eps, layer_norm, activation, negative_slope, backend):
     tokens, rank = x.shape[0], down_weight.shape[1]
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     stats = tokens if layer_norm else 0
     return (x.new_empty(x.shape), x.new_empty((tokens, rank), dtype=cdt),
             x.new_empty((stats,), dtype=cdt), x.new_empty((stats,), dtype=cdt))

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pefops import backend as backends
+from pefops.ops.common import compute_dtype, describe
 
 OP = "prefix_attention"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,10 +55,6 @@ GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
 
 # ------------------------------------------------------------------------------------ reference
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def causal_keep(sq: int, sk: int, device) -> torch.Tensor:
@@ -104,7 +101,7 @@ def _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale, dropout_p=0
     """The reference forward (differentiable): SDPA over [prefix ; sequence] in fp32 (fp64 for fp64).
     q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D / Dv]; prefix_k, prefix_v [1 or B, Hkv, P, D / Dv];
     mask None or 4-D broadcastable to [B, Hq, Sq, Sk]. Returns (out in q's dtype, lse of zeros)."""
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     batch, q_heads, sq, _ = q.shape
     sk = k.shape[2]
     prefix_len = prefix_k.shape[2]
@@ -144,7 +141,7 @@ def _torch_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causa
         P = softmax(S), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = s dS K, dK = s dS^T Q,
     then the key / value gradients split into prefix and sequence, summed over each group's query
     heads (and over the batch for a shared prefix). Returns grads in GRAD_NAMES order."""
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     batch, q_heads, sq, dim = q.shape
     kv_heads, sk = k.shape[1], k.shape[2]
     prefix_len = prefix_k.shape[2]
@@ -189,12 +186,6 @@ def prefix_attention_ref(q, k, v, prefix_k, prefix_v, *, attention_mask=None, ca
 # ------------------------------------------------------------------------------------ validation
 
 
-def _describe(tensor) -> str:
-    if not isinstance(tensor, torch.Tensor):
-        return type(tensor).__name__
-    return f"shape {tuple(tensor.shape)}, {str(tensor.dtype).removeprefix('torch.')}, {tensor.device}"
-
-
 def _normalise_mask(mask, batch, q_heads, sq, sk, device):
     """The attention mask as None or a 4-D view broadcastable to [B, Hq, Sq, Sk] (bool or float
     additive); a [B, Sk] key-padding mask becomes [B, 1, 1, Sk] bool. No copies of 4-D masks."""
@@ -236,7 +227,7 @@ def _normalise_mask(mask, batch, q_heads, sq, sk, device):
 def _normalise_prefix(prefix, name, batch, kv_heads, dim, dim_name, dtype, device):
     if not isinstance(prefix, torch.Tensor) or prefix.dim() not in (3, 4):
         raise ValueError(f"{name} must be a tensor [kv_heads, P, {dim_name}] (shared) or [batch, kv_heads, P, "
-                         f"{dim_name}] (per row); got {_describe(prefix)}")
+                         f"{dim_name}] (per row); got {describe(prefix)}")
     if prefix.device != device:
         raise ValueError(f"{name} must be on q's device {device}; got {prefix.device}")
     if not prefix.is_floating_point():
@@ -256,16 +247,16 @@ def _normalise(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, dropo
     """Check every argument (ValueError saying what was expected). Returns (q, k, v, prefix_k [1|B,
     Hkv, P, D], prefix_v [1|B, Hkv, P, Dv], mask (None or 4-D), scale)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"q must be a tensor [batch, q_heads, queries, head_dim]; got {_describe(q)}")
+        raise ValueError(f"q must be a tensor [batch, q_heads, queries, head_dim]; got {describe(q)}")
     dtype, device = q.dtype, q.device
     if dtype not in FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"q must be float32, float16 or bfloat16 (float64 for gradcheck); got {dtype}")
     batch, q_heads, sq, dim = q.shape
     for tensor, name in ((k, "k"), (v, "v")):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
-            raise ValueError(f"{name} must be a tensor [batch, kv_heads, keys, dim]; got {_describe(tensor)}")
+            raise ValueError(f"{name} must be a tensor [batch, kv_heads, keys, dim]; got {describe(tensor)}")
         if tensor.dtype != dtype or tensor.device != device:
-            raise ValueError(f"{name} must have q's dtype and device ({dtype}, {device}); got {_describe(tensor)}")
+            raise ValueError(f"{name} must have q's dtype and device ({dtype}, {device}); got {describe(tensor)}")
     kv_heads, sk = k.shape[1], k.shape[2]
     if k.shape[0] != batch or k.shape[3] != dim:
         raise ValueError(f"k must be [batch={batch}, kv_heads, keys, head_dim={dim}] like q {tuple(q.shape)}; "
