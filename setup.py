@@ -22,10 +22,15 @@ def csrc_files():
 
 
 class BuildPyWithCsrcSources(build_py):
-    """Copies csrc/ into pefops/_csrc_sources so an installed (non-editable) pefops can JIT-build it."""
+    """Copies csrc/ into pefops/_csrc_sources so an installed (non-editable) pefops can JIT-build it,
+    and gives the installed pefops.kernels the __init__.py that the source folder kernels/ must not
+    have (there it would shadow Hugging Face's `kernels` package; see pefops/__init__.py)."""
 
     def run(self):
         super().run()
+        kernels_init = os.path.join(self.build_lib, "pefops", "kernels", "__init__.py")
+        with open(kernels_init, "w") as f:
+            f.write('"""Triton kernels of pefops, one file per op family (see pefops.KERNELS_DOC)."""\n')
         target = os.path.join(self.build_lib, "pefops", "_csrc_sources")
         os.makedirs(target, exist_ok=True)
         for source in csrc_files():
