@@ -105,14 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     md_path.write_text(runner.markdown_report(result))
     plots = [] if args.no_plots else runner.write_plots(result, out_dir, f"latest-{slug}")
 
+    failures = result.failures
     print()
+    if failures:
+        # first, so that a run which lost a provider or a configuration never reads as green
+        print(f"FAILED: {len(failures)} case(s) that should run here did not:")
+        for failure in failures:
+            where = " ".join(str(failure[k]) for k in ("op", "provider", "mode") if k in failure)
+            print(f"  {where}: {failure['reason']}")
+        print()
     print(runner.provenance_line(result.meta))
     print()
     print(runner.summary_tables(result.rows, result.meta))
-    if result.skipped:
-        print(f"{len(result.skipped)} case(s) skipped; reasons in {md_path.name} and the JSON 'skipped' list")
+    expected = len(result.skipped) - len(failures)
+    if expected:
+        print(f"{expected} case(s) skipped as expected here (time budget or a declared absence); "
+              f"reasons in {md_path.name} and the JSON 'skipped' list")
     print("wrote:", run_path, latest_path, md_path, *plots, sep="\n  ")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -76,7 +76,13 @@ class NotApplicable(Exception):
 
 
 class ProviderUnavailable(Exception):
-    """The provider cannot run here (missing package, failed compile): skipped with a message."""
+    """The provider cannot run here (missing package, failed compile): skipped with a message, and
+    counted as a failure of the run (`python -m bench` exits non-zero) unless `expected=True`
+    declares an absence that is normal on this machine (a CUDA-only provider on a CPU machine)."""
+
+    def __init__(self, reason: str, expected: bool = False):
+        super().__init__(reason)
+        self.expected = expected
 
 
 @dataclass(frozen=True)
@@ -406,6 +412,12 @@ class RunResult:
     def to_json(self) -> dict:
         return {"meta": self.meta, "rows": self.rows, "skipped": self.skipped}
 
+    @property
+    def failures(self) -> list[dict]:
+        """Skipped cases that are not a declared, expected absence or the time budget: a provider or
+        configuration that should have run here and did not."""
+        return [s for s in self.skipped if s.get("failure", True)]
+
 
 class _Progress:
     """tqdm when installed (the GPU machine may lack it), else a line per config on stderr."""
@@ -541,7 +553,8 @@ def run(benchmarks: Sequence[OpBenchmark], options: RunOptions,
                 if not stopped_for_budget:
                     progress.write(f"time budget of {options.budget_s:.0f}s spent: skipping the remaining configurations")
                 stopped_for_budget = True
-                result.skipped.append({"op": bench.name, "config": _jsonable(config), "reason": "time budget spent"})
+                result.skipped.append({"op": bench.name, "config": _jsonable(config), "reason": "time budget spent",
+                                       "failure": False})
                 progress.update(n_cases)
                 continue
             try:
@@ -551,7 +564,8 @@ def run(benchmarks: Sequence[OpBenchmark], options: RunOptions,
                     raise
                 msg = f"{bench.name} {config}: setup failed: {type(error).__name__}: {error}"
                 progress.write(msg)
-                result.skipped.append({"op": bench.name, "config": _jsonable(config), "reason": msg})
+                result.skipped.append({"op": bench.name, "config": _jsonable(config), "reason": msg,
+                                       "failure": not getattr(error, "expected", False)})
                 progress.update(n_cases)
                 _free(device)
                 continue
@@ -632,7 +646,8 @@ def _run_mode(bench, setup, mode, providers, device, timing, options, progress, 
         else:
             progress.write(f"{label} {provider}: failed: {reason}")
         result.skipped.append({"op": bench.name, "provider": provider, "mode": mode,
-                               "shape": _jsonable(setup.shape), "reason": reason})
+                               "shape": _jsonable(setup.shape), "reason": reason,
+                               "failure": not getattr(error, "expected", False)})
         _free(device)
         done(provider)
 
@@ -900,8 +915,13 @@ def markdown_report(result: RunResult) -> str:
     meta = result.meta
     text = [f"# Benchmark results — {meta['device_name']}", "", provenance_line(meta), "",
             summary_tables(result.rows, meta, heading_level=2), "## All rows", "", details_table(result.rows)]
-    if result.skipped:
-        text += ["## Skipped", ""] + [f"- {json.dumps(s)}" for s in result.skipped] + [""]
+    failures = result.failures
+    text = [f"# Benchmark results — {meta['device_name']}", ""] + (
+        [f"## FAILED: {len(failures)} case(s) did not run", ""] + [f"- {json.dumps(s)}" for s in failures] + [""]
+        if failures else []) + text[2:]
+    expected = [s for s in result.skipped if not s.get("failure", True)]
+    if expected:
+        text += ["## Skipped (expected here)", ""] + [f"- {json.dumps(s)}" for s in expected] + [""]
     return "\n".join(text)
 
 

@@ -182,10 +182,7 @@ class SideTuningSetup:
             hf.train_adapter(model, "a")
             return model
         if provider in ("side", "ladder"):
-            side_tune = getattr(hf, "side_tune", None)
-            if side_tune is None:
-                raise ProviderUnavailable("pefops.hf.side_tune is not available yet")
-            return side_tune(model, method=provider, reduction_factor=self.config["reduction_factor"]).train()
+            return hf.side_tune(model, method=provider, reduction_factor=self.config["reduction_factor"]).train()
         raise ProviderUnavailable(f"unknown provider {provider!r} for {OP}")
 
     def trainer(self, provider: str) -> Trainer:
