@@ -67,6 +67,13 @@ def output_of(model, inputs):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+def generated_cache(out):
+    """The KV cache of a generate() output: `cache` from transformers 5.24, `past_key_values` before
+    (5.17 on the GPU machine)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _concat_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None,
                       **kwargs):
     """The model's own eager attention over [prefix ; keys] (an independent implementation)."""
@@ -171,7 +178,7 @@ def test_generate_with_kv_cache_keeps_the_prefix_out_of_the_cache(kind):
     new = 5
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                          do_sample=False, return_dict_in_generate=True, output_logits=True)
-    assert out.cache.get_seq_length() == ids.shape[1] + new - 1  # real tokens only
+    assert generated_cache(out).get_seq_length() == ids.shape[1] + new - 1  # real tokens only
     with torch.no_grad():  # the cached decoding steps recomputed without any cache
         full = model(input_ids=out.sequences[:, :-1], use_cache=False).logits
     torch.testing.assert_close(torch.stack(out.logits, 1), full[:, ids.shape[1] - 1:], atol=1e-5, rtol=1e-5)
@@ -202,8 +209,8 @@ def test_t5_sites_and_generate(cross_attention):
     inputs = make_inputs("t5")
     out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4,
                          min_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    assert out.cache.self_attention_cache.get_seq_length() == out.sequences.shape[1] - 1
-    assert out.cache.cross_attention_cache.get_seq_length() == inputs["input_ids"].shape[1]
+    assert generated_cache(out).self_attention_cache.get_seq_length() == out.sequences.shape[1] - 1
+    assert generated_cache(out).cross_attention_cache.get_seq_length() == inputs["input_ids"].shape[1]
     with torch.no_grad():
         full = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                      decoder_input_ids=out.sequences[:, :-1], use_cache=False).logits

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 import pefops.hf as hf  # noqa: E402
 
-from tests.hf.test_prefix_tuning import make_inputs, make_model, output_of  # noqa: E402
+from tests.hf.test_prefix_tuning import generated_cache, make_inputs, make_model, output_of  # noqa: E402
 
 pytestmark = pytest.mark.hf
 COUNT = 3
@@ -80,7 +80,7 @@ def test_generate_uses_the_prompt_once_and_matches_uncached_logits(kind):
                          return_dict_in_generate=True, output_logits=True)
     length = ids.shape[1]
     assert out.sequences.shape == (3, length + new)
-    assert out.cache.get_seq_length() == COUNT + length + new - 1  # the prompt is in the cache, once
+    assert generated_cache(out).get_seq_length() == COUNT + length + new - 1  # the prompt is in the cache, once
     full_mask = torch.cat([mask, torch.ones(3, new - 1, dtype=mask.dtype)], 1)
     with torch.no_grad():
         full = model(input_ids=out.sequences[:, :-1], attention_mask=full_mask, use_cache=False).logits
@@ -128,7 +128,7 @@ def test_t5_generate_with_the_prompt_in_front_of_the_encoder_input():
     inputs = make_inputs("t5")
     out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4,
                          min_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    assert out.cache.cross_attention_cache.get_seq_length() == COUNT + inputs["input_ids"].shape[1]
+    assert generated_cache(out).cross_attention_cache.get_seq_length() == COUNT + inputs["input_ids"].shape[1]
     with torch.no_grad():
         full = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                      decoder_input_ids=out.sequences[:, :-1], use_cache=False).logits
