@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import describe
+from pefops.ops.common import check_index_tensor, describe
 
 OP = "masked_linear"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -380,7 +380,8 @@ def masked_linear_routed(x, weight, packed_masks, row_task, bias=None):
     for task in range(packed_masks.shape[0]):
         _check_packed(packed_masks[task], out_features, in_features)
     tasks = packed_masks.shape[0]
-    if not isinstance(row_task, torch.Tensor) or row_task.dim() != 1 or row_task.numel() != x.shape[0]:
+    check_index_tensor(row_task, "row_task", f"[{x.shape[0]}] (one task per sequence, int64)")
+    if row_task.dim() != 1 or row_task.numel() != x.shape[0]:
         raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); got {describe(row_task)}")
     row_task = row_task.to(device=x.device, dtype=torch.long)
     if row_task.numel() and (int(row_task.min()) < 0 or int(row_task.max()) >= tasks):

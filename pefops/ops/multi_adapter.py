@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, describe
+from pefops.ops.common import check_index_tensor, compute_dtype, describe
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 from pefops.ops.bottleneck_adapter import _triton_limits, cuda_decode_limits
 
@@ -269,9 +269,7 @@ def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, act
     if dtype not in FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"x must be float32, float16 or bfloat16 (float64 for gradcheck); got {dtype}")
     hidden = x.shape[-1]
-    if (not isinstance(adapter_index, torch.Tensor) or adapter_index.is_floating_point()
-            or adapter_index.is_complex() or adapter_index.dtype == torch.bool):
-        raise ValueError(f"adapter_index must be an integer tensor (int64); got {describe(adapter_index)}")
+    check_index_tensor(adapter_index, "adapter_index", "(int64)")
     leading = tuple(x.shape[:-1])
     if adapter_index.dim() < 1 or tuple(adapter_index.shape) != leading[:adapter_index.dim()]:
         raise ValueError(f"adapter_index must have shape {leading[:1]} (one adapter per sequence of x {tuple(x.shape)}) "
@@ -491,6 +489,9 @@ def multi_adapter(x, adapter_index, down_weight, down_bias, up_weight, up_bias, 
             out = _torch_forward(x2, index, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value,
                                  residual2, ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope))[0]
             return out.reshape(x.shape)
+    # the custom op saves the index for its backward: its own copy, so that the caller editing its
+    # index tensor in place after the call cannot change (or break) the gradient's routing
+    index = index.clone()
     out = _multi_adapter_fwd(
         x2, index, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value, residual2,
         ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope), backend or "",
