@@ -9,7 +9,8 @@ qk, v: [B, H, S, D] (shared query/key projection and value projection per head).
      the nh * S (round, bucket, position) entries stably;
   3. runs the chunked-attention core: sorted queries in chunks of chunk_length attend to their chunk
      and num_chunks_before / num_chunks_after neighbours (wrapping around over all nh * S / L chunks,
-     across round boundaries); keys are `len_and_dim_norm(qk)`; masked scores (padding of the key,
+     across round boundaries; a step as many chunks away as there are chunks, or more, is the
+     query's own chunk, as transformers' _look_adjacent builds the window); keys are `len_and_dim_norm(qk)`; masked scores (padding of the key,
      causal on original positions) := mask_value, then the self mask q_pos == k_pos :=
      self_mask_value; constants (-1e4, -1e3) for fp16 inputs, (-1e9, -1e5) otherwise;
   4. combines the rounds: out = sum_r softmax_r(lse_r) * out_r (the gradient flows through lse).
