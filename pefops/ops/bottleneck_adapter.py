@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, describe
+from pefops.ops.common import compute_dtype, describe, once_differentiable
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 
 OP = "bottleneck_adapter"
@@ -265,6 +265,7 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (scaling_value, layer_norm, activation, negative_slope, backend)
 
 
+@once_differentiable("bottleneck_adapter")
 def _backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
     x, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias, z, mean, rstd = ctx.saved_tensors
     scaling_value, layer_norm, activation, negative_slope, backend = ctx.config

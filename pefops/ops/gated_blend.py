@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
+from pefops.ops.common import once_differentiable
 
 OP = "gated_blend"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -89,6 +90,7 @@ def _setup(ctx, inputs, output):
     ctx.temperature, ctx.backend = temperature, backend
 
 
+@once_differentiable("gated_blend (alpha_blend, ladder_gate)")
 def _backward(ctx, grad):
     a, b, alpha = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]

@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import describe
+from pefops.ops.common import describe, once_differentiable
 from pefops.ops.lsh_hashing import bucket_factors, lsh_hash, lsh_rotations, lsh_sort, stable_sort_indices
 from pefops.ops.lsh_chunked import _EagerChunkedAttention, _chunked_backward_torch, _chunked_forward_torch
 from pefops.ops.lsh_rounds import combine_rounds
@@ -126,6 +126,7 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
+@once_differentiable("lsh_attention")
 def _backward(ctx, grad_out_rounds, grad_lse_rounds):
     q, k, v, q_idx, k_idx, key_mask, seed, out_rounds, lse_rounds = ctx.saved_tensors
     if grad_lse_rounds is None:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from pefops.ops.common import compute_dtype
+from pefops.ops.common import compute_dtype, once_differentiable
 
 
 class _Layout(NamedTuple):
@@ -470,6 +470,7 @@ class _EagerChunkedAttention(torch.autograd.Function):
             # the explicit-window core, its graph kept for the backward (its dropout mask included)
             ctx.general = _general_recorded(q, k, v, q_idx, k_idx, key_mask, config, dropout_p)
             ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+            ctx.save_for_backward(q, k, v)  # not read: ties a create_graph backward to the inputs
             return ctx.general[0]
         out_rounds, lse_rounds, saved = _forward_impl(q, k, v, q_idx, k_idx, key_mask, *config, dropout_p=dropout_p)
         ctx.save_for_backward(q, k, v, q_idx, k_idx, key_mask, out_rounds)
@@ -478,6 +479,7 @@ class _EagerChunkedAttention(torch.autograd.Function):
         return out_rounds, lse_rounds
 
     @staticmethod
+    @once_differentiable("lsh_attention")
     def backward(ctx, grad_out_rounds, grad_lse_rounds):
         if ctx.general is not None:
             outputs, vjp = ctx.general

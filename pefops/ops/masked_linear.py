@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import check_index_tensor, describe
+from pefops.ops.common import check_index_tensor, describe, once_differentiable
 
 OP = "masked_linear"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -228,6 +228,7 @@ def _setup_fwd(ctx, inputs, output):
     ctx.backend, ctx.needs_x, ctx.needs_bias = backend, ctx.needs_input_grad[0], ctx.needs_input_grad[3]
 
 
+@once_differentiable("masked_linear")
 def _backward_fwd(ctx, grad):
     weight, packed = ctx.saved_tensors
     dx, dbias = _input_and_bias_grads(ctx, grad, weight, packed)
@@ -241,6 +242,7 @@ def _setup_scores(ctx, inputs, output):
     ctx.needs_scores, ctx.scores_dtype = ctx.needs_input_grad[2], scores.dtype
 
 
+@once_differentiable("masked_linear_scores")
 def _backward_scores(ctx, grad, _grad_packed):
     x, weight, packed = ctx.saved_tensors
     dx, dbias = _input_and_bias_grads(ctx, grad, weight, packed)

@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import check_index_tensor, compute_dtype, describe
+from pefops.ops.common import check_index_tensor, compute_dtype, describe, once_differentiable
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 from pefops.ops.bottleneck_adapter import _triton_limits, cuda_decode_limits
 
@@ -428,6 +428,7 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (scaling_value, layer_norm, activation, negative_slope, backend)
 
 
+@once_differentiable("multi_adapter")
 def _backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
     (x, index, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias,
      z, mean, rstd) = ctx.saved_tensors

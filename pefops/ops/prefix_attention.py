@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, describe
+from pefops.ops.common import compute_dtype, describe, once_differentiable
 
 OP = "prefix_attention"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -355,6 +355,7 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (causal, scale, dropout_p, backend)
 
 
+@once_differentiable("prefix_attention")
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, prefix_k, prefix_v, mask, out, lse, seed = ctx.saved_tensors
     causal, scale, dropout_p, backend = ctx.config
