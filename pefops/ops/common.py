@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -11,6 +12,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype references and torch paths compute in: float32, or float64 for float64 inputs
     (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def flat_rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """tensor [..., width] as [rows, width], rows the product of the leading sizes: unlike
+    reshape(-1, width) also when width (or a leading size) is 0."""
+    return tensor.reshape(math.prod(tensor.shape[:-1]), width)
 
 
 def describe(value) -> str:

@@ -264,7 +264,9 @@ def _normalise(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, dropo
     if tuple(v.shape[:3]) != (batch, kv_heads, sk):
         raise ValueError(f"v must be [batch={batch}, kv_heads={kv_heads}, keys={sk}, value_dim] like k "
                          f"{tuple(k.shape)}; got {tuple(v.shape)}")
-    if kv_heads == 0 or q_heads % kv_heads:
+    if kv_heads == 0:
+        raise ValueError(f"k and v must have at least one head (kv_heads >= 1); got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q_heads % kv_heads:
         raise ValueError(f"q's heads ({q_heads}) must be a multiple of k/v's heads ({kv_heads}) (grouped-query "
                          "attention: query head h uses kv head h // (q_heads // kv_heads))")
     value_dim = v.shape[3]
