@@ -7,9 +7,11 @@ hash rounds give a sorted order of length nh * S; q_idx / k_idx hold the origina
 (0 .. S-1) of every sorted query / key (each round a permutation). The sorted order is cut into
 NC = nh*S/L chunks of L = chunk_length; chunk c attends to chunks c - before .. c + after modulo NC
 (wrap-around across round boundaries; with few chunks a chunk repeats in the window and every copy
-counts). Scores = q . k * scale, then on original positions: the key padding mask (gathered by the
-key index) and causal q_pos >= k_pos replace the score by mask_value, then q_pos == k_pos by
-self_mask_value (last). Finite constants only, as transformers.
+counts), except that a step `i` chunks away with |i| >= NC is chunk c itself, as transformers'
+_look_adjacent concatenates its shifted copies (see _window_offset). Scores = q . k * scale, then
+on original positions: the key padding mask (gathered by the key index) and causal q_pos >= k_pos
+replace the score by mask_value, then q_pos == k_pos by self_mask_value (last). Finite constants
+only, as transformers.
 
 Forward kernel: one program per (query block of a sorted chunk, batch * head). It gathers its query
 rows through q_idx and each window block's key / value rows through k_idx straight from q, k, v (no
@@ -131,6 +133,17 @@ def _mask_scores(s, q_pos, k_pos, key_keep, HAS_KEY_MASK: tl.constexpr, CAUSAL: 
 
 
 @triton.jit
+def _window_offset(w, BEFORE, NUM_CHUNKS):
+    """Chunk offset of window step w (0 .. before + after), as transformers' _look_adjacent builds
+    the window: step w is the chunk `w - before` chunks away, modulo NUM_CHUNKS, except that an
+    offset of NUM_CHUNKS or more either way is no shift at all (torch.cat([x[:, :, i:], x[:, :, :i]])
+    with |i| >= NUM_CHUNKS is x itself): a window longer than the sequence repeats the query's own
+    chunk there, not the chunks around it. Returned in (-NUM_CHUNKS, NUM_CHUNKS)."""
+    offset = w - BEFORE
+    return tl.where((offset < NUM_CHUNKS) & (offset > -NUM_CHUNKS), offset, 0)
+
+
+@triton.jit
 def _dropout_keep(seed, dropout_p, rows, slots, SLOTS):
     """The dropout keep mask of one tile, shared by the forward, both backward kernels and the debug
     launcher so all draw the same bits: keep = rand(seed, rows * SLOTS + slots) >= dropout_p, rows
@@ -153,7 +166,7 @@ def lsh_fwd_kernel(
     key_mask_ptr,  # [B, S] int8 (1 = keep), unit stride on S; read only with HAS_KEY_MASK
     out_ptr,  # [B, H, nh, S, Dv] out, contiguous, q's dtype
     lse_ptr,  # [B, H, nh, S] out, contiguous, float32
-    H, S, CHUNK, NUM_CHUNKS, WINDOW, SHIFT,
+    H, S, CHUNK, NUM_CHUNKS, WINDOW, BEFORE,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_mb,
     scale_value, dropout_p, seed,
@@ -193,7 +206,7 @@ def lsh_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for w in range(WINDOW):
-        key_chunk = (chunk + w + SHIFT) % NUM_CHUNKS  # SHIFT = -before + a multiple of NUM_CHUNKS, >= 0
+        key_chunk = (chunk + _window_offset(w, BEFORE, NUM_CHUNKS) + NUM_CHUNKS) % NUM_CHUNKS
         for kb in range(0, CHUNK, BLOCK_N):
             k_pos, k_ok = _sorted_rows(k_idx_ptr, key_chunk * CHUNK + kb, CHUNK - kb, EVEN, BLOCK_N)
             k = _gather_rows(k_ptr, k_pos, k_ok, stride_ks, offs_d, d_mask, EVEN, DOT_FP32)
@@ -325,16 +338,6 @@ def _index_arguments(q_idx, k_idx, key_mask, device):
     return q_idx, k_idx, key_mask, key_mask.stride(0)
 
 
-def _shifts(num_chunks: int, chunks_before: int, chunks_after: int) -> tuple[int, int]:
-    """(forward shift, backward shift), both non-negative. Forward: window step w of query chunk c
-    is key chunk c - before + w, so the shift is congruent to -before mod NC. Backward: window step
-    w of key chunk c is query chunk c + before - w (w <= before + after), so the shift is before
-    plus a multiple of NC above after; % then never sees a negative number."""
-    forward = num_chunks * (chunks_before // num_chunks + 1) - chunks_before
-    backward = chunks_before + num_chunks * (chunks_after // num_chunks + 1)
-    return forward, backward
-
-
 def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks_before, chunks_after, causal,
                         self_mask, scale, mask_value, self_mask_value, dropout_p=0.0, seed=0):
     """The chunked attention core forward. q, k: [B, H, S, D] (k already normalised / scaled as the
@@ -356,13 +359,12 @@ def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks
     if batch * heads == 0:
         return out, lse
     num_chunks = rounds * seq // chunk_length
-    shift, _ = _shifts(num_chunks, chunks_before, chunks_after)
     block_m, block_n, block_d, block_dv, num_warps = _block_sizes("fwd", chunk_length, head_dim, value_dim, q.dtype)
     dot_fp32, precision = dot_settings(q.dtype)
     grid = (num_chunks * triton.cdiv(chunk_length, block_m), batch * heads)
     lsh_fwd_kernel[grid](
         q, k, v, q_idx, k_idx, mask_argument, out, lse,
-        heads, seq, chunk_length, num_chunks, 1 + chunks_before + chunks_after, shift,
+        heads, seq, chunk_length, num_chunks, 1 + chunks_before + chunks_after, chunks_before,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), stride_mb, float(scale), float(dropout_p), int(seed),
         MASK_VALUE=float(mask_value), SELF_MASK_VALUE=float(self_mask_value), HAS_KEY_MASK=key_mask is not None,
@@ -422,7 +424,8 @@ def lsh_dropout_keep_mask(batch: int, heads: int, sorted_length: int, chunk_leng
                           dropout_p: float, seed: int, device="cpu") -> torch.Tensor:
     """The keep mask [B, H, nh * S, W * L] (bool, True = kept) that lsh_chunked_forward and its
     backward apply for (dropout_p, seed): row t is the sorted query t, column w * L + j the key j of
-    window step w (key chunk = query chunk - before + w, modulo the number of chunks)."""
+    window step w (key chunk = query chunk - before + w, modulo the number of chunks, or the query chunk
+itself where |w - before| >= the number of chunks, as _window_offset)."""
     slots = window * chunk_length
     keep = torch.zeros((batch, heads, sorted_length, slots), dtype=torch.int8, device=device)
     if keep.numel():

@@ -56,7 +56,7 @@ from .lsh_attention import (
     _index_pointer,
     _key_keep,
     _mask_scores,
-    _shifts,
+    _window_offset,
     _sorted_rows,
     _unit_last,
 )
@@ -78,7 +78,7 @@ def lsh_bwd_dq_kernel(
     dlse_ptr,  # [B, H, nh, S] contiguous, float32: gradient of lse_rounds (read only with HAS_DLSE)
     delta_ptr,  # [B, H, nh, S] out, contiguous, float32: rowsum(dO * O) - dlse
     dq_ptr,  # [B, H, S, D] out, contiguous, float32 (rounds after the first add to it)
-    H, S, CHUNK, NUM_CHUNKS, WINDOW, SHIFT, ROUND,
+    H, S, CHUNK, NUM_CHUNKS, WINDOW, BEFORE, ROUND,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_mb,
     scale_value, dropout_p, seed,
@@ -132,7 +132,7 @@ def lsh_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for w in range(WINDOW):
-        key_chunk = (chunk + w + SHIFT) % NUM_CHUNKS  # SHIFT = -before + a multiple of NUM_CHUNKS, >= 0
+        key_chunk = (chunk + _window_offset(w, BEFORE, NUM_CHUNKS) + NUM_CHUNKS) % NUM_CHUNKS
         for kb in range(0, CHUNK, BLOCK_N):
             k_pos, k_ok = _sorted_rows(k_idx_ptr, key_chunk * CHUNK + kb, CHUNK - kb, EVEN, BLOCK_N)
             k = _gather_rows(k_ptr, k_pos, k_ok, stride_ks, offs_d, d_mask, EVEN, DOT_FP32)
@@ -176,7 +176,7 @@ def lsh_bwd_dkdv_kernel(
     lse_ptr,  # [B, H, nh, S] contiguous, float32: the forward's lse_rounds
     dk_ptr,  # [B, H, S, D] out, contiguous, float32 (rounds after the first add to it)
     dv_ptr,  # [B, H, S, Dv] out, contiguous, float32 (rounds after the first add to it)
-    H, S, CHUNK, NUM_CHUNKS, WINDOW, SHIFT, ROUND,
+    H, S, CHUNK, NUM_CHUNKS, WINDOW, BEFORE, ROUND,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_mb,
     scale_value, dropout_p, seed,
@@ -214,8 +214,9 @@ def lsh_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for w in range(WINDOW):
-        # window step w of key chunk c is query chunk c + before - w (SHIFT = before + a multiple of NC)
-        q_chunk = (chunk + SHIFT - w) % NUM_CHUNKS
+        # window step w of query chunk c' is key chunk c' + offset(w), so key chunk c is step w of
+        # query chunk c - offset(w) (one query chunk per step: the offset depends on w only)
+        q_chunk = (chunk - _window_offset(w, BEFORE, NUM_CHUNKS) + NUM_CHUNKS) % NUM_CHUNKS
         round_row = bh_row + (q_chunk * CHUNK // S) * S  # the query chunk's round, a row of [B * H * nh, S]
         for qb in range(0, CHUNK, BLOCK_M):
             q_pos, q_ok = _sorted_rows(q_idx_ptr, q_chunk * CHUNK + qb, CHUNK - qb, EVEN, BLOCK_M)
@@ -289,7 +290,6 @@ def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
     if batch * heads == 0:
         return dq, dk, dv
     num_chunks = rounds * seq // chunk_length
-    forward_shift, backward_shift = _shifts(num_chunks, chunks_before, chunks_after)
     window = 1 + chunks_before + chunks_after
     dot_fp32, precision = dot_settings(q.dtype)
     sizes = (heads, seq, chunk_length, num_chunks, window)
@@ -312,12 +312,12 @@ def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
         grid = (chunks_per_round * triton.cdiv(chunk_length, dq_tiles["BLOCK_M"]), batch * heads)
         lsh_bwd_dq_kernel[grid](
             q, k, v, q_idx, k_idx, mask_argument, out_rounds, grad_out, lse, dlse, delta, dq,
-            *sizes, forward_shift, round_index, *strides, HAS_DLSE=has_dlse, **options, **dq_tiles)
+            *sizes, chunks_before, round_index, *strides, HAS_DLSE=has_dlse, **options, **dq_tiles)
     for round_index in range(rounds):
         grid = (chunks_per_round * triton.cdiv(chunk_length, dkdv_tiles["BLOCK_N"]), batch * heads)
         lsh_bwd_dkdv_kernel[grid](
             q, k, v, q_idx, k_idx, mask_argument, grad_out, delta, lse, dk, dv,
-            *sizes, backward_shift, round_index, *strides, **options, **dkdv_tiles)
+            *sizes, chunks_before, round_index, *strides, **options, **dkdv_tiles)
     return dq, dk, dv
 
 

@@ -65,7 +65,8 @@ class RowRouting:
         if row_adapter.numel() and (int(row_adapter.min()) < 0 or int(row_adapter.max()) >= len(self.names)):
             raise ValueError(f"row_adapter values must be in [0, {len(self.names)}); got "
                              f"{int(row_adapter.min())}..{int(row_adapter.max())}")
-        self.row_adapter = row_adapter.long()
+        # the routing's own copy: the caller editing its tensor in place later must not reroute the rows
+        self.row_adapter = row_adapter.detach().to(torch.int64, copy=True)
 
     def __repr__(self) -> str:
         return f"RowRouting({list(self.names)}, rows={self.row_adapter.numel()})"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pefops.hf.architectures import architecture_of, get_submodule
+from pefops.ops.common import check_index_tensor, describe
 from pefops.nn.masked_linear import MaskedLinear
 
 FORMAT = "pefops-masks-1"
@@ -160,6 +161,9 @@ def set_row_masks(model, paths: Optional[list] = None, row_task: Optional[torch.
         for module in modules.values():
             module.set_row_masks(None)
         return
+    check_index_tensor(row_task, "row_task", "[batch] of indices into paths (int64)")
+    if row_task.dim() != 1:
+        raise ValueError(f"row_task must be a 1-D integer tensor [batch] of indices into paths; got {describe(row_task)}")
     from safetensors import safe_open
 
     per_task = []

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pefops.ops.common import check_index_tensor, describe
 from pefops.ops.masked_linear import (
     masked_linear,
     masked_linear_routed,
@@ -109,6 +110,16 @@ class MaskedLinear(nn.Module):
         if packed_masks.dtype != torch.uint8 or packed_masks.dim() != 3 or tuple(packed_masks.shape[1:]) != expected:
             raise ValueError(f"row masks must be uint8 [tasks, {expected[0]}, {expected[1]}]; got "
                              f"{packed_masks.dtype} {tuple(packed_masks.shape)}")
+        check_index_tensor(row_task, "row_task", "[batch] of indices into packed_masks (int64)")
+        if row_task.dim() != 1:
+            raise ValueError(f"row_task must be a 1-D integer tensor [batch]; got {describe(row_task)}")
+        tasks = packed_masks.shape[0]
+        if row_task.device.type == "cpu" and row_task.numel():  # free on the CPU; CUDA indices are checked per call
+            low, high = int(row_task.min()), int(row_task.max())
+            if low < 0 or high >= tasks:
+                raise ValueError(f"row_task values must be in [0, {tasks}) ({tasks} task masks); got {low}..{high}")
+        # the layer's own copy: the caller editing its tensor in place later must not reroute the rows
+        row_task = row_task.detach().to(device=self.weight.device, dtype=torch.long, copy=True)
         self._row_masks = (packed_masks.to(self.weight.device).contiguous(), row_task)
 
     def density(self) -> float:

@@ -22,6 +22,7 @@ to the one tensor that serves as both key and value), which is + qk·residual on
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -79,7 +80,7 @@ def adapter_fusion(x, query, residual, down_weight, down_bias, up_weight, up_bia
     if temperature <= 0:
         raise ValueError(f"temperature must be positive; got {temperature}")
     code = activation_code(activation)
-    problem = backends.Problem(x.device, x.dtype, "forward", {"tokens": x.numel() // hidden, "hidden": hidden,
+    problem = backends.Problem(x.device, x.dtype, "forward", {"tokens": math.prod(x.shape[:-1]), "hidden": hidden,
                                                              "adapters": up_bias_scaled.shape[0]})
     implementation = backends.select(OP, problem, backend)
     return implementation.functions["forward"](
@@ -95,7 +96,7 @@ def _torch_forward(x, query, residual, down_weight, down_bias, up_weight, up_bia
     from pefops.ops.fusion_mix import fusion_mix
 
     adapters = up_bias_scaled.shape[0]
-    tokens, units = x.numel() // x.shape[-1], up_weight.shape[1]
+    tokens, units = math.prod(x.shape[:-1]), up_weight.shape[1]
     a = activation_forward(F.linear(x, down_weight, down_bias), activation, negative_slope)  # [..., R]
     if tokens > units and not residual_before:
         # Fold the query and key matrices into the adapters once per call (H²·R work, independent of

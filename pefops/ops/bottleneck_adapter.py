@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, describe
+from pefops.ops.common import compute_dtype, describe, flat_rows, once_differentiable
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 
 OP = "bottleneck_adapter"
@@ -35,7 +35,7 @@ GRAD_NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "scaling"
 def _scale_of(scaling: Optional[torch.Tensor], scaling_value: float, dtype: torch.dtype):
     if scaling is None:
         return scaling_value
-    return scaling.to(dtype).reshape(-1) if scaling.numel() > 1 else scaling.to(dtype).reshape(())
+    return scaling.to(dtype).reshape(()) if scaling.numel() == 1 else scaling.to(dtype).reshape(-1)
 
 
 def _torch_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual,
@@ -150,6 +150,9 @@ def _normalise(x, down_weight, down_bias, up_weight, up_bias, activation, scalin
         ln_weight, ln_bias, ln_eps = layer_norm
         if not isinstance(ln_eps, numbers.Real) or ln_eps <= 0:
             raise ValueError(f"layer_norm eps must be a positive float; got {ln_eps!r}")
+        if hidden == 0:
+            raise ValueError("layer_norm over hidden size 0 has no meaning (no values to normalise); x has shape "
+                             f"{tuple(x.shape)}: pass layer_norm=None or a hidden size >= 1")
         expected["layer_norm weight"] = (ln_weight, (hidden,))
         expected["layer_norm bias"] = (ln_bias, (hidden,))
     if up_weight is None:
@@ -179,8 +182,8 @@ def _normalise(x, down_weight, down_bias, up_weight, up_bias, activation, scalin
     else:
         raise ValueError(f"scaling must be a float or a tensor; got {type(scaling).__name__}")
     code = activation_code(activation)
-    x2 = x.reshape(-1, hidden)
-    residual2 = None if residual is None else residual.reshape(-1, hidden)
+    x2 = flat_rows(x, hidden)
+    residual2 = None if residual is None else flat_rows(residual, hidden)
     return x2, residual2, scaling_tensor, scaling_value, ln_weight, ln_bias, float(ln_eps), has_ln, code
 
 
@@ -265,6 +268,7 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (scaling_value, layer_norm, activation, negative_slope, backend)
 
 
+@once_differentiable("bottleneck_adapter")
 def _backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
     x, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias, z, mean, rstd = ctx.saved_tensors
     scaling_value, layer_norm, activation, negative_slope, backend = ctx.config
@@ -308,6 +312,12 @@ def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, *, activat
         x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, layer_norm
     )
     forced = backends.forced_backend(backend)  # rejects a misspelt backend before any work
+    if x2.numel() == 0:
+        # no tokens or hidden size 0: nothing to launch, whatever the backend; the reference under
+        # autograd gives the empty output and zero (or empty) gradients
+        out = _torch_forward(x2, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value,
+                             residual2, ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope))[0]
+        return out.reshape(x.shape)
     if forced is None and not backends.compiling():
         tokens, hidden = x2.shape
         problem = backends.Problem(x.device, x.dtype, "forward", {"tokens": tokens, "hidden": hidden, "rank": down_weight.shape[0]})

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype
+from pefops.ops.common import compute_dtype, once_differentiable
 
 OP = "fusion_mix"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -127,6 +127,7 @@ def _setup(ctx, inputs, output):
     ctx.temperature, ctx.backend = temperature, backend
 
 
+@once_differentiable("fusion_mix")
 def _backward(ctx, dw, dp):
     t_, a, p, segment_offsets, dropout_mask = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
+from pefops.ops.common import flat_rows, once_differentiable
 
 OP = "gated_blend"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,7 +46,7 @@ def _torch_backward(grad, a, b, alpha, temperature, need_a, need_b, need_alpha):
     db = (g * (1 - gate)).to(b.dtype) if need_b else None
     dalpha = None
     if need_alpha:
-        terms = (g * (a.to(cdt) - b.to(cdt))).reshape(-1, a.shape[-1]).sum(0) * gate * (1 - gate) / temperature
+        terms = flat_rows(g * (a.to(cdt) - b.to(cdt)), a.shape[-1]).sum(0) * gate * (1 - gate) / temperature
         dalpha = terms.sum().reshape(1) if alpha.numel() == 1 else terms
     return da, db, dalpha
 
@@ -89,6 +90,7 @@ def _setup(ctx, inputs, output):
     ctx.temperature, ctx.backend = temperature, backend
 
 
+@once_differentiable("gated_blend (alpha_blend, ladder_gate)")
 def _backward(ctx, grad):
     a, b, alpha = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
@@ -130,8 +132,12 @@ def gated_blend(a, b, alpha, temperature: float = 1.0, *, backend: Optional[str]
     _check(a, b, alpha, temperature)
     forced = backends.forced_backend(backend)
     channels = a.shape[-1]
-    a2 = a.reshape(-1, channels)
-    b2 = b.reshape(-1, channels)
+    a2 = flat_rows(a, channels)
+    b2 = flat_rows(b, channels)
+    if a2.numel() == 0:
+        # empty (no rows or no channels): nothing to launch, whatever the backend; the reference
+        # under autograd gives the empty output and empty / zero gradients
+        return gated_blend_ref(a, b, alpha, float(temperature))
     if forced is None and not backends.compiling() and backends.select(OP, _problem(a2, "forward")).backend == "torch":
         return gated_blend_ref(a, b, alpha, float(temperature))  # eager reference under autograd
     a2 = a2 if a2.stride(-1) == 1 else a2.contiguous()

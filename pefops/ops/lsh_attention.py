@@ -9,7 +9,8 @@ qk, v: [B, H, S, D] (shared query/key projection and value projection per head).
      the nh * S (round, bucket, position) entries stably;
   3. runs the chunked-attention core: sorted queries in chunks of chunk_length attend to their chunk
      and num_chunks_before / num_chunks_after neighbours (wrapping around over all nh * S / L chunks,
-     across round boundaries); keys are `len_and_dim_norm(qk)`; masked scores (padding of the key,
+     across round boundaries; a step as many chunks away as there are chunks, or more, is the
+     query's own chunk, as transformers' _look_adjacent builds the window); keys are `len_and_dim_norm(qk)`; masked scores (padding of the key,
      causal on original positions) := mask_value, then the self mask q_pos == k_pos :=
      self_mask_value; constants (-1e4, -1e3) for fp16 inputs, (-1e9, -1e5) otherwise;
   4. combines the rounds: out = sum_r softmax_r(lse_r) * out_r (the gradient flows through lse).
@@ -43,7 +44,7 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import describe
+from pefops.ops.common import describe, once_differentiable
 from pefops.ops.lsh_hashing import bucket_factors, lsh_hash, lsh_rotations, lsh_sort, stable_sort_indices
 from pefops.ops.lsh_chunked import _EagerChunkedAttention, _chunked_backward_torch, _chunked_forward_torch
 from pefops.ops.lsh_rounds import combine_rounds
@@ -125,6 +126,7 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
+@once_differentiable("lsh_attention")
 def _backward(ctx, grad_out_rounds, grad_lse_rounds):
     q, k, v, q_idx, k_idx, key_mask, seed, out_rounds, lse_rounds = ctx.saved_tensors
     if grad_lse_rounds is None:
@@ -183,6 +185,9 @@ def _check_inputs(names, tensors, v, *, num_hashes, num_buckets, chunk_length, n
             raise ValueError(f"head_dim mismatch: {name} has head_dim {tensor.shape[3]} but {names[0]} has "
                              f"{first.shape[3]} (LSHSelfAttention uses one attention_head_size)")
     batch, heads, seq, dim = first.shape
+    if dim == 0:
+        raise ValueError(f"head_dim must be >= 1: LSH hashing rotates the head vectors and a 0-dim vector has no "
+                         f"bucket; got {names[0]} of shape {tuple(first.shape)}")
     _check_int("num_hashes", num_hashes, 1)
     _check_int("chunk_length", chunk_length, 1)
     _check_int("num_chunks_before", num_chunks_before, 0)
@@ -226,6 +231,8 @@ def _lsh_forward(q, k, v, shared, *, num_hashes, num_buckets, chunk_length, num_
                  causal, attention_mask, rotations, hash_seed, dropout_p, return_lse, scale, backend):
     """Both public ops after validation. q is qk in shared-QK mode (k is None then)."""
     batch, heads, seq, dim = q.shape
+    if batch * heads * seq == 0:
+        return _empty_result(q, k, v, num_hashes if seq > chunk_length else 1, return_lse)
     if seq > chunk_length and seq % chunk_length:
         # pad as ReformerModel does: up to a multiple of the chunk, the padding masked out (mask 0)
         padded = (seq + chunk_length - 1) // chunk_length * chunk_length
@@ -268,6 +275,17 @@ def _lsh_forward(q, k, v, shared, *, num_hashes, num_buckets, chunk_length, num_
     if return_lse:
         return out, lse_rounds[..., :seq]
     return out
+
+
+def _empty_result(q, k, v, rounds, return_lse):
+    """No batch, heads or positions: nothing to hash or attend. The empty output (and lse), tied to
+    every input through autograd, so their gradients are empty tensors of their shapes, not None."""
+    anchor = q.sum(-1, keepdim=True) if k is None else q.sum(-1, keepdim=True) + k.sum(-1, keepdim=True)
+    out = (v + anchor.to(v.dtype)) * 0
+    if not return_lse:
+        return out
+    batch, heads, seq = q.shape[:3]
+    return out, q.new_zeros((batch, heads, rounds, seq), dtype=_lse_dtype(q))
 
 
 def lsh_attention(qk, v, *, num_hashes, num_buckets, chunk_length, num_chunks_before=1, num_chunks_after=0,

@@ -4,6 +4,9 @@ Inputs as the spec's core: q, k [B, H, S, D] (k already normalised / scaled), v 
 q_idx / k_idx [B, H, nh * S] (original position of every sorted query / key), key_mask [B, S]
 bool or None. Sorted queries in chunks of L attend to their chunk and its neighbours (wrapping
 around over all nh * S / L chunks); outputs and lse go back to (round, original position).
+A window longer than the sequence (before or after > the number of chunks) is transformers' own:
+its _look_adjacent repeats the query's chunk for steps >= the number of chunks away, which the
+cyclic layout below cannot express; _general_core (explicit windows, small there) serves it.
 
 CPU cost is dominated by passes over, and fresh allocations of, the [B, H, chunks, L, W*L] scores
 (a fresh large tensor costs page faults), and on a busy machine by the number of parallel ops.
@@ -21,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from pefops.ops.common import compute_dtype
+from pefops.ops.common import compute_dtype, once_differentiable
 
 
 class _Layout(NamedTuple):
@@ -223,6 +226,10 @@ def _place(padded_rows, layout, rounds, out_dtype):
 def _chunked_forward_torch(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks_before, chunks_after, causal,
                            self_mask, scale, mask_value, self_mask_value):
     """The core (spec): -> out_rounds [B,H,nh,S,Dv] (v's dtype), lse_rounds [B,H,nh,S] float32."""
+    if _irregular(q, q_idx, chunk_length, chunks_before, chunks_after):
+        with torch.no_grad():
+            return _general_core(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, chunks_after, causal,
+                                 self_mask, scale, mask_value, self_mask_value)
     out_rounds, lse_rounds, _ = _forward_impl(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before,
                                               chunks_after, causal, self_mask, scale, mask_value, self_mask_value)
     return out_rounds, lse_rounds
@@ -252,6 +259,10 @@ def _chunked_backward_torch(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_
                             *, chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value,
                             self_mask_value):
     """The core's backward (spec), recomputing the probabilities: -> (dq, dk, dv) float32."""
+    if _irregular(q, q_idx, chunk_length, chunks_before, chunks_after):
+        config = (chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value, self_mask_value)
+        outputs, vjp = _general_recorded(q, k, v, q_idx, k_idx, key_mask, config)
+        return _general_grads(outputs, vjp, grad_out_rounds, grad_lse_rounds, q)
     return _backward_impl(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds,
                           chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value,
                           self_mask_value, saved=None)
@@ -347,12 +358,120 @@ def _unsort(rows, inverse, layout):
     return gathered.view(batch, heads, -1, seq, width).sum(2)
 
 
+
+# ------------------------------------------------------------------------- windows longer than the sequence
+
+
+def window_repeats_own_chunk(chunks: int, before: int, after: int) -> bool:
+    """True when transformers' window is not the cyclic one the fast layout assumes: its
+    `_look_adjacent` concatenates torch.cat([x[:, :, i:], x[:, :, :i]]) for i = -before .. after,
+    which for |i| >= chunks is x itself (the query's own chunk), not chunk i modulo chunks. The two
+    differ only when before or after exceeds the number of chunks."""
+    return before > chunks or after > chunks
+
+
+def window_offsets(chunks: int, before: int, after: int) -> list[int]:
+    """Chunk offset of every window step as transformers' _look_adjacent builds it (see above)."""
+    return [i if -chunks < i < chunks else 0 for i in range(-before, after + 1)]
+
+
+def _general_core(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, chunks_after, causal, self_mask,
+                  scale, mask_value, self_mask_value, dropout_p=0.0):
+    """The core for any window, differentiable plain torch in transformers' layout: each query chunk's
+    W windows gathered explicitly ([B, H, C, W*L, D], what transformers materialises), masks,
+    logsumexp, exp(s - lse), dropout over [B, H, C, L, W*L] as transformers draws it. Serves the
+    windows the fast layout cannot (window_repeats_own_chunk): they only occur when the window is
+    longer than the whole sorted sequence, so the explicit windows stay small.
+    -> out_rounds [B, H, nh, S, Dv] (v's dtype), lse_rounds [B, H, nh, S] (compute dtype)."""
+    batch, heads, seq = q.shape[:3]
+    total = q_idx.shape[-1]
+    length = chunk_length
+    chunks, rounds = total // length, total // seq
+    device = q.device
+    cdt = compute_dtype(q.dtype)
+    offsets = torch.tensor(window_offsets(chunks, chunks_before, chunks_after), device=device)
+    window_chunks = torch.remainder(torch.arange(chunks, device=device).view(-1, 1) + offsets, chunks)  # [C, W]
+    window_slots = (window_chunks.unsqueeze(-1) * length + torch.arange(length, device=device)).reshape(-1)
+    span = window_chunks.shape[1] * length
+    q_pos = q_idx.reshape(batch, heads, chunks, length)
+    k_pos = k_idx.reshape(batch, heads, total).index_select(-1, window_slots)  # [B, H, C * W*L]
+
+    def rows(tensor, positions):
+        index = positions.reshape(batch, heads, -1, 1).expand(-1, -1, -1, tensor.shape[-1])
+        return torch.gather(tensor.to(cdt), 2, index)
+
+    query = rows(q, q_idx).view(batch, heads, chunks, length, -1)
+    key = rows(k, k_pos).view(batch, heads, chunks, span, -1)
+    value = rows(v, k_pos).view(batch, heads, chunks, span, -1)
+    k_pos = k_pos.view(batch, heads, chunks, 1, span)
+    dots = torch.matmul(query, key.transpose(-1, -2))
+    if scale != 1.0:
+        dots = dots * scale
+    dropped = None
+    if key_mask is not None:
+        keep = torch.gather(key_mask.to(torch.bool)[:, None, :].expand(-1, heads, -1), 2,
+                            k_pos.reshape(batch, heads, -1))
+        dropped = ~keep.view(batch, heads, chunks, 1, span)
+    if causal:
+        future = q_pos.unsqueeze(-1) < k_pos
+        dropped = future if dropped is None else dropped | future
+    if dropped is not None:
+        dots = dots.masked_fill(dropped, mask_value)
+    if self_mask:  # last, as transformers: also over masked keys
+        dots = dots.masked_fill(q_pos.unsqueeze(-1) == k_pos, self_mask_value)
+    lse = torch.logsumexp(dots, dim=-1, keepdim=True)
+    probs = torch.exp(dots - lse)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    out = torch.matmul(probs, value).reshape(batch, heads, total, -1)
+    # back to (round, original position): sorted slot t holds round t // S, position q_idx[t]
+    dest = torch.arange(total, device=device).div(seq, rounding_mode="floor").mul_(seq) + q_idx.reshape(
+        batch, heads, total)
+    inverse = torch.argsort(dest, dim=-1)
+    out_rounds = torch.gather(out, 2, inverse.unsqueeze(-1).expand(-1, -1, -1, out.shape[-1]))
+    lse_rounds = torch.gather(lse.reshape(batch, heads, total), 2, inverse)
+    return (out_rounds.view(batch, heads, rounds, seq, -1).to(v.dtype), lse_rounds.view(batch, heads, rounds, seq))
+
+
+def _general_recorded(q, k, v, q_idx, k_idx, key_mask, config, dropout_p=0.0):
+    """_general_core with its vector-Jacobian product (torch.func.vjp: it records also inside a
+    custom op's kernel, where autograd does not): ((out_rounds, lse_rounds), vjp)."""
+
+    def core(q_, k_, v_):
+        return _general_core(q_, k_, v_, q_idx, k_idx, key_mask, *config, dropout_p=dropout_p)
+
+    return torch.func.vjp(core, q, k, v)
+
+
+def _general_grads(outputs, vjp, grad_out_rounds, grad_lse_rounds, like):
+    """(dq, dk, dv) in the compute dtype through the vjp of _general_recorded; a missing output
+    gradient counts as zeros."""
+    out_rounds, lse_rounds = outputs
+    cotangents = (torch.zeros_like(out_rounds) if grad_out_rounds is None else grad_out_rounds.to(out_rounds.dtype),
+                  torch.zeros_like(lse_rounds) if grad_lse_rounds is None else grad_lse_rounds.to(lse_rounds.dtype))
+    cdt = compute_dtype(like.dtype)
+    return tuple(grad.to(cdt) for grad in vjp(cotangents))
+
+
+def _irregular(q, q_idx, chunk_length, chunks_before, chunks_after) -> bool:
+    return window_repeats_own_chunk(q_idx.shape[-1] // chunk_length, chunks_before, chunks_after)
+
+
 class _EagerChunkedAttention(torch.autograd.Function):
     """The torch core under plain autograd for eager calls: saves the probabilities (no recompute);
     the only path with dropout."""
 
     @staticmethod
     def forward(ctx, q, k, v, q_idx, k_idx, key_mask, config, dropout_p):
+        ctx.config = config
+        ctx.general = None
+        if _irregular(q, q_idx, *config[:3]):
+            # a window longer than the sequence (transformers repeats the query's own chunk there):
+            # the explicit-window core, its graph kept for the backward (its dropout mask included)
+            ctx.general = _general_recorded(q, k, v, q_idx, k_idx, key_mask, config, dropout_p)
+            ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+            ctx.save_for_backward(q, k, v)  # not read: ties a create_graph backward to the inputs
+            return ctx.general[0]
         out_rounds, lse_rounds, saved = _forward_impl(q, k, v, q_idx, k_idx, key_mask, *config, dropout_p=dropout_p)
         ctx.save_for_backward(q, k, v, q_idx, k_idx, key_mask, out_rounds)
         ctx.saved_probs = saved
@@ -360,7 +479,14 @@ class _EagerChunkedAttention(torch.autograd.Function):
         return out_rounds, lse_rounds
 
     @staticmethod
+    @once_differentiable("lsh_attention")
     def backward(ctx, grad_out_rounds, grad_lse_rounds):
+        if ctx.general is not None:
+            outputs, vjp = ctx.general
+            ctx.general = None
+            grads = _general_grads(outputs, vjp, grad_out_rounds, grad_lse_rounds, outputs[0])
+            dq, dk, dv = (grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes))
+            return dq, dk, dv, None, None, None, None, None
         q, k, v, q_idx, k_idx, key_mask, out_rounds = ctx.saved_tensors
         grads = _backward_impl(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds,
                                *ctx.config, saved=ctx.saved_probs)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype
+from pefops.ops.common import compute_dtype, once_differentiable
 
 BUCKET_OP = "lsh_bucket_ids"
 COMBINE_OP = "lsh_combine"
@@ -145,6 +145,7 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
+@once_differentiable("lsh_attention (round combine)")
 def _backward(ctx, grad_out, grad_lse):
     out_rounds, lse_rounds, out = ctx.saved_tensors
     if grad_out is None:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import describe
+from pefops.ops.common import check_index_tensor, describe, flat_rows, once_differentiable
 
 OP = "masked_linear"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,7 +54,7 @@ def pack_mask(mask_or_scores: torch.Tensor, threshold: Optional[float] = None) -
     if padded != in_features:
         bits = torch.nn.functional.pad(bits, (0, padded - in_features))
     weights = _bit_weights(bits.device)
-    return (bits.reshape(out_features, -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+    return (bits.reshape(out_features, padded // 8, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ def _unpack_as(packed: torch.Tensor, in_features: int, dtype: torch.dtype) -> to
     faster on CPU), straight into `dtype` (0/1 values, or bool)."""
     table = _bit_table(packed.device, dtype)
     bits = table.index_select(0, packed.reshape(-1).to(torch.int32))
-    return bits.reshape(packed.shape[0], -1)[:, :in_features]
+    return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :in_features]
 
 
 def _bit_table(device, dtype) -> torch.Tensor:
@@ -228,6 +228,7 @@ def _setup_fwd(ctx, inputs, output):
     ctx.backend, ctx.needs_x, ctx.needs_bias = backend, ctx.needs_input_grad[0], ctx.needs_input_grad[3]
 
 
+@once_differentiable("masked_linear")
 def _backward_fwd(ctx, grad):
     weight, packed = ctx.saved_tensors
     dx, dbias = _input_and_bias_grads(ctx, grad, weight, packed)
@@ -241,6 +242,7 @@ def _setup_scores(ctx, inputs, output):
     ctx.needs_scores, ctx.scores_dtype = ctx.needs_input_grad[2], scores.dtype
 
 
+@once_differentiable("masked_linear_scores")
 def _backward_scores(ctx, grad, _grad_packed):
     x, weight, packed = ctx.saved_tensors
     dx, dbias = _input_and_bias_grads(ctx, grad, weight, packed)
@@ -278,8 +280,10 @@ def masked_linear(x, weight, packed_mask, bias=None, *, backend=None):
     _check_packed(packed_mask, out_features, in_features)
     if packed_mask.device != x.device:
         raise ValueError(f"packed_mask must be on x's device {x.device}; got {packed_mask.device}")
-    x2 = _rows(x.reshape(-1, in_features))
-    if _eager_torch_path(x2, weight, backend):
+    x2 = _rows(flat_rows(x, in_features))
+    if x2.numel() == 0 or out_features == 0 or _eager_torch_path(x2, weight, backend):
+        # (an empty problem, no rows or no features, launches nothing whatever the backend: the
+        # reference under autograd gives the empty or zero output and gradients)
         out = masked_linear_ref(x2, weight, packed_mask, bias)
     else:
         out = _masked_linear_fwd(x2, weight, packed_mask.contiguous(), bias, backend or "")
@@ -296,8 +300,8 @@ def masked_linear_scores(x, weight, scores, threshold, bias=None, *, backend=Non
         raise ValueError(f"scores must be floating point on x's device {x.device}; got {describe(scores)}")
     if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
         raise ValueError(f"threshold must be a float; got {type(threshold).__name__}")
-    x2 = _rows(x.reshape(-1, in_features))
-    if _eager_torch_path(x2, weight, backend):
+    x2 = _rows(flat_rows(x, in_features))
+    if x2.numel() == 0 or out_features == 0 or _eager_torch_path(x2, weight, backend):  # empty: as masked_linear
         out = masked_linear_scores_ref(x2, weight, scores, threshold, bias)
     else:
         out = _masked_linear_scores_fwd(x2, weight, scores, float(threshold), bias, backend or "")[0]
@@ -380,13 +384,18 @@ def masked_linear_routed(x, weight, packed_masks, row_task, bias=None):
     for task in range(packed_masks.shape[0]):
         _check_packed(packed_masks[task], out_features, in_features)
     tasks = packed_masks.shape[0]
-    if not isinstance(row_task, torch.Tensor) or row_task.dim() != 1 or row_task.numel() != x.shape[0]:
+    check_index_tensor(row_task, "row_task", f"[{x.shape[0]}] (one task per sequence, int64)")
+    if row_task.dim() != 1 or row_task.numel() != x.shape[0]:
         raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); got {describe(row_task)}")
     row_task = row_task.to(device=x.device, dtype=torch.long)
     if row_task.numel() and (int(row_task.min()) < 0 or int(row_task.max()) >= tasks):
         raise ValueError(f"row_task values must be in [0, {tasks}); got {int(row_task.min())}..{int(row_task.max())}")
     batch = x.shape[0]
-    rows = x.reshape(batch, -1)  # [B, T·in]
+    if x.numel() == 0 or out_features == 0:
+        # empty: no rows (or features), so no mask selects anything; with in_features = 0 every
+        # output is the bias. Plain linear gives that, and its empty or zero gradients
+        return torch.nn.functional.linear(x, weight, bias)
+    rows = x.reshape(batch, x[0].numel())  # [B, T·in]
     counts = torch.bincount(row_task, minlength=tasks)
     length = int(counts.max()) if batch else 0
     order = torch.argsort(row_task, stable=True)
@@ -395,7 +404,7 @@ def masked_linear_routed(x, weight, packed_masks, row_task, bias=None):
     position = torch.arange(batch, device=x.device) - starts[sorted_task]
     padded = rows.new_zeros(tasks, length, rows.shape[1])
     padded = padded.index_put((sorted_task, position), rows[order])
-    bits = _unpack_as(packed_masks.reshape(-1, packed_masks.shape[-1]), in_features, weight.dtype)
+    bits = _unpack_as(flat_rows(packed_masks, packed_masks.shape[-1]), in_features, weight.dtype)
     effective = bits.reshape(tasks, out_features, in_features) * weight  # [N, out, in]
     products = torch.bmm(padded.reshape(tasks, -1, in_features), effective.transpose(1, 2))  # [N, L·T, out]
     products = products.reshape(tasks, length, -1)

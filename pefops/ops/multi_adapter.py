@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, describe
+from pefops.ops.common import check_index_tensor, compute_dtype, describe, flat_rows, once_differentiable
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 from pefops.ops.bottleneck_adapter import _triton_limits, cuda_decode_limits
 
@@ -117,7 +117,7 @@ class _UnpadRows(torch.autograd.Function):
     def forward(ctx, padded, slot):
         ctx.save_for_backward(slot)
         ctx.layout = padded.shape[:2]
-        return padded.reshape(-1, padded.shape[-1]).index_select(0, slot)
+        return flat_rows(padded, padded.shape[-1]).index_select(0, slot)
 
     @staticmethod
     def backward(ctx, grad):
@@ -269,9 +269,7 @@ def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, act
     if dtype not in FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"x must be float32, float16 or bfloat16 (float64 for gradcheck); got {dtype}")
     hidden = x.shape[-1]
-    if (not isinstance(adapter_index, torch.Tensor) or adapter_index.is_floating_point()
-            or adapter_index.is_complex() or adapter_index.dtype == torch.bool):
-        raise ValueError(f"adapter_index must be an integer tensor (int64); got {describe(adapter_index)}")
+    check_index_tensor(adapter_index, "adapter_index", "(int64)")
     leading = tuple(x.shape[:-1])
     if adapter_index.dim() < 1 or tuple(adapter_index.shape) != leading[:adapter_index.dim()]:
         raise ValueError(f"adapter_index must have shape {leading[:1]} (one adapter per sequence of x {tuple(x.shape)}) "
@@ -302,6 +300,9 @@ def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, act
         ln_weight, ln_bias, ln_eps = layer_norm
         if not isinstance(ln_eps, numbers.Real) or ln_eps <= 0:
             raise ValueError(f"layer_norm eps must be a positive float; got {ln_eps!r}")
+        if hidden == 0:
+            raise ValueError("layer_norm over hidden size 0 has no meaning (no values to normalise); x has shape "
+                             f"{tuple(x.shape)}: pass layer_norm=None or a hidden size >= 1")
         expected["layer_norm weight"] = (ln_weight, (hidden,))
         expected["layer_norm bias"] = (ln_bias, (hidden,))
     for name, (tensor, shape) in expected.items():
@@ -340,8 +341,8 @@ def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, act
     # one index per row: [batch] -> broadcast over the sequence dimensions
     index = adapter_index.reshape(*adapter_index.shape, *([1] * (len(leading) - adapter_index.dim())))
     index = index.expand(leading).reshape(-1).to(torch.int64)
-    x2 = x.reshape(-1, hidden)
-    residual2 = None if residual is None else residual.reshape(-1, hidden)
+    x2 = flat_rows(x, hidden)
+    residual2 = None if residual is None else flat_rows(residual, hidden)
     return x2, index, residual2, scaling_tensor, scaling_value, ln_weight, ln_bias, float(ln_eps), has_ln, code
 
 
@@ -430,6 +431,7 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (scaling_value, layer_norm, activation, negative_slope, backend)
 
 
+@once_differentiable("multi_adapter")
 def _backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
     (x, index, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias,
      z, mean, rstd) = ctx.saved_tensors
@@ -483,14 +485,19 @@ def multi_adapter(x, adapter_index, down_weight, down_bias, up_weight, up_bias, 
     if x2.device.type == "cpu" and not compiling and index.numel():
         low, high = torch.aminmax(index)
         _check_range(int(low), int(high), down_weight.shape[0])
-    if forced is None and not compiling:
-        if backends.select(OP, _problem(x2, down_weight, "forward")).backend == "torch":
-            # Eager calls the torch backend serves run its differentiable reference directly under
-            # autograd (no custom-op dispatch, no recomputation in backward). Compiled graphs and
-            # forced backends go through the custom op.
-            out = _torch_forward(x2, index, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value,
-                                 residual2, ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope))[0]
-            return out.reshape(x.shape)
+    # Eager calls the torch backend serves run its differentiable reference directly under autograd
+    # (no custom-op dispatch, no recomputation in backward); so do empty problems (no rows, or hidden
+    # size 0: nothing to launch, whatever the backend; empty output, zero or empty gradients).
+    # Compiled graphs and forced backends go through the custom op.
+    eager_torch = (forced is None and not compiling
+                   and backends.select(OP, _problem(x2, down_weight, "forward")).backend == "torch")
+    if x2.numel() == 0 or eager_torch:
+        out = _torch_forward(x2, index, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value,
+                             residual2, ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope))[0]
+        return out.reshape(x.shape)
+    # the custom op saves the index for its backward: its own copy, so that the caller editing its
+    # index tensor in place after the call cannot change (or break) the gradient's routing
+    index = index.clone()
     out = _multi_adapter_fwd(
         x2, index, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value, residual2,
         ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope), backend or "",

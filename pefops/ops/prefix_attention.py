@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, describe
+from pefops.ops.common import compute_dtype, describe, once_differentiable
 
 OP = "prefix_attention"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -264,7 +264,9 @@ def _normalise(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, dropo
     if tuple(v.shape[:3]) != (batch, kv_heads, sk):
         raise ValueError(f"v must be [batch={batch}, kv_heads={kv_heads}, keys={sk}, value_dim] like k "
                          f"{tuple(k.shape)}; got {tuple(v.shape)}")
-    if kv_heads == 0 or q_heads % kv_heads:
+    if kv_heads == 0:
+        raise ValueError(f"k and v must have at least one head (kv_heads >= 1); got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q_heads % kv_heads:
         raise ValueError(f"q's heads ({q_heads}) must be a multiple of k/v's heads ({kv_heads}) (grouped-query "
                          "attention: query head h uses kv head h // (q_heads // kv_heads))")
     value_dim = v.shape[3]
@@ -355,6 +357,7 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (causal, scale, dropout_p, backend)
 
 
+@once_differentiable("prefix_attention")
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, prefix_k, prefix_v, mask, out, lse, seed = ctx.saved_tensors
     causal, scale, dropout_p, backend = ctx.config

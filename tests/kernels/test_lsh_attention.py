@@ -50,7 +50,9 @@ def reference_core(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks_befo
         return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
 
     def neighbours(x):  # [B, H, NC, L, ...] -> [B, H, NC, window * L, ...]: chunk c sees c - before .. c + after
-        parts = [torch.roll(x, shifts=-offset, dims=2) for offset in range(-chunks_before, chunks_after + 1)]
+        # as transformers' _look_adjacent: a step |offset| >= NC chunks away is chunk c itself, not c + offset mod NC
+        parts = [torch.roll(x, shifts=-offset if abs(offset) < chunks else 0, dims=2)
+                 for offset in range(-chunks_before, chunks_after + 1)]
         return torch.cat(parts, dim=3)
 
     qs = gather(q.double(), q_idx).view(batch, heads, chunks, chunk_length, head_dim)
@@ -160,6 +162,8 @@ def check_core(batch, heads, seq, head_dim, rounds, chunk_length, before, after,
     (2, 32, 16, 1, 0),  # transformers' default window, four chunks
     (1, 64, 16, 2, 1),  # four chunks, a window of four
     (3, 16, 16, 2, 1),  # three chunks, window of four: repeats
+    (1, 32, 16, 3, 0),  # two chunks, three before: the step 3 away is the own chunk (transformers), not 3 mod 2
+    (2, 16, 16, 1, 4),  # two chunks, four after: steps 2, 3, 4 away are the own chunk
     (2, 14, 7, 1, 1),  # chunk lengths the blocks do not divide: row masks
     (1, 48, 24, 1, 0),
     (1, 37, 37, 0, 0),  # the full-attention path: one chunk of any length, no neighbours

@@ -76,6 +76,50 @@ def test_random_configurations(seq, chunk, num_hashes, num_buckets, before, afte
     _compare(run_pefops(case, lsh_attention), run_transformers(case))
 
 
+# num_chunks_before / after larger than the number of chunks: transformers' _look_adjacent then repeats
+# the query's own chunk (torch.cat([x[i:], x[:i]]) is x for |i| >= chunks), not chunk i modulo chunks
+WIDE_WINDOW_CASES = [
+    LshCase(seq=64, chunk=32, num_hashes=1, before=3, after=0),
+    LshCase(seq=64, chunk=16, num_hashes=2, before=1, after=9, causal=True, padding="holes"),
+    LshCase(seq=64, chunk=32, num_hashes=1, before=5, after=4, causal=True),
+    LshCase(seq=40, chunk=16, num_hashes=1, num_buckets=4, before=4, after=1, padding="tail"),  # padded to 48
+]
+
+
+@pytest.mark.parametrize("path", ["reference", "eager", "torch", "triton"])
+@pytest.mark.parametrize("case", WIDE_WINDOW_CASES, ids=str)
+def test_window_longer_than_sequence_matches_transformers(case, path):
+    if path == "triton" and not (_triton_file_present() and (backends.triton_interpreter_enabled()
+                                                               or torch.cuda.is_available())):
+        pytest.skip("needs kernels/lsh_attention.py and TRITON_INTERPRET=1 or CUDA")
+    op, options = (lsh_attention_ref, {}) if path == "reference" else (lsh_attention, {})
+    if path in ("torch", "triton"):
+        options = dict(backend=path)
+    _compare(run_pefops(case, op, **options), run_transformers(case), tolerance=1e-4 if path == "triton" else None)
+
+
+def test_window_longer_than_sequence_qkv_and_dropout():
+    # dropout: transformers' draw over [B, H, chunks, L, window] (the eager torch path's explicit windows)
+    case = LshCase(seq=64, chunk=32, num_hashes=2, before=2, after=5, causal=True, dropout=0.2)
+    _compare(run_pefops(case, lsh_attention), run_transformers(case))
+    # separate q and k: the same windows on both backends as the reference's
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 64, 8, generator=generator, requires_grad=True) for _ in range(3))
+    options = dict(num_hashes=1, num_buckets=4, chunk_length=16, num_chunks_before=6, num_chunks_after=1,
+                   causal=True, hash_seed=9)
+    expected = lsh_attention_ref(q, v, k=k, **options)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    backends_to_check = ["torch"] + (["triton"] if _triton_file_present() and (
+        backends.triton_interpreter_enabled() or torch.cuda.is_available()) else [])
+    for backend in backends_to_check:
+        out = lsh_attention_qkv(q, k, v, backend=backend, **options)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        tolerance = 1e-4 if backend == "triton" else None
+        assert_close(out, expected, torch.float32, f"{backend} out", tolerance)
+        for name, actual, wanted in zip("qkv", grads, expected_grads):
+            assert_close(actual, wanted, torch.float32, f"{backend} d{name}", tolerance)
+
+
 @pytest.mark.parametrize("case", [LshCase(seq=128, causal=True, dropout=0.2),
                                   LshCase(seq=24, dropout=0.3, padding="tail")], ids=str)
 def test_dropout_matches_transformers(case):
