@@ -27,6 +27,16 @@ class FusionConfig:
     value_initialized: bool = True
     dropout_prob: Optional[float] = None
 
+    def __post_init__(self):
+        for name in ("key", "query", "value", "query_before_ln", "regularization", "residual_before", "temperature",
+                     "value_before_softmax", "value_initialized"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"fusion config {name} must be true or false; got {getattr(self, name)!r}")
+        dropout = self.dropout_prob
+        if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                    or not 0 <= dropout < 1):
+            raise ValueError(f"fusion config dropout_prob must be None or a number in [0, 1); got {dropout!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
