@@ -51,7 +51,12 @@ class BottleneckConfig:
             raise ValueError("invertible adapters (inv_adapter) are not supported; set inv_adapter=None")
         if self.cross_adapter:
             raise ValueError("cross-attention adapters (cross_adapter=True) are not supported yet")
-        object.__setattr__(self, "leave_out", tuple(int(i) for i in self.leave_out))
+        leave_out = (self.leave_out,) if isinstance(self.leave_out, int) else self.leave_out
+        try:
+            leave_out = tuple(int(i) for i in leave_out)
+        except (TypeError, ValueError):
+            raise ValueError(f"leave_out must be a list of layer indices; got {self.leave_out!r}") from None
+        object.__setattr__(self, "leave_out", leave_out)
         self._check_fields()
 
     def _check_fields(self):
