@@ -74,6 +74,8 @@ class RowRouting:
         them (None: every row) and each such row's index into `positions`. Computed once per
         routing, group and device (the routing index is fixed until set_active_adapters runs again)."""
         key = (tuple(positions), str(device))
+        if key not in self._rows and len(positions) == len(self.names):
+            self._rows[key] = (None, self.row_adapter.to(device))  # every row: no host round trip
         if key not in self._rows:
             remap = torch.full((len(self.names),), -1, dtype=torch.long)
             remap[list(positions)] = torch.arange(len(positions))
