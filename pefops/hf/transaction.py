@@ -15,8 +15,9 @@ Nothing is deep-copied: the cost is a dictionary copy per module, not a copy of 
 
 Loaders validate the whole checkpoint first and commit with `copy_into`; the transaction is the
 safety net for whatever still fails (a file that looked right, a bug, a KeyboardInterrupt).
-`transactional` wraps a function whose first argument is the model. Transactions nest: an inner
-call on a model already inside one leaves rollback to the outer.
+`transactional` wraps a function whose first argument is the model. Transactions nest: each call
+restores its own changes when it fails (so a caller that catches an inner failure and goes on
+still sees an unchanged model), and the outermost one restores everything.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ class Transaction:
 def model_transaction(model):
     """Run the block as one change to `model`: if it raises, the model is exactly as before."""
     active = _ACTIVE.get()
-    if not isinstance(model, nn.Module) or any(t.root is model for t in active):
-        yield active[-1] if active else None
+    if not isinstance(model, nn.Module):
+        yield None  # not a model: the function raises its own error, there is nothing to restore
         return
     transaction = Transaction(model)
     token = _ACTIVE.set(active + (transaction,))
