@@ -104,6 +104,14 @@ class AdapterFusion(nn.Module):
 
     def forward(self, x: torch.Tensor, query: torch.Tensor, residual: torch.Tensor,
                 adapters: Sequence[BottleneckAdapter]) -> torch.Tensor:
+        if not adapters:
+            raise ValueError("AdapterFusion needs at least one adapter")
+        for name, tensor in (("x", x), ("query", query), ("residual", residual)):
+            if tensor.shape[-1] != self.hidden_size:
+                raise ValueError(f"AdapterFusion over hidden size {self.hidden_size}: {name} has shape {tuple(tensor.shape)}")
+        wrong = [i for i, a in enumerate(adapters) if getattr(a, "hidden_size", None) != self.hidden_size]
+        if wrong:
+            raise ValueError(f"AdapterFusion over hidden size {self.hidden_size}: adapters {wrong} have another width")
         temperature = self.T
         self.T = max(self.T - self.reduction, 1.0)
         options = dict(

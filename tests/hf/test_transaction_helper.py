@@ -48,3 +48,15 @@ def test_a_caught_inner_failure_is_undone_by_the_inner_transaction():
 def test_copy_into_refuses_a_broadcast():
     with pytest.raises(ValueError, match="internal"):
         copy_into([(torch.zeros(4, 4), torch.zeros(1, 4))])
+
+
+def test_fusion_layer_names_a_width_mismatch():
+    from pefops.nn import BottleneckAdapter
+    from pefops.nn.adapter_fusion import AdapterFusion
+
+    fusion = AdapterFusion(8)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="adapters \\[1\\] have another width"):
+        fusion(x, x, x, [BottleneckAdapter(8, 2), BottleneckAdapter(6, 2)])
+    with pytest.raises(ValueError, match="x has shape"):
+        fusion(torch.randn(2, 3, 6), x, x, [BottleneckAdapter(8, 2)])
