@@ -17,7 +17,6 @@ transformers = pytest.importorskip("transformers")
 
 import pefops.hf as hf  # noqa: E402
 from pefops.hf import checkpoint as checkpoint_module  # noqa: E402
-from pefops.hf import fusion as fusion_module  # noqa: E402
 from pefops.hf import lsh_attention as lsh_module  # noqa: E402
 from pefops.hf import mask_tuning as mask_module  # noqa: E402
 from pefops.hf import prefix_tuning as prefix_module  # noqa: E402
@@ -218,11 +217,6 @@ def saved_side(tmp_path):
     path = tmp_path / "side.safetensors"
     hf.save_side(source, str(path))
     return str(path)
-
-
-def prefix_classifier():
-    model = classifier()
-    return model
 
 
 def saved_prefix(tmp_path, method="prefix"):
@@ -840,11 +834,6 @@ CASES += [
 
 
 # ---- LSH attention
-def _configured_bert():
-    model = tiny("bert")
-    return model
-
-
 CASES += [
     Case("apply_lsh_attention", "model without LSH layers", lambda tmp: tiny("bert"),
          lambda m, tmp, mp: hf.apply_lsh_attention(m), None, match="supports model types"),
