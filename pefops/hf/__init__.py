@@ -23,6 +23,7 @@ from pefops.hf.fusion import (
     fusion_parameters,
     fusion_regularization_loss,
     load_adapter_fusion,
+    remove_adapter_fusion,
     save_adapter_fusion,
     train_adapter_fusion,
 )
@@ -45,6 +46,7 @@ from pefops.hf.prefix_tuning import (
     save_prefix,
 )
 from pefops.hf.prompt_tuning import PromptTuning, apply_prompt_tuning, prompt_disabled, remove_prompt_tuning
+from pefops.hf.transaction import model_transaction
 
 __all__ = [
     "ARCHITECTURES", "AdapterLayer", "BottleneckConfig", "DoubleSeqBnConfig", "ParBnConfig", "SeqBnConfig",
@@ -54,8 +56,8 @@ __all__ = [
     "SideTunedModel", "load_side", "save_side", "side_tune",
     "apply_lsh_attention", "configure_lsh_attention", "register_lsh_attention", "remove_lsh_attention",
     "Fuse", "RowRouting", "add_adapter_fusion", "fusion_parameters", "fusion_regularization_loss", "load_adapter_fusion",
-    "save_adapter_fusion", "train_adapter_fusion",
+    "remove_adapter_fusion", "save_adapter_fusion", "train_adapter_fusion",
     "PrefixTuning", "PromptTuning", "apply_prefix_tuning", "apply_prompt_tuning", "load_peft_prefix", "load_peft_prompt",
     "load_prefix", "prefix_disabled", "prefix_parameters", "prompt_disabled", "remove_prefix_tuning",
-    "remove_prompt_tuning", "save_prefix",
+    "remove_prompt_tuning", "save_prefix", "model_transaction",
 ]

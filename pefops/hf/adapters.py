@@ -22,6 +22,7 @@ from torch import nn
 
 from pefops.hf.architectures import Site, architecture_of, get_submodule
 from pefops.hf.config import BottleneckConfig, resolve_config
+from pefops.hf.transaction import transactional
 from pefops.nn import BottleneckAdapter
 
 logger = logging.getLogger("pefops.hf")
@@ -67,6 +68,26 @@ class RowRouting:
                              f"{int(row_adapter.min())}..{int(row_adapter.max())}")
         # the routing's own copy: the caller editing its tensor in place later must not reroute the rows
         self.row_adapter = row_adapter.detach().to(torch.int64, copy=True)
+        self._rows: dict = {}
+
+    def rows(self, positions, device) -> tuple:
+        """(rows, local_index) for the adapters at `positions` of names: the batch rows routed to
+        them (None: every row) and each such row's index into `positions`. Computed once per
+        routing, group and device (the routing index is fixed until set_active_adapters runs again)."""
+        key = (tuple(positions), str(device))
+        if key not in self._rows and len(positions) == len(self.names):
+            self._rows[key] = (None, self.row_adapter.to(device))  # every row: no host round trip
+        if key not in self._rows:
+            remap = torch.full((len(self.names),), -1, dtype=torch.long)
+            remap[list(positions)] = torch.arange(len(positions))
+            local = remap[self.row_adapter.cpu()]
+            member = local >= 0
+            if bool(member.all()):
+                self._rows[key] = (None, local.to(device))
+            else:
+                rows = member.nonzero().flatten()
+                self._rows[key] = (rows.to(device), local[rows].to(device))
+        return self._rows[key]
 
     def __repr__(self) -> str:
         return f"RowRouting({list(self.names)}, rows={self.row_adapter.numel()})"
@@ -117,10 +138,17 @@ class AdapterLayer(nn.Module):
             return self._routed_forward(h, r, layer_norm, pre_norm)
         name = self.active
         if name is None or name not in self.adapters:
-            if pre_norm:
-                return h
-            return layer_norm(h + r) if layer_norm is not None else h + r
-        adapter, config = self.adapters[name], self.configs[name]
+            return self._passthrough(h, r, layer_norm, pre_norm)
+        return self._single_forward(self.adapters[name], self.configs[name], h, r, layer_norm, pre_norm)
+
+    @staticmethod
+    def _passthrough(h, r, layer_norm, pre_norm):
+        """What the site computes without an adapter."""
+        if pre_norm:
+            return h
+        return layer_norm(h + r) if layer_norm is not None else h + r
+
+    def _single_forward(self, adapter, config, h, r, layer_norm, pre_norm):
         x, residual = self._adapter_input_and_residual(h, r, layer_norm, config)
         folds_residual = adapter.adapter_norm_after is None or not adapter.adapter_residual_before_ln
         if config.original_ln_after and r is not None and not pre_norm:
@@ -152,23 +180,59 @@ class AdapterLayer(nn.Module):
             return layer_norm(out) if layer_norm is not None else out
         return out - r if pre_norm and r is not None else out
 
+    def _route_key(self, name: str):
+        """Adapters with equal keys run together in one multi_adapter call; None: the adapter runs
+        its own forward over its rows (adapter LayerNorms, gating, or dropout in training)."""
+        adapter, config = self.adapters[name], self.configs[name]
+        simple = (adapter.adapter_norm_before is None and adapter.adapter_norm_after is None and adapter.gate is None
+                  and not (adapter.training and adapter.dropout > 0))
+        if not simple:
+            return None
+        return (config.original_ln_before, config.original_ln_after, config.residual_before_ln, config.is_parallel,
+                adapter.activation, adapter.negative_slope)
+
     def _routed_forward(self, h, r, layer_norm, pre_norm):
-        """Mixed-task batch: one pefops.ops.multi_adapter call, each row with its own adapter."""
+        """Mixed-task batch: row b gets exactly what running it alone with adapter
+        names[row_adapter[b]] gives at this site (a row whose adapter has no module here passes
+        through unchanged). Adapters of one composition and activation share one multi_adapter call;
+        others (adapter LayerNorms, gating, dropout in training) run their own forward on their rows."""
+        routing = self.active
+        index = routing.row_adapter
+        if index.numel() != h.shape[0]:
+            raise ValueError(f"row_adapter has {index.numel()} entries; the batch has {h.shape[0]} rows")
+        groups: dict = {}
+        for position, name in enumerate(routing.names):
+            if name in self.adapters:
+                key = self._route_key(name)
+                groups.setdefault(key if key is not None else ("alone", position), []).append(position)
+        out = None
+        for key, positions in groups.items():
+            rows, local = routing.rows(positions, h.device)
+            if rows is not None and rows.numel() == 0:
+                continue
+            h_g = h if rows is None else h.index_select(0, rows)
+            r_g = r if rows is None or r is None else r.index_select(0, rows)
+            if key[0] == "alone":
+                name = routing.names[positions[0]]
+                part = self._single_forward(self.adapters[name], self.configs[name], h_g, r_g, layer_norm, pre_norm)
+            else:
+                names = [routing.names[p] for p in positions]
+                part = self._multi_forward(names, local, h_g, r_g, layer_norm, pre_norm)
+            if rows is None:
+                return part  # one group holds every row
+            if out is None:
+                out = self._passthrough(h, r, layer_norm, pre_norm)
+            out = out.index_copy(0, rows, part.to(out.dtype))
+        return out if out is not None else self._passthrough(h, r, layer_norm, pre_norm)
+
+    def _multi_forward(self, names, local_index, h, r, layer_norm, pre_norm):
+        """One pefops.ops.multi_adapter call over adapters of one composition and activation."""
         from pefops.ops.multi_adapter import multi_adapter
 
-        routing = self.active
-        missing = [n for n in routing.names if n not in self.adapters]
-        if missing:
-            raise ValueError(f"routed adapters {missing} are not at {self.site.location} of this layer "
-                             "(leave_out or a config without this site); route only adapters present everywhere")
-        configs = [self.configs[n] for n in routing.names]
-        adapters = [self.adapters[n] for n in routing.names]
-        composition = [(c.original_ln_before, c.original_ln_after, c.residual_before_ln, c.is_parallel) for c in configs]
-        simple = all(a.adapter_norm_before is None and a.adapter_norm_after is None and a.gate is None for a in adapters)
-        if len(set(composition)) != 1 or len({a.activation for a in adapters}) != 1 or not simple:
-            raise ValueError("a mixed-task batch needs adapters of one composition (same original_ln_before/after, "
-                             "residual_before_ln, is_parallel), one activation and no adapter LayerNorms or gating")
-        x, residual = self._adapter_input_and_residual(h, r, layer_norm, configs[0])
+        configs = [self.configs[n] for n in names]
+        adapters = [self.adapters[n] for n in names]
+        config = configs[0]
+        x, residual = self._adapter_input_and_residual(h, r, layer_norm, config)
         rank = max(a.bottleneck_size for a in adapters)
         pad = lambda t, size, dim: t if t.shape[dim] == size else torch.nn.functional.pad(  # noqa: E731
             t, (0, size - t.shape[dim]) if dim == -1 else (0, 0, 0, size - t.shape[dim]))
@@ -180,12 +244,9 @@ class AdapterLayer(nn.Module):
         scaling = torch.stack([
             (a.scaling.to(h.dtype).reshape(-1).expand(hidden) if isinstance(a.scaling, torch.Tensor)
              else torch.full((hidden,), a.scaling, dtype=h.dtype, device=h.device)) for a in adapters])
-        index = routing.row_adapter.to(h.device)
-        if index.numel() != h.shape[0]:
-            raise ValueError(f"row_adapter has {index.numel()} entries; the batch has {h.shape[0]} rows")
-        config = configs[0]
         fold = config.original_ln_after and r is not None and not pre_norm
-        out = multi_adapter(x, index, down_weight, down_bias, up_weight, up_bias, activation=adapters[0].activation,
+        out = multi_adapter(x, local_index, down_weight, down_bias, up_weight, up_bias,
+                            activation=adapters[0].activation, negative_slope=adapters[0].negative_slope,
                             scaling=scaling, residual=residual + r if fold else residual,
                             layer_norm=(layer_norm.weight, layer_norm.bias, layer_norm.eps)
                             if fold and layer_norm is not None else None)
@@ -274,26 +335,37 @@ def _hidden_size(model) -> int:
 # ---------------------------------------------------------------------------------- public API
 
 
+@transactional
 def add_adapter(model, name: str, config: Union[str, dict, BottleneckConfig, None] = "seq_bn",
                 set_active: bool = False) -> BottleneckConfig:
     """Add a bottleneck adapter `name` to every layer (except config.leave_out) at the sites the
-    config asks for (mh_adapter: after attention; output_adapter: after the feed-forward block)."""
+    config asks for (mh_adapter: after attention; output_adapter: after the feed-forward block).
+    Everything is checked before the model changes; on any error the model is as before."""
     config = resolve_config(config)
-    if not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without dots; got {name!r}")
+    if not isinstance(name, str) or not name or "." in name or "," in name:
+        raise ValueError(f"adapter name must be a non-empty string without dots or commas; got {name!r}")
+    if name in _adapter_registry(model):
+        raise ValueError(f"model already has an adapter named {name!r}; remove it first")
     hidden_size = _hidden_size(model)
     reference = next(model.parameters())
-    added = 0
-    for index, site, adapter_layer in _adapter_layers(model):
-        if name in adapter_layer.adapters:
-            raise ValueError(f"model already has an adapter named {name!r}; remove it first")
-        wanted = config.mh_adapter if site.location == "mh_adapter" else config.output_adapter
-        if wanted and index not in config.leave_out:
-            adapter_layer.add(name, config, hidden_size, index, reference)
-            added += 1
-    if added == 0:
+    _, architecture, layers = _layers(model)
+    planned = []
+    for index in range(len(layers)):
+        for site in architecture.sites:
+            wanted = config.mh_adapter if site.location == "mh_adapter" else config.output_adapter
+            if wanted and index not in config.leave_out:
+                config.bottleneck_size(hidden_size, index)  # a reduction_factor map without this layer raises here
+                planned.append((index, site.location))
+    if not planned:
         raise ValueError(f"config places no adapter in this model (mh_adapter={config.mh_adapter}, "
                          f"output_adapter={config.output_adapter}, leave_out={list(config.leave_out)})")
+    planned = set(planned)
+    for index, site, adapter_layer in _adapter_layers(model):
+        if name in adapter_layer.adapters:
+            raise ValueError(f"model already has an adapter module named {name!r} (layer {index}, {site.location})")
+    for index, site, adapter_layer in _adapter_layers(model):
+        if (index, site.location) in planned:
+            adapter_layer.add(name, config, hidden_size, index, reference)
     _adapter_registry(model)[name] = config
     if set_active:
         set_active_adapters(model, name)
@@ -316,6 +388,7 @@ def list_adapters(model) -> dict[str, BottleneckConfig]:
     return dict(_adapter_registry(model))
 
 
+@transactional
 def set_active_adapters(model, names: Union[str, list, tuple, "Fuse", None], row_adapter: Optional[torch.Tensor] = None):
     """Activate one adapter by name, a Fuse of adapters with a fusion layer, or None (base model).
     With `row_adapter` (LongTensor [batch]) and a list of names, row b of the next batches uses
@@ -360,6 +433,7 @@ def adapter_parameters(model, name: str) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if marker in n}
 
 
+@transactional
 def train_adapter(model, name: str) -> int:
     """Freeze everything but adapter `name`, activate it, put the model in training mode; returns
     (and logs) the number of trainable parameters."""
@@ -376,12 +450,21 @@ def train_adapter(model, name: str) -> int:
     return trainable
 
 
+@transactional
 def remove_adapter(model, name: str):
+    """Delete adapter `name` everywhere. An adapter that a fusion fuses is refused (remove the
+    fusion first with remove_adapter_fusion): the fusion's trained weights are not dropped silently.
+    If the active setting uses the adapter (alone or in a mixed-task routing), the model falls back
+    to the base (no active adapter)."""
     if name not in _adapter_registry(model):
-        raise ValueError(f"no adapter named {name!r}")
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(_adapter_registry(model)) or 'none'}")
+    users = [fusion for fusion, (_, fuse) in _fusion_registry(model).items() if name in fuse.names]
+    if users:
+        raise ValueError(f"adapter {name!r} is fused by {users}: remove_adapter_fusion(model, ...) first")
     for _, _, adapter_layer in _adapter_layers(model):
         if name in adapter_layer.adapters:
             adapter_layer.remove(name)
     del _adapter_registry(model)[name]
-    if active_adapter(model) == name:
+    active = active_adapter(model)
+    if active == name or (isinstance(active, RowRouting) and name in active.names):
         set_active_adapters(model, None)

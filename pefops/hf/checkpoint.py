@@ -16,9 +16,19 @@ import re
 import torch
 
 import pefops
-from pefops.hf.adapters import _adapter_layers, _adapter_registry, _hidden_size, add_adapter, set_active_adapters
+from pefops.hf.adapters import (
+    AdapterLayer,
+    _adapter_layers,
+    _adapter_registry,
+    _hidden_size,
+    _layers,
+    add_adapter,
+    set_active_adapters,
+)
 from pefops.hf.architectures import architecture_of
+from pefops.hf.checkpoint_io import check_tensor, field, read_json_object, read_pickled_tensors, read_safetensors
 from pefops.hf.config import resolve_config
+from pefops.hf.transaction import copy_into, transactional
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter.safetensors"
@@ -84,15 +94,13 @@ def save_adapter(model, directory: str, name: str) -> None:
         json.dump(meta, handle, indent=2, sort_keys=True)
 
 
-def _read_weights(directory: str) -> dict[str, torch.Tensor]:
+def _read_weights(directory: str) -> tuple[dict, str]:
     safetensors_path = os.path.join(directory, SAFETENSORS_FILE)
     pickle_path = os.path.join(directory, PICKLE_FILE)
     if os.path.exists(safetensors_path):
-        from safetensors.torch import load_file
-
-        return load_file(safetensors_path)
+        return read_safetensors(safetensors_path), safetensors_path
     if os.path.exists(pickle_path):
-        return torch.load(pickle_path, map_location="cpu", weights_only=True)
+        return read_pickled_tensors(pickle_path), pickle_path
     raise FileNotFoundError(f"{directory} has neither {SAFETENSORS_FILE} nor {PICKLE_FILE}")
 
 
@@ -105,61 +113,99 @@ def _strip_model_prefix(key: str, layers_path: str) -> str:
     return key[position + 1:] if position >= 0 else key
 
 
+def _expected_shapes(model, config, hidden_size: int) -> dict:
+    """{(layer index, site): {parameter: shape}} of the adapter `config` places, without touching the model."""
+    _, architecture, layers = _layers(model)
+    shapes = {}
+    for index in range(len(layers)):
+        for site in architecture.sites:
+            wanted = config.mh_adapter if site.location == "mh_adapter" else config.output_adapter
+            if wanted and index not in config.leave_out:
+                with torch.device("meta"):
+                    probe = AdapterLayer(site)
+                    probe.add("probe", config, hidden_size, index, torch.empty(0, device="meta"))
+                shapes[(index, site)] = {k: tuple(v.shape) for k, v in probe.adapters["probe"].state_dict().items()}
+    return shapes
+
+
+@transactional
 def load_adapter(model, directory: str, load_as: str | None = None, set_active: bool = False) -> str:
-    """Load a pefops or AdapterHub adapter directory into `model`; returns the adapter's name."""
+    """Load a pefops or AdapterHub adapter directory into `model`; returns the adapter's name.
+    The config and every tensor (names, exact shapes, dtypes) are checked before the model changes;
+    errors name the file and the key."""
+    directory = str(directory)
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: not an adapter directory")
-    with open(config_path) as handle:
-        meta = json.load(handle)
-    config_data = dict(meta.get("config") or {})
+    meta = read_json_object(config_path)
+    config_data = meta.get("config")
+    if not isinstance(config_data, dict):
+        raise ValueError(f"{config_path}: field 'config' must be an object of adapter settings; got {config_data!r}")
+    config_data = dict(config_data)
     if "version" not in meta and config_data.get("non_linearity") == "gelu":
         config_data["non_linearity"] = "gelu_new"  # AdapterHub: legacy configs meant the tanh GELU
-    config = resolve_config(config_data)
+    try:
+        config = resolve_config(config_data)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{config_path}: {error}") from None
     model_type = model.config.model_type
     if meta.get("model_type") not in (None, model_type):
-        raise ValueError(f"adapter was trained for model type {meta['model_type']!r}; this model is {model_type!r}")
-    if meta.get("hidden_size") not in (None, _hidden_size(model)):
-        raise ValueError(f"adapter hidden size {meta['hidden_size']} does not match the model's {_hidden_size(model)}")
-    file_name = meta.get("name")
+        raise ValueError(f"{config_path}: adapter was trained for model type {meta['model_type']!r}; this model is "
+                         f"{model_type!r}")
+    hidden_size = _hidden_size(model)
+    if meta.get("hidden_size") not in (None, hidden_size):
+        raise ValueError(f"{config_path}: adapter hidden size {meta['hidden_size']} does not match the model's "
+                         f"{hidden_size}")
+    file_name = field(meta, "name", config_path, str, required=False)
+    if file_name is not None and (not file_name or "." in file_name):
+        raise ValueError(f"{config_path}: field 'name' must be a non-empty adapter name; got {file_name!r}")
+    if load_as is not None and (not isinstance(load_as, str) or not load_as):
+        raise ValueError(f"load_as must be a non-empty adapter name or None; got {load_as!r}")
     name = load_as or file_name
     if not name:
-        raise ValueError("the adapter config names no adapter: pass load_as=")
-    weights = _read_weights(directory)
+        raise ValueError(f"{config_path} names no adapter: pass load_as=")
+    if name in _adapter_registry(model):
+        raise ValueError(f"model already has an adapter named {name!r}; remove it first or pass load_as=")
+    try:
+        shapes = _expected_shapes(model, config, hidden_size)
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    if not shapes:
+        raise ValueError(f"{config_path}: the config places no adapter in this model")
+    weights, weights_path = _read_weights(directory)
 
     layers_path = architecture_of(model).layers
-    add_adapter(model, name, config)
-    try:
-        expected = {}
-        for index, site, adapter_layer in _adapter_layers(model):
-            if name in adapter_layer.adapters:
-                prefix = f"{layers_path}.{index}.{site.adapterhub_prefix}.{file_name or name}."
-                for parameter in adapter_layer.adapters[name].state_dict():
-                    expected[(prefix, parameter)] = (adapter_layer.adapters[name], parameter)
-        prefixes = {prefix for prefix, _ in expected}
-        loaded = {}
-        for key, tensor in weights.items():
-            local_key = _strip_model_prefix(key, layers_path)
-            prefix = next((p for p in prefixes if local_key.startswith(p)), None)
-            if prefix is None:
-                raise ValueError(f"unexpected key {key!r} in {directory}: not an adapter parameter of this model")
-            loaded[(prefix, _from_adapterhub_name(local_key[len(prefix):], config.ln_before))] = tensor
-        missing = [prefix + parameter for (prefix, parameter) in expected if (prefix, parameter) not in loaded]
-        if missing:
-            raise ValueError(f"{directory} lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
-        with torch.no_grad():
-            for (prefix, parameter), (module, _) in expected.items():
-                target = module.state_dict()[parameter]
-                source = loaded[(prefix, parameter)]
-                if tuple(source.shape) != tuple(target.shape):
-                    raise ValueError(f"{prefix}{parameter}: shape {tuple(source.shape)} in the file, "
-                                     f"{tuple(target.shape)} in the model")
-                target.copy_(source.to(target.dtype))
-    except Exception:
-        from pefops.hf.adapters import remove_adapter
+    prefixes = {f"{layers_path}.{index}.{site.adapterhub_prefix}.{file_name or name}.": (index, site)
+                for (index, site) in shapes}
+    loaded = {}
+    for key, tensor in weights.items():
+        local_key = _strip_model_prefix(key, layers_path)
+        prefix = next((p for p in prefixes if local_key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"{weights_path}: unexpected key {key!r}: not a parameter of adapter "
+                             f"{file_name or name!r} at a site its config places in this model")
+        try:
+            parameter = _from_adapterhub_name(local_key[len(prefix):], config.ln_before)
+        except ValueError as error:
+            raise ValueError(f"{weights_path}: {error}") from None
+        site_key = prefixes[prefix]
+        if parameter not in shapes[site_key]:
+            raise ValueError(f"{weights_path}: unexpected key {key!r}: adapter {file_name or name!r} with this config "
+                             f"has no parameter {parameter!r}")
+        check_tensor(weights_path, key, tensor, shapes[site_key][parameter])
+        loaded[(site_key, parameter)] = tensor
+    missing = [prefix + parameter for prefix, site_key in prefixes.items() for parameter in shapes[site_key]
+               if (site_key, parameter) not in loaded]
+    if missing:
+        raise ValueError(f"{weights_path} lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
 
-        remove_adapter(model, name)
-        raise
+    add_adapter(model, name, config)  # validated: the commit
+    pairs = []
+    for index, site, adapter_layer in _adapter_layers(model):
+        if (index, site) in shapes:
+            state = adapter_layer.adapters[name].state_dict(keep_vars=True)
+            pairs.extend((state[parameter], loaded[((index, site), parameter)]) for parameter in shapes[(index, site)])
+    copy_into(pairs)
     if set_active:
         set_active_adapters(model, name)
     return name

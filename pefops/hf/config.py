@@ -51,7 +51,43 @@ class BottleneckConfig:
             raise ValueError("invertible adapters (inv_adapter) are not supported; set inv_adapter=None")
         if self.cross_adapter:
             raise ValueError("cross-attention adapters (cross_adapter=True) are not supported yet")
-        object.__setattr__(self, "leave_out", tuple(int(i) for i in self.leave_out))
+        leave_out = (self.leave_out,) if isinstance(self.leave_out, int) else self.leave_out
+        try:
+            leave_out = tuple(int(i) for i in leave_out)
+        except (TypeError, ValueError):
+            raise ValueError(f"leave_out must be a list of layer indices; got {self.leave_out!r}") from None
+        object.__setattr__(self, "leave_out", leave_out)
+        self._check_fields()
+
+    def _check_fields(self):
+        """Every field a layer needs, checked once here, so add_adapter never fails half-way."""
+        from pefops.nn.bottleneck_adapter import INITS
+        from pefops.ops.activations import activation_code
+
+        for flag in ("mh_adapter", "output_adapter", "original_ln_before", "original_ln_after", "ln_before",
+                     "ln_after", "is_parallel", "use_gating", "adapter_residual_before_ln"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false; got {getattr(self, flag)!r}")
+        factors = self.reduction_factor
+        if isinstance(factors, Mapping):
+            if not factors:
+                raise ValueError("reduction_factor mapping is empty")
+            for key, value in factors.items():
+                if key != "default" and not str(key).isdigit():
+                    raise ValueError(f"reduction_factor keys are layer indices or 'default'; got {key!r}")
+                _check_factor(value, f"reduction_factor[{key!r}]")
+        else:
+            _check_factor(factors, "reduction_factor")
+        activation_code(self.non_linearity)  # raises ValueError naming the known activations
+        if self.init_weights not in INITS:
+            raise ValueError(f"unknown init_weights {self.init_weights!r}; expected one of {', '.join(INITS)}")
+        if isinstance(self.scaling, str):
+            if self.scaling not in ("learned", "channel"):
+                raise ValueError(f"scaling must be a number, 'learned' or 'channel'; got {self.scaling!r}")
+        elif isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            raise ValueError(f"scaling must be a number, 'learned' or 'channel'; got {self.scaling!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1); got {self.dropout!r}")
 
     def bottleneck_size(self, hidden_size: int, layer_index: int) -> int:
         factor = self.reduction_factor
@@ -74,6 +110,11 @@ class BottleneckConfig:
 
     def replace(self, **changes) -> "BottleneckConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_factor(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+        raise ValueError(f"{what} must be a positive number; got {value!r}")
 
 
 def SeqBnConfig(**changes) -> BottleneckConfig:
@@ -127,6 +168,9 @@ def resolve_config(config: Union[str, Mapping[str, Any], BottleneckConfig, None]
         for item in filter(None, overrides.rstrip("]").split(",")):
             key, _, value = item.partition("=")
             changes[key.strip()] = _parse_value(value.strip())
+        unknown = set(changes) - _FIELDS
+        if unknown:
+            raise ValueError(f"unknown bottleneck config keys {sorted(unknown)} in {config!r}")
         return PRESETS[name](**changes)
     if isinstance(config, Mapping):
         data = dict(config)
@@ -138,6 +182,11 @@ def resolve_config(config: Union[str, Mapping[str, Any], BottleneckConfig, None]
         unknown = set(data) - _FIELDS - _IGNORED_KEYS
         if unknown:
             raise ValueError(f"unknown bottleneck config keys {sorted(unknown)}")
+        required = {f.name for f in dataclasses.fields(BottleneckConfig)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        absent = sorted(required - set(data))
+        if absent:
+            raise ValueError(f"bottleneck config lacks {absent}")
         return BottleneckConfig(**{k: v for k, v in data.items() if k in _FIELDS})
     raise ValueError(f"config must be a preset name, a dict or a BottleneckConfig; got {type(config).__name__}")
 

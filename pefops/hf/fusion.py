@@ -19,6 +19,8 @@ import pefops
 from pefops.hf.adapters import Fuse, _adapter_layers, _adapter_registry, _fusion_registry, _hidden_size
 from pefops.hf.architectures import architecture_of
 from pefops.hf.checkpoint import _strip_model_prefix
+from pefops.hf.checkpoint_io import check_names, check_tensor, field, read_json_object, read_pickled_tensors, read_safetensors
+from pefops.hf.transaction import copy_into, transactional
 from pefops.nn.adapter_fusion import AdapterFusion, resolve_fusion_config
 
 logger = logging.getLogger("pefops.hf")
@@ -39,17 +41,23 @@ def _fusion_prefix(site) -> str:
     return site.adapterhub_prefix.removesuffix("adapters") + "adapter_fusion_layer"
 
 
+@transactional
 def add_adapter_fusion(model, names, config="dynamic", set_active: bool = False) -> Fuse:
     """Add a fusion layer over the adapters `names` (a Fuse, a list, or "a,b,c") at every site
     where all of them are present. The adapters must exist already."""
     fuse = _as_fuse(names)
     fusion_config = resolve_fusion_config(config)
+    if len(set(fuse.names)) != len(fuse.names):
+        raise ValueError(f"a fusion fuses distinct adapters; got {list(fuse.names)}")
     registry = _adapter_registry(model)
     missing = [n for n in fuse.names if n not in registry]
     if missing:
         raise ValueError(f"cannot fuse unknown adapters {missing}; the model has {sorted(registry)}")
     if fuse.name in _fusion_registry(model):
         raise ValueError(f"the model already has a fusion {fuse.name!r}")
+    parallel = [n for n in fuse.names if registry[n].is_parallel]
+    if parallel:
+        raise ValueError(f"AdapterFusion over parallel (par_bn) adapters is not supported; {parallel} are parallel")
     hidden = _hidden_size(model)
     # AdapterHub: `dropout_prob or the model's attention dropout`, so 0.0 also falls back to the model's
     dropout = fusion_config.dropout_prob or getattr(model.config, "attention_probs_dropout_prob", 0.0) or 0.0
@@ -79,6 +87,7 @@ def fusion_parameters(model, names) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if marker in n}
 
 
+@transactional
 def train_adapter_fusion(model, names) -> int:
     """Freeze everything but the fusion layers of `names` (the fused adapters stay frozen),
     activate the fusion, put the model in training mode; returns the trainable parameter count."""
@@ -133,45 +142,97 @@ def save_adapter_fusion(model, directory: str, names) -> None:
         json.dump(meta, handle, indent=2, sort_keys=True)
 
 
+@transactional
+def remove_adapter_fusion(model, names) -> None:
+    """Delete the fusion layers of `names` (the fused adapters stay). If that fusion is active, the
+    model falls back to the base (no active adapter)."""
+    from pefops.hf.adapters import active_adapter, set_active_adapters
+
+    fuse = _as_fuse(names)
+    if fuse.name not in _fusion_registry(model):
+        raise ValueError(f"no fusion {fuse.name!r}; the model has {sorted(_fusion_registry(model)) or 'none'}")
+    for _, _, adapter_layer in _adapter_layers(model):
+        if fuse.name in adapter_layer.fusions:
+            del adapter_layer.fusions[fuse.name]
+    del _fusion_registry(model)[fuse.name]
+    if active_adapter(model) == fuse:
+        set_active_adapters(model, None)
+
+
+@transactional
 def load_adapter_fusion(model, directory: str, set_active: bool = False) -> Fuse:
-    """Load a pefops or AdapterHub fusion directory; the fused adapters must be loaded already."""
+    """Load a pefops or AdapterHub fusion directory; the fused adapters must be loaded already.
+    The config and every tensor (names, exact shapes, dtypes) are checked before the model changes."""
+    directory = str(directory)
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: not an adapter fusion directory")
-    with open(config_path) as handle:
-        meta = json.load(handle)
-    names = meta.get("adapter_names") or meta.get("name", "").split(",")
+    meta = read_json_object(config_path)
+    names = meta.get("adapter_names")
+    if names is None:
+        name = field(meta, "name", config_path, str)
+        names = name.split(",")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{config_path}: 'adapter_names' must be a non-empty list of adapter names; got {names!r}")
     fuse = _as_fuse(names)
-    if os.path.exists(os.path.join(directory, SAFETENSORS_FILE)):
-        from safetensors.torch import load_file
-
-        weights = load_file(os.path.join(directory, SAFETENSORS_FILE))
-    elif os.path.exists(os.path.join(directory, PICKLE_FILE)):
-        weights = torch.load(os.path.join(directory, PICKLE_FILE), map_location="cpu", weights_only=True)
+    file_name = field(meta, "name", config_path, str, required=False) or fuse.name
+    config = meta.get("config") or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: field 'config' must be an object; got {config!r}")
+    try:
+        fusion_config = resolve_fusion_config(dict(config))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    if meta.get("model_type") not in (None, model.config.model_type):
+        raise ValueError(f"{config_path}: fusion was trained for model type {meta['model_type']!r}; this model is "
+                         f"{model.config.model_type!r}")
+    hidden = _hidden_size(model)
+    if meta.get("hidden_size") not in (None, hidden):
+        raise ValueError(f"{config_path}: fusion hidden size {meta['hidden_size']} does not match the model's {hidden}")
+    registry = _adapter_registry(model)
+    missing = [n for n in fuse.names if n not in registry]
+    if missing:
+        raise ValueError(f"{config_path} fuses adapters {missing} the model does not have (load them first); the model "
+                         f"has {sorted(registry) or 'none'}")
+    if fuse.name in _fusion_registry(model):
+        raise ValueError(f"the model already has a fusion {fuse.name!r}")
+    safetensors_path = os.path.join(directory, SAFETENSORS_FILE)
+    pickle_path = os.path.join(directory, PICKLE_FILE)
+    if os.path.exists(safetensors_path):
+        weights, weights_path = read_safetensors(safetensors_path), safetensors_path
+    elif os.path.exists(pickle_path):
+        weights, weights_path = read_pickled_tensors(pickle_path), pickle_path
     else:
         raise FileNotFoundError(f"{directory} has neither {SAFETENSORS_FILE} nor {PICKLE_FILE}")
-    config = dict(meta.get("config") or {})
-    add_adapter_fusion(model, fuse, config)
+
     layers_path = architecture_of(model).layers
-    file_name = meta.get("name") or fuse.name
+    with torch.device("meta"):
+        probe = AdapterFusion(hidden, fusion_config)
+    shapes = {key: tuple(t.shape) for key, t in probe.state_dict().items()}
     expected = {}
     for index, site, adapter_layer in _adapter_layers(model):
-        if fuse.name in adapter_layer.fusions:
+        if all(n in adapter_layer.adapters for n in fuse.names):
             prefix = f"{layers_path}.{index}.{_fusion_prefix(site)}.{file_name}."
-            for key, tensor in adapter_layer.fusions[fuse.name].state_dict().items():
-                expected[prefix + key] = tensor
+            for key, shape in shapes.items():
+                expected[prefix + key] = (index, site.location, key, shape)
     found = {}
     for key, tensor in weights.items():
         local = _strip_model_prefix(key, layers_path)
         if local not in expected:
-            raise ValueError(f"unexpected key {key!r} in {directory}")
+            raise ValueError(f"{weights_path}: unexpected key {key!r}: not a parameter of fusion {file_name!r} at a "
+                             "site of this model that holds all its adapters")
+        check_tensor(weights_path, key, tensor, expected[local][3])
         found[local] = tensor
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise ValueError(f"{directory} lacks {len(missing)} fusion tensors, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(found[key].to(target.dtype))
+    check_names(weights_path, found, expected, "fusion")
+
+    add_adapter_fusion(model, fuse, fusion_config)  # validated: the commit
+    pairs = []
+    for index, site, adapter_layer in _adapter_layers(model):
+        if fuse.name in adapter_layer.fusions:
+            state = adapter_layer.fusions[fuse.name].state_dict(keep_vars=True)
+            prefix = f"{layers_path}.{index}.{_fusion_prefix(site)}.{file_name}."
+            pairs.extend((state[key], found[prefix + key]) for key in shapes)
+    copy_into(pairs)
     if set_active:
         from pefops.hf.adapters import set_active_adapters
 

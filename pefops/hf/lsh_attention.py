@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 
+from pefops.hf.transaction import transactional
 from pefops.nn.lsh_attention import (
     BucketsMismatch,
     check_num_buckets,
@@ -124,6 +125,7 @@ class LSHAttentionHandle:
         return len(self.modules)
 
 
+@transactional
 def apply_lsh_attention(model) -> LSHAttentionHandle:
     """Make every LSH attention layer of a transformers Reformer model run pefops' fused op.
     Returns a handle whose `.remove()` undoes it (as does `remove_lsh_attention(model)`)."""
@@ -146,6 +148,7 @@ def apply_lsh_attention(model) -> LSHAttentionHandle:
     return LSHAttentionHandle(patched)
 
 
+@transactional
 def remove_lsh_attention(model) -> int:
     """Restore transformers' forward on every patched layer of `model`; returns how many."""
     modules = [m for m in model.modules() if getattr(m, "_pefops_lsh_patched", False)]
@@ -273,6 +276,7 @@ def register_lsh_attention() -> str:
     return ATTN_IMPLEMENTATION
 
 
+@transactional
 def configure_lsh_attention(model, *, set_implementation: bool = True, **options):
     """Set model.config.pefops_lsh (options: see the module docstring) and, unless
     set_implementation=False, switch the model to attn_implementation="pefops_lsh". Returns the

@@ -14,8 +14,11 @@ import torch
 from torch import nn
 
 from pefops.hf.architectures import architecture_of, get_submodule
+from pefops.hf.checkpoint_io import check_tensor, read_safetensors
+from pefops.hf.transaction import copy_into, transactional
 from pefops.ops.common import check_index_tensor, describe
 from pefops.nn.masked_linear import MaskedLinear
+from pefops.ops.masked_linear import packed_columns
 
 FORMAT = "pefops-masks-1"
 
@@ -50,12 +53,19 @@ def masked_modules(model) -> dict[str, MaskedLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, MaskedLinear)}
 
 
+@transactional
 def apply_mask_tuning(model, threshold: float = 1e-2, init_sparsity: float = 0.5,
                       targets: Optional[Iterable[str]] = None, train_bias: bool = False) -> list[str]:
     """Replace the Linear / Conv1D layers of the transformer layers (BERT, RoBERTa, GPT-2, LLaMA) by
     MaskedLinear, freeze the base model, keep the head (everything outside the base model) dense
     and trainable. `targets`: names or name suffixes to restrict to (e.g. ["query", "value"]).
     Returns the replaced modules' names."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
+        raise ValueError(f"threshold must be a number; got {threshold!r}")
+    if isinstance(init_sparsity, bool) or not isinstance(init_sparsity, (int, float)) or not 0 <= init_sparsity <= 1:
+        raise ValueError(f"init_sparsity must be a number in [0, 1]; got {init_sparsity!r}")
+    if isinstance(targets, str):
+        targets = [targets]
     targets = list(targets) if targets is not None else None
     replaced = []
     for name, module in list(_layer_modules(model)):
@@ -90,6 +100,7 @@ def _head_parameters(model) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if id(p) not in base_ids}
 
 
+@transactional
 def freeze_masks(model) -> None:
     """Pack every mask and drop the scores (inference form)."""
     for module in masked_modules(model).values():
@@ -116,40 +127,73 @@ def save_masks(model, path: str) -> None:
     save_file(tensors, path, metadata=metadata)
 
 
+def _mask_shape(module) -> tuple[int, int]:
+    """The packed mask shape [out, ceil(in / 8)] of a Linear, a Conv1D (weight [in, out]) or a MaskedLinear."""
+    if isinstance(module, MaskedLinear):
+        out_features, in_features = module.out_features, module.in_features
+    elif isinstance(module, nn.Linear):
+        out_features, in_features = module.out_features, module.in_features
+    else:
+        in_features, out_features = module.weight.shape
+    return out_features, packed_columns(in_features)
+
+
+@transactional
 def load_masks(model, path: str) -> None:
     """Switch the model to the task saved in `path`: masks (inference form) and head. If the model
-    has no MaskedLinear layers yet, they are created where the file has masks."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a pefops mask file (format {metadata.get('format')!r})")
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    has no MaskedLinear layers yet, they are created where the file has masks. The whole file is
+    checked first (names, shapes, dtypes); it may only hold masks, the masked layers' biases and
+    the head's parameters (never other base weights)."""
+    tensors, metadata = read_safetensors(path, with_metadata=True)
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a pefops mask file (format {metadata.get('format')!r})")
     mask_names = {key[: -len(".mask")] for key in tensors if key.endswith(".mask")}
+    if not mask_names:
+        raise ValueError(f"{path} holds no masks")
     modules = masked_modules(model)
-    if not modules:
-        thresholds = json.loads(metadata.get("thresholds", "[0.01]"))
-        apply_mask_tuning(model, threshold=thresholds[0], targets=sorted(mask_names))
-        modules = masked_modules(model)
-    missing = set(modules) - mask_names
-    extra = mask_names - set(modules)
-    if missing or extra:
-        raise ValueError(f"mask file does not match the model: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
-    state = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, module in modules.items():
-            module.set_mask(tensors[f"{name}.mask"])
-        for key, tensor in tensors.items():
-            if key.endswith(".mask"):
-                continue
-            if key not in state:
-                raise ValueError(f"{path} has a tensor {key!r} the model does not have")
-            if tuple(state[key].shape) != tuple(tensor.shape):
-                raise ValueError(f"{key}: shape {tuple(tensor.shape)} in the file, {tuple(state[key].shape)} in the model")
-            state[key].copy_(tensor.to(state[key].dtype))
+    if modules:
+        targets = modules
+        missing, extra = set(modules) - mask_names, mask_names - set(modules)
+        if missing or extra:
+            raise ValueError(f"{path} does not match the model's masked layers: missing {sorted(missing)[:3]}, "
+                             f"extra {sorted(extra)[:3]}")
+        threshold = None
+    else:
+        try:
+            thresholds = json.loads(metadata.get("thresholds", "[0.01]"))
+            threshold = float(thresholds[0])
+        except (ValueError, TypeError, IndexError, KeyError):
+            raise ValueError(f"{path}: metadata 'thresholds' must be a JSON list of numbers; got "
+                             f"{metadata.get('thresholds')!r}") from None
+        candidates = {name: module for name, module in _layer_modules(model) if _is_maskable(module)}
+        unknown = sorted(mask_names - set(candidates))
+        if unknown:
+            raise ValueError(f"{path}: mask {unknown[0] + '.mask'!r} names no Linear layer in the transformer layers")
+        targets = {name: candidates[name] for name in mask_names}
+    for name, module in targets.items():
+        check_tensor(path, f"{name}.mask", tensors[f"{name}.mask"], _mask_shape(module), dtype=torch.uint8)
+    allowed = {name: p for name, p in _head_parameters(model).items()}
+    for name, module in targets.items():
+        if module.bias is not None:
+            allowed[f"{name}.bias"] = module.bias
+    for key, tensor in tensors.items():
+        if key.endswith(".mask"):
+            continue
+        if key not in allowed:
+            raise ValueError(f"{path}: tensor {key!r} is neither a mask, a masked layer's bias nor a parameter of the "
+                             "model's head; a mask file may not write other weights")
+        check_tensor(path, key, tensor, allowed[key].shape)
+
+    if threshold is not None:  # validated: the commit
+        apply_mask_tuning(model, threshold=threshold, targets=sorted(mask_names))
+    modules = masked_modules(model)
+    for name, module in modules.items():
+        module.set_mask(tensors[f"{name}.mask"])
+    state = {**_head_parameters(model), **{f"{name}.bias": m.bias for name, m in modules.items() if m.bias is not None}}
+    copy_into((state[key], tensor) for key, tensor in tensors.items() if not key.endswith(".mask"))
 
 
+@transactional
 def set_row_masks(model, paths: Optional[list] = None, row_task: Optional[torch.Tensor] = None) -> None:
     """Mixed-task batch for mask-tuning: sequence b of the next batches runs every masked layer with
     the mask of task paths[row_task[b]] (files written by save_masks) over the one shared base
@@ -175,8 +219,11 @@ def set_row_masks(model, paths: Optional[list] = None, row_task: Optional[torch.
             missing = [name for name in modules if f"{name}.mask" not in keys]
             if missing:
                 raise ValueError(f"{path} has no mask for {missing[:3]}")
-            per_task.append({name: handle.get_tensor(f"{name}.mask") for name in modules})
-    if row_task is None or row_task.dim() != 1:
-        raise ValueError("row_task must be an integer tensor [batch] of indices into paths")
+            task = {name: handle.get_tensor(f"{name}.mask") for name in modules}
+        for name, module in modules.items():
+            check_tensor(path, f"{name}.mask", task[name], _mask_shape(module), dtype=torch.uint8)
+        per_task.append(task)
+    if not per_task:
+        raise ValueError("set_row_masks needs at least one mask file (paths=None clears the routing)")
     for name, module in modules.items():
         module.set_row_masks(torch.stack([task[name] for task in per_task]), row_task)

@@ -11,41 +11,47 @@ the KV cache, so real tokens are numbered from P, and the logits match PEFT's on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
-from pefops.hf.prefix_tuning import PrefixTuning, apply_prefix_tuning, set_trainable_modules
-from pefops.hf.prompt_tuning import PromptTuning, apply_prompt_tuning
+from pefops.hf.checkpoint_io import check_tensor, field, read_json_object, read_safetensors
+from pefops.hf.prefix_tuning import (
+    PrefixTuning,
+    _commit_prefix,
+    _plan_prefix,
+    check_trainable_modules,
+    set_trainable_modules,
+)
+from pefops.hf.prompt_tuning import PromptTuning, _commit_prompt, _plan_prompt
+from pefops.hf.transaction import copy_into, transactional
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def _read(directory, peft_type: str):
-    from safetensors.torch import load_file
-
     directory = Path(directory)
-    if not (directory / PEFT_CONFIG).is_file() or not (directory / PEFT_WEIGHTS).is_file():
+    config_path, weights_path = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
         raise ValueError(f"{directory} must hold PEFT's {PEFT_CONFIG} and {PEFT_WEIGHTS} (save_pretrained; "
                          "pickled adapter_model.bin files are not read)")
-    config = json.loads((directory / PEFT_CONFIG).read_text())
+    config = read_json_object(config_path)
     if config.get("peft_type") != peft_type:
-        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; expected {peft_type!r}")
+        raise ValueError(f"{config_path} holds a {config.get('peft_type')!r} adapter; expected {peft_type!r}")
     if config.get("num_transformer_submodules", 1) != 1:
-        raise ValueError("only decoder-only / encoder-only PEFT prompt checkpoints (num_transformer_submodules=1) "
-                         "are imported; encoder-decoder ones are not")
-    tensors = load_file(str(directory / PEFT_WEIGHTS))
+        raise ValueError(f"{config_path}: only decoder-only / encoder-only PEFT prompt checkpoints "
+                         "(num_transformer_submodules=1) are imported; encoder-decoder ones are not")
+    field(config, "num_virtual_tokens", config_path, int, positive=True)
+    tensors = read_safetensors(weights_path)
     if "prompt_embeddings" not in tensors:
-        raise ValueError(f"{directory / PEFT_WEIGHTS} has no 'prompt_embeddings' tensor")
-    return config, tensors
+        raise ValueError(f"{weights_path} has no 'prompt_embeddings' tensor")
+    return config, tensors, config_path, weights_path
 
 
-def _load_heads(model, tensors: dict) -> list[str]:
-    """modules_to_save entries, stored under "base_model.<name>" for prompt-learning models."""
+def _plan_heads(model, tensors: dict, path) -> list:
+    """modules_to_save entries, stored under "base_model.<name>" for prompt-learning models:
+    [(parameter name, parameter, tensor)], every name and shape checked."""
     state = dict(model.named_parameters())
-    loaded = []
+    planned = []
     for key, tensor in tensors.items():
         if key == "prompt_embeddings":
             continue
@@ -53,55 +59,55 @@ def _load_heads(model, tensors: dict) -> list[str]:
         candidates = (plain, plain.removeprefix("base_model."), plain.removeprefix("base_model.model."))
         name = next((candidate for candidate in candidates if candidate in state), None)
         if name is None:
-            raise ValueError(f"the PEFT checkpoint has a tensor {key!r} that matches no parameter of the model")
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{key}: shape {tuple(tensor.shape)} in the checkpoint, "
-                             f"{tuple(state[name].shape)} in the model")
-        with torch.no_grad():
-            state[name].copy_(tensor.to(state[name].dtype))
-        loaded.append(name)
-    return loaded
+            raise ValueError(f"{path}: tensor {key!r} matches no parameter of the model")
+        check_tensor(path, key, tensor, state[name].shape)
+        planned.append((name, state[name], tensor))
+    return planned
 
 
-def _heads_trainable(model, parameter_names: list[str]) -> tuple[str, ...]:
+def _head_modules(heads: list) -> tuple[str, ...]:
     """The imported heads' modules train on, as PEFT's modules_to_save do (and save_prefix keeps them)."""
-    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in parameter_names))
-    return set_trainable_modules(model, modules)
+    return tuple(dict.fromkeys(name.rsplit(".", 1)[0] for name, _, _ in heads))
 
 
+@transactional
 def load_peft_prefix(model, directory) -> PrefixTuning:
     """Apply prefix-tuning to `model` from a PEFT PREFIX_TUNING checkpoint (GPT-2, LLaMA, BERT): the
     flat prefix PEFT saved, positions shifted by P as PEFT's cache offset does. Returns the
-    PrefixTuning (projection=False: the checkpoint has no MLP)."""
-    config, tensors = _read(directory, "PREFIX_TUNING")
+    PrefixTuning (projection=False: the checkpoint has no MLP). Everything is checked before the
+    model changes."""
+    config, tensors, config_path, weights_path = _read(directory, "PREFIX_TUNING")
     flat = tensors["prompt_embeddings"]
-    count = config["num_virtual_tokens"]
-    tuning = apply_prefix_tuning(model, count, projection=False, peft_compatible_positions=True)
+    tuning, sites = _plan_prefix(model, config["num_virtual_tokens"], False, 512, True, False, False, None, ())
     encoder = tuning.encoder
     expected = (encoder.num_layers, encoder.num_kv_heads * encoder.head_dim, encoder.num_kv_heads)
     found = (config.get("num_layers"), config.get("token_dim"), config.get("num_attention_heads"))
     if expected != found:
-        from pefops.hf.prefix_tuning import remove_prefix_tuning
-
-        remove_prefix_tuning(model)
-        raise ValueError(f"the PEFT prefix has (num_layers, token_dim, kv heads) {found}; this model needs {expected}")
-    encoder.load_flat(flat.to(encoder.embedding.weight.device))
-    tuning.trainable_modules = _heads_trainable(model, _load_heads(model, tensors))
+        raise ValueError(f"{config_path}: the PEFT prefix has (num_layers, token_dim, kv heads) {found}; this model "
+                         f"needs {expected}")
+    check_tensor(weights_path, "prompt_embeddings", flat, encoder.embedding.weight.shape)
+    heads = _plan_heads(model, tensors, weights_path)
+    modules = check_trainable_modules(model, _head_modules(heads))
+    _commit_prefix(model, tuning, sites)  # validated: the commit
+    copy_into([(encoder.embedding.weight, flat)] + [(parameter, tensor) for _, parameter, tensor in heads])
+    tuning.trainable_modules = set_trainable_modules(model, modules)
     return tuning
 
 
+@transactional
 def load_peft_prompt(model, directory) -> PromptTuning:
     """Apply prompt tuning to `model` from a PEFT PROMPT_TUNING checkpoint: the virtual embeddings
-    PEFT saved (and its task head, if any). Returns the PromptTuning."""
-    config, tensors = _read(directory, "PROMPT_TUNING")
+    PEFT saved (and its task head, if any). Returns the PromptTuning. Everything is checked before
+    the model changes."""
+    config, tensors, config_path, weights_path = _read(directory, "PROMPT_TUNING")
     embeddings = tensors["prompt_embeddings"]
     count = config["num_virtual_tokens"]
     hidden = model.get_input_embeddings().weight.shape[1]
-    if tuple(embeddings.shape) != (count, hidden):
-        raise ValueError(f"PEFT prompt_embeddings have shape {tuple(embeddings.shape)}; this model needs "
-                         f"({count}, {hidden})")
-    tuning = apply_prompt_tuning(model, count)
-    with torch.no_grad():
-        tuning.prompt.embedding.weight.copy_(embeddings.to(tuning.prompt.embedding.weight))
-    tuning.trainable_modules = _heads_trainable(model, _load_heads(model, tensors))
+    check_tensor(weights_path, "prompt_embeddings", embeddings, (count, hidden))
+    tuning = _plan_prompt(model, count, "random", None, 0.02, None, ())
+    heads = _plan_heads(model, tensors, weights_path)
+    modules = check_trainable_modules(model, _head_modules(heads))
+    _commit_prompt(model, tuning)  # validated: the commit
+    copy_into([(tuning.prompt.embedding.weight, embeddings)] + [(parameter, tensor) for _, parameter, tensor in heads])
+    tuning.trainable_modules = set_trainable_modules(model, modules)
     return tuning

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from pefops.hf.architectures import get_submodule
+from pefops.hf.transaction import copy_into, transactional
 from pefops.nn.prefix_tuning import PrefixEncoder
 
 SITE_ATTRIBUTE = "_pefops_prefix_site"  # on an attention module: (PrefixTuning, index into its encoder)
@@ -173,13 +174,20 @@ def _set_implementation(model, name: str) -> None:
 # ------------------------------------------------------------------------------------ the module
 
 
-def set_trainable_modules(model, names) -> tuple[str, ...]:
-    """Make the named submodules of `model` (e.g. a task head: "classifier", "score") trainable after
-    the base was frozen; save_prefix writes them with the prefix (PEFT's modules_to_save)."""
+def check_trainable_modules(model, names) -> tuple[str, ...]:
+    """The names of `trainable_modules`, checked (each a submodule of `model` with parameters); the model
+    is not changed."""
     if isinstance(names, str):
         names = (names,)
-    names = tuple(names)
+    if names is None:
+        names = ()
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise ValueError(f"trainable_modules must be a list of submodule names; got {names!r}") from None
     for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"trainable_modules: names must be non-empty strings; got {name!r}")
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -188,7 +196,17 @@ def set_trainable_modules(model, names) -> tuple[str, ...]:
                              f"{children})") from None
         if not any(True for _ in module.parameters()):
             raise ValueError(f"trainable_modules: {name!r} has no parameters")
-        module.requires_grad_(True)
+    return names
+
+
+@transactional
+def set_trainable_modules(model, names) -> tuple[str, ...]:
+    """Make the named submodules of `model` (e.g. a task head: "classifier", "score") trainable after
+    the base was frozen; save_prefix writes them with the prefix (PEFT's modules_to_save). All names
+    are checked before any changes."""
+    names = check_trainable_modules(model, names)
+    for name in names:
+        model.get_submodule(name).requires_grad_(True)
     return names
 
 
@@ -277,6 +295,7 @@ def _position_hook(num_virtual_tokens: int):
     return hook
 
 
+@transactional
 def apply_prefix_tuning(model, num_virtual_tokens: int, projection: bool = True, projection_hidden: int = 512,
                         peft_compatible_positions: bool = False, cross_attention: bool = False,
                         zero_init: bool = False, embedding_dim: Optional[int] = None,
@@ -292,6 +311,15 @@ def apply_prefix_tuning(model, num_virtual_tokens: int, projection: bool = True,
     trainable_modules: names of submodules that train too (a task head, e.g. "classifier"; PEFT's
     modules_to_save); save_prefix writes them with the prefix.
     The model must use the "sdpa" or "eager" attention implementation."""
+    owner, sites = _plan_prefix(model, num_virtual_tokens, projection, projection_hidden, peft_compatible_positions,
+                                cross_attention, zero_init, embedding_dim, trainable_modules)
+    _commit_prefix(model, owner, sites)
+    return owner
+
+
+def _plan_prefix(model, num_virtual_tokens, projection, projection_hidden, peft_compatible_positions, cross_attention,
+                 zero_init, embedding_dim, trainable_modules):
+    """Every check apply_prefix_tuning makes, and the PrefixTuning it would add; the model is not changed."""
     model_type = _model_type(model)
     if getattr(model, ATTRIBUTE, None) is not None:
         raise ValueError("the model already has prefix-tuning: call remove_prefix_tuning first")
@@ -317,18 +345,26 @@ def apply_prefix_tuning(model, num_virtual_tokens: int, projection: bool = True,
     encoder = encoder.to(device=reference.device, dtype=torch.float32)  # fp32 master weights, cast per call
     owner = PrefixTuning(encoder, [name for name, _ in sites], model_type, base_implementation,
                          peft_compatible_positions, cross_attention)
+    for flag, value in (("projection", projection), ("peft_compatible_positions", peft_compatible_positions),
+                        ("cross_attention", cross_attention), ("zero_init", zero_init)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False; got {value!r}")
+    owner.trainable_modules = check_trainable_modules(model, trainable_modules)
+    return owner, sites
+
+
+def _commit_prefix(model, owner, sites) -> None:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    owner.trainable_modules = set_trainable_modules(model, trainable_modules)
+    set_trainable_modules(model, owner.trainable_modules)
     register_attention_functions()
     for index, (_, module) in enumerate(sites):
         module.__dict__[SITE_ATTRIBUTE] = (owner, index)  # a plain attribute: not a registered submodule
-    _set_implementation(model, implementation_name(base_implementation))
-    if peft_compatible_positions:
-        owner._hooks.append(_base(model).register_forward_pre_hook(_position_hook(num_virtual_tokens),
+    _set_implementation(model, implementation_name(owner.base_implementation))
+    if owner.peft_compatible_positions:
+        owner._hooks.append(_base(model).register_forward_pre_hook(_position_hook(owner.num_virtual_tokens),
                                                                    with_kwargs=True))
     setattr(model, ATTRIBUTE, owner)  # registered: .to(), .train(), parameters() include the prefix
-    return owner
 
 
 def _owner(model) -> PrefixTuning:
@@ -353,6 +389,7 @@ def prefix_disabled(model):
         owner.enabled = previous
 
 
+@transactional
 def remove_prefix_tuning(model) -> PrefixTuning:
     """Undo apply_prefix_tuning: the base attention implementation is restored, the sites and hooks
     removed. Base parameters stay frozen. Returns the removed PrefixTuning."""
@@ -405,57 +442,85 @@ def save_prefix(model, directory) -> None:
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
 
 
+def _read_prefix_config(path) -> dict:
+    """prefix_config.json, every field checked (errors name the file and the field)."""
+    from pefops.hf.checkpoint_io import field, read_json_object
+
+    config = read_json_object(path)
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {config.get('format')!r}; expected {FORMAT!r}")
+    method = config.get("method")
+    if method not in ("prefix_tuning", "prompt_tuning"):
+        raise ValueError(f"{path}: unknown method {method!r}")
+    field(config, "model_type", path, str)
+    field(config, "num_virtual_tokens", path, int, positive=True)
+    modules = field(config, "trainable_modules", path, list, required=False, default=[])
+    if not all(isinstance(name, str) and name for name in modules):
+        raise ValueError(f"{path}: field 'trainable_modules' must list submodule names; got {modules!r}")
+    if method == "prefix_tuning":
+        for key in ("projection", "peft_compatible_positions", "cross_attention"):
+            field(config, key, path, bool)
+        field(config, "projection_hidden", path, int, required=False, positive=True)
+        field(config, "embedding_dim", path, int, required=False, positive=True)
+    else:
+        field(config, "hidden", path, int, required=False, positive=True)
+    return config
+
+
+@transactional
 def load_prefix(model, directory):
     """Load what save_prefix wrote. A model without prefix-tuning / prompt tuning gets it applied
-    with the saved hyper-parameters; one with it must match them. Returns the tuning module."""
-    import json
+    with the saved hyper-parameters; one with it must match them. The config and every tensor
+    (names, exact shapes, dtypes) are checked before the model changes. Returns the tuning module."""
     from pathlib import Path
 
-    from safetensors.torch import load_file
+    from pefops.hf.checkpoint_io import check_names, check_tensor, read_safetensors
+    from pefops.hf.prompt_tuning import ATTRIBUTE as PROMPT_ATTRIBUTE, _commit_prompt, _plan_prompt
 
     directory = Path(directory)
-    if not (directory / CONFIG_NAME).is_file():
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file():
         raise ValueError(f"{directory} has no {CONFIG_NAME} (not written by save_prefix)")
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{directory / CONFIG_NAME} has format {config.get('format')!r}; expected {FORMAT!r}")
-    method = config.get("method")
-    if config.get("model_type") != getattr(model.config, "model_type", None):
-        raise ValueError(f"the prefix was trained on a {config.get('model_type')!r} model; this is "
+    config = _read_prefix_config(config_path)
+    method = config["method"]
+    if config["model_type"] != getattr(model.config, "model_type", None):
+        raise ValueError(f"{config_path}: the prefix was trained on a {config['model_type']!r} model; this is "
                          f"{getattr(model.config, 'model_type', None)!r}")
+    tensors = read_safetensors(weights_path)
+    commit = None
     if method == "prefix_tuning":
         tuning = getattr(model, ATTRIBUTE, None)
         if tuning is None:
-            tuning = apply_prefix_tuning(
-                model, config["num_virtual_tokens"], projection=config["projection"],
-                projection_hidden=config["projection_hidden"] or 512,
-                peft_compatible_positions=config["peft_compatible_positions"],
-                cross_attention=config["cross_attention"],
-                embedding_dim=config["embedding_dim"] if config["projection"] else None,
-                trainable_modules=config.get("trainable_modules", ()))
-    elif method == "prompt_tuning":
-        from pefops.hf.prompt_tuning import ATTRIBUTE as PROMPT_ATTRIBUTE, apply_prompt_tuning
-
+            try:
+                tuning, sites = _plan_prefix(
+                    model, config["num_virtual_tokens"], config["projection"], config.get("projection_hidden") or 512,
+                    config["peft_compatible_positions"], config["cross_attention"], False,
+                    config.get("embedding_dim") if config["projection"] else None,
+                    tuple(config.get("trainable_modules") or ()))
+            except ValueError as error:
+                raise ValueError(f"{config_path}: {error}") from None
+            commit = functools.partial(_commit_prefix, model, tuning, sites)
+    else:
         tuning = getattr(model, PROMPT_ATTRIBUTE, None)
         if tuning is None:
-            tuning = apply_prompt_tuning(model, config["num_virtual_tokens"],
-                                         trainable_modules=config.get("trainable_modules", ()))
-    else:
-        raise ValueError(f"{directory / CONFIG_NAME}: unknown method {method!r}")
-    differences = {key: (value, tuning.config_dict().get(key)) for key, value in config.items()
-                   if key != "format" and tuning.config_dict().get(key) != value}
+            try:
+                tuning = _plan_prompt(model, config["num_virtual_tokens"], "random", None, 0.02, None,
+                                      tuple(config.get("trainable_modules") or ()))
+            except ValueError as error:
+                raise ValueError(f"{config_path}: {error}") from None
+            commit = functools.partial(_commit_prompt, model, tuning)
+    saved = tuning.config_dict()
+    differences = {key: (value, saved.get(key)) for key, value in config.items()
+                   if key != "format" and saved.get(key) != value}
     if differences:
-        raise ValueError(f"the model's {method} differs from the saved one (saved, model): {differences}")
-    tensors = load_file(str(directory / WEIGHTS_NAME))
-    parameters = {**dict(tuning.named_parameters()), **trainable_module_parameters(model, tuning.trainable_modules)}
-    if set(tensors) != set(parameters):
-        raise ValueError(f"{directory / WEIGHTS_NAME} does not match: "
-                         f"missing {sorted(set(parameters) - set(tensors))}, "
-                         f"unexpected {sorted(set(tensors) - set(parameters))}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            if tensor.shape != parameters[name].shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} in the file, "
-                                 f"{tuple(parameters[name].shape)} here")
-            parameters[name].copy_(tensor.to(parameters[name].dtype))
+        raise ValueError(f"{config_path}: the model's {method} differs from the saved one (saved, model): "
+                         f"{differences}")
+    parameters = {**{name: p for name, p in tuning.named_parameters()},
+                  **trainable_module_parameters(model, tuning.trainable_modules)}
+    check_names(weights_path, tensors, parameters, method)
+    for name, tensor in tensors.items():
+        check_tensor(weights_path, name, tensor, parameters[name].shape)
+    if commit is not None:  # validated: the commit
+        commit()
+    copy_into((parameters[name], tensor) for name, tensor in tensors.items())
     return tuning

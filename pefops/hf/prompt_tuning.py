@@ -19,7 +19,8 @@ import contextlib
 import torch
 from torch import nn
 
-from pefops.hf.prefix_tuning import set_trainable_modules
+from pefops.hf.prefix_tuning import check_trainable_modules, set_trainable_modules
+from pefops.hf.transaction import transactional
 from pefops.nn.prefix_tuning import PromptEmbedding
 
 ATTRIBUTE = "prompt_tuning"
@@ -104,6 +105,7 @@ class PromptTuning(nn.Module):
         return (), kwargs
 
 
+@transactional
 def apply_prompt_tuning(model, num_virtual_tokens: int, init="random", tokenizer=None, init_std: float = 0.02,
                         generator=None, trainable_modules=()) -> PromptTuning:
     """Prepend `num_virtual_tokens` trainable input embeddings to every input of a GPT-2, LLaMA, BERT or
@@ -112,11 +114,20 @@ def apply_prompt_tuning(model, num_virtual_tokens: int, init="random", tokenizer
     cycled to P; needs tokenizer) or a list of token ids. trainable_modules: submodules that train too
     (a task head; PEFT's modules_to_save), saved by save_prefix. Returns the PromptTuning module (also
     `model.prompt_tuning`)."""
+    owner = _plan_prompt(model, num_virtual_tokens, init, tokenizer, init_std, generator, trainable_modules)
+    _commit_prompt(model, owner)
+    return owner
+
+
+def _plan_prompt(model, num_virtual_tokens, init, tokenizer, init_std, generator, trainable_modules) -> PromptTuning:
+    """Every check apply_prompt_tuning makes, and the PromptTuning it would add; the model is not changed."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in MODEL_TYPES:
         raise ValueError(f"prompt tuning supports model types {', '.join(MODEL_TYPES)}; got {model_type!r}")
     if getattr(model, ATTRIBUTE, None) is not None:
         raise ValueError("the model already has prompt tuning: call remove_prompt_tuning first")
+    if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+        raise ValueError(f"num_virtual_tokens must be a positive int; got {num_virtual_tokens!r}")
     word_embeddings = model.get_input_embeddings()
     prompt = PromptEmbedding(num_virtual_tokens, word_embeddings.weight.shape[1], init=init,
                              word_embeddings=word_embeddings, tokenizer=tokenizer, init_std=init_std,
@@ -124,15 +135,19 @@ def apply_prompt_tuning(model, num_virtual_tokens: int, init="random", tokenizer
     prompt = prompt.to(device=word_embeddings.weight.device, dtype=torch.float32)
     owner = PromptTuning(prompt, model_type)
     owner._word_embeddings.append(word_embeddings)
+    owner.trainable_modules = check_trainable_modules(model, trainable_modules)
+    return owner
+
+
+def _commit_prompt(model, owner: PromptTuning) -> None:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    owner.trainable_modules = set_trainable_modules(model, trainable_modules)
+    set_trainable_modules(model, owner.trainable_modules)
     if getattr(model.config, "is_encoder_decoder", False):
         owner.encoder_decoder_hooks(model)
     else:
         owner._hooks.append(model.register_forward_pre_hook(owner.pre_hook, with_kwargs=True))
     setattr(model, ATTRIBUTE, owner)
-    return owner
 
 
 def _owner(model) -> PromptTuning:
@@ -153,6 +168,7 @@ def prompt_disabled(model):
         owner.enabled = previous
 
 
+@transactional
 def remove_prompt_tuning(model) -> PromptTuning:
     owner = _owner(model)
     for hook in owner._hooks:

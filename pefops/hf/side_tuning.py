@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pefops.hf.checkpoint_io import check_names, check_tensor, read_safetensors
+from pefops.hf.transaction import copy_into, transactional
 from pefops.nn.side_tuning import LadderSideNetwork, SideTuned, _blend_output
 
 METHODS = ("side", "ladder")
@@ -122,6 +124,7 @@ class SideTunedModel(nn.Module):
         return {name: p for name, p in self.named_parameters() if not name.startswith("tuned.base.")}
 
 
+@transactional
 def side_tune(model, method: str = "ladder", reduction_factor: float = 8, side: Optional[nn.Module] = None,
               alpha_init: float = 0.0, temperature: float = 0.1, init_from_base: bool = True,
               cache_base: bool = False) -> SideTunedModel:
@@ -132,6 +135,10 @@ def side_tune(model, method: str = "ladder", reduction_factor: float = 8, side: 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     model_type = _model_type(model)
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) or not reduction_factor > 0:
+        raise ValueError(f"reduction_factor must be a positive number; got {reduction_factor!r}")
+    if side is not None and not isinstance(side, nn.Module):
+        raise ValueError(f"side must be an nn.Module or None; got {type(side).__name__}")
     base = getattr(model, "base_model", model)
     config = base.config
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or config.n_embd
@@ -213,23 +220,19 @@ def save_side(model: SideTunedModel, path: str) -> None:
     save_file(tensors, path, metadata={"format": "pefops-side-1", "method": model.method})
 
 
+@transactional
 def load_side(model: SideTunedModel, path: str) -> None:
-    """Load side parameters written by save_side into a side_tune'd model of the same shape."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != "pefops-side-1":
-            raise ValueError(f"{path} is not a pefops side-network file")
-        if metadata.get("method") != model.method:
-            raise ValueError(f"{path} holds a {metadata.get('method')!r} side network; this model uses {model.method!r}")
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    """Load side parameters written by save_side into a side_tune'd model of the same shape. The
+    whole file (names, exact shapes, dtypes) is checked before any parameter is written."""
+    if not isinstance(model, SideTunedModel):
+        raise ValueError(f"load_side takes the model side_tune returned; got {type(model).__name__}")
+    tensors, metadata = read_safetensors(path, with_metadata=True)
+    if metadata.get("format") != "pefops-side-1":
+        raise ValueError(f"{path} is not a pefops side-network file")
+    if metadata.get("method") != model.method:
+        raise ValueError(f"{path} holds a {metadata.get('method')!r} side network; this model uses {model.method!r}")
     parameters = model.side_parameters()
-    if set(tensors) != set(parameters):
-        raise ValueError(f"side parameters differ: missing {sorted(set(parameters) - set(tensors))[:3]}, "
-                         f"unexpected {sorted(set(tensors) - set(parameters))[:3]}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            if tensor.shape != parameters[name].shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} in the file, {tuple(parameters[name].shape)} here")
-            parameters[name].copy_(tensor.to(parameters[name].dtype))
+    check_names(path, tensors, parameters, "side-network")
+    for name, tensor in tensors.items():
+        check_tensor(path, name, tensor, parameters[name].shape)
+    copy_into((parameters[name], tensor) for name, tensor in tensors.items())

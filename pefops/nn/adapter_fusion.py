@@ -27,6 +27,16 @@ class FusionConfig:
     value_initialized: bool = True
     dropout_prob: Optional[float] = None
 
+    def __post_init__(self):
+        for name in ("key", "query", "value", "query_before_ln", "regularization", "residual_before", "temperature",
+                     "value_before_softmax", "value_initialized"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"fusion config {name} must be true or false; got {getattr(self, name)!r}")
+        dropout = self.dropout_prob
+        if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                    or not 0 <= dropout < 1):
+            raise ValueError(f"fusion config dropout_prob must be None or a number in [0, 1); got {dropout!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -94,6 +104,14 @@ class AdapterFusion(nn.Module):
 
     def forward(self, x: torch.Tensor, query: torch.Tensor, residual: torch.Tensor,
                 adapters: Sequence[BottleneckAdapter]) -> torch.Tensor:
+        if not adapters:
+            raise ValueError("AdapterFusion needs at least one adapter")
+        for name, tensor in (("x", x), ("query", query), ("residual", residual)):
+            if tensor.shape[-1] != self.hidden_size:
+                raise ValueError(f"AdapterFusion over hidden size {self.hidden_size}: {name} has shape {tuple(tensor.shape)}")
+        wrong = [i for i, a in enumerate(adapters) if getattr(a, "hidden_size", None) != self.hidden_size]
+        if wrong:
+            raise ValueError(f"AdapterFusion over hidden size {self.hidden_size}: adapters {wrong} have another width")
         temperature = self.T
         self.T = max(self.T - self.reduction, 1.0)
         options = dict(
