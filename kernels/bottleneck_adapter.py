@@ -42,7 +42,8 @@ def _tanh(v):
 @triton.jit
 def _activation(z, ACTIVATION: tl.constexpr, negative_slope):
     if ACTIVATION == 1:
-        a = tl.maximum(z, 0.0)
+        # torch.relu keeps NaN; a GPU max.f32 (tl.maximum) returns the other operand: 0
+        a = tl.where(z < 0, 0.0, z)
     elif ACTIVATION == 2:
         a = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACTIVATION == 3:
@@ -61,7 +62,7 @@ def _activation(z, ACTIVATION: tl.constexpr, negative_slope):
 @triton.jit
 def _activation_derivative(z, ACTIVATION: tl.constexpr, negative_slope):
     if ACTIVATION == 1:
-        d = tl.where(z > 0, 1.0, 0.0)
+        d = tl.where(z <= 0, 0.0, 1.0)  # threshold_backward's rule: a NaN z passes the gradient
     elif ACTIVATION == 2:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
