@@ -519,6 +519,13 @@ DATA_POINTERS = frozenset({"x_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "res
                            "out_ptr", "grad_ptr", "dy_ptr"})
 
 
+def _launch_values(hidden: int, rank: int) -> dict:
+    """The integer arguments of a headline launch (contiguous [T, H] rows), for compile_check's hints;
+    T is left out (any token count)."""
+    return {"H": hidden, "R": rank, **{name: hidden for name in ("stride_x", "stride_res", "stride_out",
+                                                                 "stride_grad", "stride_dy")}}
+
+
 def compile_variants(hidden: int = 4096):
     """The launch configurations kernels/compile_check.py compiles for a GPU target: every dtype,
     with and without LayerNorm, ranks 16/64/256, at the heuristic tile sizes. Yields
@@ -532,7 +539,7 @@ def compile_variants(hidden: int = 4096):
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True,
                             HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, DOT_FP32=dot_fp32,
                             DOT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
-                       DATA_POINTERS, warps, 3)
+                       DATA_POINTERS, warps, 3, _launch_values(hidden, rank))
                 block_m, block_r, block_h, warps = _block_sizes(rank, hidden, backward=True, fp32=dot_fp32)
                 yield (f"bwd-{dtype}-r{rank}-{'ln' if layer_norm else 'noln'}", bottleneck_adapter_bwd_rows_kernel,
                        dtype,
@@ -540,4 +547,4 @@ def compile_variants(hidden: int = 4096):
                             HAS_LN_WEIGHT=True, NEED_U=layer_norm, NEED_DBU=True, NEED_DSCALE=False,
                             NEED_DLNW=layer_norm, NEED_DLNB=layer_norm, DOT_FP32=dot_fp32, DOT_PRECISION="ieee",
                             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
-                       DATA_POINTERS, warps, 2)
+                       DATA_POINTERS, warps, 2, _launch_values(hidden, rank))

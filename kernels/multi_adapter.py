@@ -732,10 +732,13 @@ DATA_POINTERS = frozenset({"x_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "res
 def compile_variants(hidden: int = 4096):
     """The launch configurations kernels/compile_check.py compiles for a GPU target: every dtype,
     with and without LayerNorm, ranks 16/64/256, at the heuristic tile sizes (BLOCK_M at its largest).
-    Yields (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages)."""
+    Yields (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages, launch values)."""
     for dtype in ("bfloat16", "float16", "float32"):
         dot_fp32 = dtype == "float32"
         for rank in (16, 64, 256):
+            # the integer arguments of a headline launch (contiguous [T, H] rows) for compile_check's hints
+            values = {"H": hidden, "R": rank, **{name: hidden for name in (
+                "stride_x", "stride_res", "stride_out", "stride_grad", "stride_dy", "stride_dx")}}
             for layer_norm in (False, True):
                 ln = "ln" if layer_norm else "noln"
                 block_m, block_r, block_h, warps = _tile_sizes(rank, hidden, 1 << 20, 1, dot_fp32)
@@ -743,7 +746,7 @@ def compile_variants(hidden: int = 4096):
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True,
                             HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, DOT_FP32=dot_fp32,
                             DOT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
-                       DATA_POINTERS, warps, 3)
+                       DATA_POINTERS, warps, 3, values)
                 block_m, block_r, block_h, warps = _tile_sizes(rank, hidden, 1 << 20, 1, dot_fp32, backward=True,
                                                                layer_norm=layer_norm)
                 yield (f"bwd-rows-{dtype}-r{rank}-{ln}", multi_adapter_bwd_rows_kernel, dtype,
@@ -751,10 +754,10 @@ def compile_variants(hidden: int = 4096):
                             HAS_LN_WEIGHT=True, NEED_U=layer_norm, NEED_DSCALE=False, NEED_DLNW=layer_norm,
                             NEED_DLNB=layer_norm, NEED_DX=True, DX_ADD_DY=True, DOT_FP32=dot_fp32,
                             DOT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
-                       DATA_POINTERS, warps, 2)
+                       DATA_POINTERS, warps, 2, values)
             block_m, block_r, block_h, warps = _weight_block_sizes(rank, hidden, dot_fp32)
             yield (f"bwd-weights-{dtype}-r{rank}", multi_adapter_bwd_weights_kernel, dtype,
                    dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, SPLIT=1, NEED_DWD=True, NEED_DBD=True,
                         NEED_DWU=True, NEED_DBU=True, DOT_FP32=dot_fp32, DOT_PRECISION="ieee",
                         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
-                   DATA_POINTERS, warps, 3)
+                   DATA_POINTERS, warps, 3, values)
