@@ -1,30 +1,40 @@
 #!/usr/bin/env bash
-# GPU check for the H200 device machine: GPU test tier + the benchmark grid of all 7 op families, in
-# under 9.5 minutes (one device call; the session's device budget is 15 minutes, so a rerun fits).
+# GPU check for a bare H100/H200 device machine, in ONE device call of at most 9 minutes:
+# the csrc build, a Triton warm-up, the headline correctness tests, the headline benchmark rows,
+# then the rest of the gpu tier, the Triton tier and (if time is left) the full benchmark grids.
 #
 #   OUT=/some/folder bash bench/gpu_check.sh        # $OUT is set by the device machine
 #
 # Runs from the source tree (no pip install: PYTHONPATH is the repository root) with the machine's
-# preinstalled torch / triton / pytest; tqdm and matplotlib are optional (without them: plain
-# progress lines, no PNGs). No network is needed. Writes to $OUT:
-#   gpu_check.log       everything printed below
-#   versions.txt        nvidia-smi, python/torch/triton versions, `python -m pefops`
-#   pytest_gpu.log      python -m pytest tests -m "gpu and not slow" -q   (+ pytest_gpu.xml), then
-#   pytest_triton.log   -m "triton and not gpu and not slow" (+ pytest_triton.xml):
-#                       the gpu tier and every Triton-tier test, which run on the device when CUDA is there
-#   bench.log           python -m bench --device cuda --ops <op> --out "$OUT/results/<op>", per op
-#   results/            latest-cuda-*.json/.md/.png and the timestamped JSON (every op, merged);
-#                       results/<op>/ holds each op's own run
-#   results_table.md    python -m bench.report --print (the README section for these results)
-# Bring results back into the repo: copy $OUT/results/latest-cuda-* to bench/results/ and run
-# `python -m bench.report`.
+# preinstalled python / torch / triton / pytest / transformers; no network. Without CUDA it runs
+# the same steps as a dry run (CPU benchmarks, gpu tests skipped, short limits), to check the
+# script itself. The minute-by-minute plan and why each limit is what it is: bench/NOTES.md,
+# "Device check (bench/gpu_check.sh)".
 #
-# Time limits (seconds; override by environment): DEADLINE_S total (default 560), TEST_TIMEOUT_S for
-# the GPU tests (default 220); the benchmarks get what is left, one process per op family (BENCH_OPS,
-# default every registered op, in registry order), each with an equal share of the time still left:
-# it stops starting new configurations BENCH_MARGIN_S (default 60) before the end of its share and
-# is killed at the end of it (the last op: at the deadline). Each op runs its headline shapes first,
-# and results are written after every configuration, so a cut-short run still reports.
+# Order (each step has its own limit; a step that runs out is interrupted with SIGINT, so pytest
+# still writes its summary and JUnit XML, and the benchmark runner keeps the rows it measured):
+#   1 versions.txt          nvidia-smi, versions, `python -m pefops`                        ~15 s
+#   2 csrc_build.log        the CUDA extension's JIT build (nvcc, ~2 min), IN THE BACKGROUND,
+#                           limit CSRC_BUILD_S (default 240)
+#   3 warmup.log/.json      python -m bench.headline: every op family's headline call fwd+bwd
+#                           once (bf16, real sizes), first-call (compile) time per family;
+#                           beside the build, with PEFOPS_CUDA_EXT=0; limit WARMUP_S (150)
+#   4 pytest_headline.*     tests/ops/test_gpu_headline.py: every op vs the fp32 torch backend,
+#                           sync-debug "error" mode, CUDA-graph replay; limit HEADLINE_TEST_S (120)
+#   5 bench_headline.log    python -m bench --quick per op (the headline rows): results/;
+#                           limit BENCH_HEADLINE_S (150) shared by the ops
+#   6 (waits for the csrc build)
+#   7 pytest_gpu.*          the rest of the gpu tier (csrc decode kernels, real-size kernel tests,
+#                           hf on cuda); limit GPU_TEST_S (120)
+#   8 pytest_triton.*       the Triton tier compiled for the device; what is left up to TRITON_TEST_S (90)
+#   9 bench_full.log        full grids (results_full/), only if BENCH_FULL_MIN_S (60) are left
+#  10 results_table.md      merged results and the README table
+# Autotuning: PEFOPS_AUTOTUNE_CONFIGS (default 2 here: the two configs nearest each kernel's
+# heuristic; "all" tunes fully, 0 runs the heuristic config only) — a bare machine compiles every
+# config it tries, and the bottleneck forward alone kept up to 36 per key.
+#
+# Files back from the device: at most 8, 2 folders deep, 16 MiB each (see the device README); the
+# logs are small, and results/ holds the merged latest-cuda-* JSON/MD.
 
 set -u -o pipefail
 
@@ -32,24 +42,48 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+export PEFOPS_AUTOTUNE_CONFIGS="${PEFOPS_AUTOTUNE_CONFIGS:-2}"
+export PEFOPS_CACHE_DIR="${PEFOPS_CACHE_DIR:-/tmp/pefops-cache}"
 OUT="${OUT:-$ROOT/gpu_check_out}"
 mkdir -p "$OUT/results"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
-DEADLINE_S="${DEADLINE_S:-560}"
-TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-220}"
-BENCH_MARGIN_S="${BENCH_MARGIN_S:-60}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+
+DEADLINE_S="${DEADLINE_S:-530}"          # the whole script; the device call's limit is 540+ s
+CSRC_BUILD_S="${CSRC_BUILD_S:-240}"
+WARMUP_S="${WARMUP_S:-150}"
+HEADLINE_TEST_S="${HEADLINE_TEST_S:-120}"
+BENCH_HEADLINE_S="${BENCH_HEADLINE_S:-150}"
+GPU_TEST_S="${GPU_TEST_S:-120}"
+TRITON_TEST_S="${TRITON_TEST_S:-90}"
+BENCH_FULL_MIN_S="${BENCH_FULL_MIN_S:-60}"
+REPORT_S=25                              # kept for the merge and the table at the end
+
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  DEVICE=cuda; DRY_RUN=0
+else
+  # dry run: the same steps on CPU with short limits (gpu tests skip, benchmarks are the CPU quick set)
+  DEVICE=cpu; DRY_RUN=1
+  DEADLINE_S="${DRY_DEADLINE_S:-300}"; CSRC_BUILD_S=30; WARMUP_S=60; HEADLINE_TEST_S=60
+  BENCH_HEADLINE_S="${DRY_BENCH_S:-40}"; GPU_TEST_S=60; TRITON_TEST_S=30; BENCH_FULL_MIN_S=100000
+  export TRITON_INTERPRET=1
+fi
+
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( DEADLINE_S - REPORT_S - $(elapsed) )); }
+limit() { local want=$1 have; have=$(left); [ "$have" -lt "$want" ] && want=$have; [ "$want" -lt 5 ] && want=5; echo "$want"; }
+declare -A STEP_RC
 
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+echo "== gpu_check.sh  $(date -u +%Y-%m-%dT%H:%M:%SZ)  root=$ROOT  out=$OUT  python=$PY  device=$DEVICE" \
+     "dry_run=$DRY_RUN  autotune_configs=$PEFOPS_AUTOTUNE_CONFIGS  deadline=${DEADLINE_S}s"
 
-echo "== gpu_check.sh  $(date -u +%Y-%m-%dT%H:%M:%SZ)  root=$ROOT  out=$OUT  python=$PY"
-
-echo "== nvidia-smi"
+# ---- 1 versions
+echo "== 1 versions  t=$(elapsed)s"
 {
   nvidia-smi || echo "nvidia-smi failed"
   echo
-  "$PY" - <<'EOF'
+  timeout -s INT 60 "$PY" - <<'EOF'
 import platform, sys
 import torch
 print("python", platform.python_version(), sys.executable)
@@ -66,74 +100,124 @@ for name in ("triton", "pytest", "tqdm", "matplotlib", "transformers"):
         print(name, "not installed")
 EOF
   echo
-  timeout 60 "$PY" -m pefops || echo "python -m pefops failed"
-} 2>&1 | tee "$OUT/versions.txt"
+  PEFOPS_CUDA_EXT=0 timeout -s INT 60 "$PY" -m pefops || echo "python -m pefops failed"
+} > "$OUT/versions.txt" 2>&1
+cat "$OUT/versions.txt"
 
-# Two passes, so that a time-out in the long Triton tier (every interpreter test, now compiled for the
-# device) cannot cost the gpu tier's results: first `-m gpu` (real sizes, bf16) with 60% of the test
-# time, then the Triton tier with what is left. Each writes its own log and JUnit XML.
-GPU_TIER_S=$(( TEST_TIMEOUT_S * 6 / 10 ))
-TEST_RC=0
-run_tests() {  # name, marker expression, timeout
-  echo "== tests: $1 (-m \"$2\", timeout $3s)  t=$(elapsed)s"
-  timeout -k 10 "$3" "$PY" -m pytest tests -m "$2" -q -p no:cacheprovider \
-    --junitxml="$OUT/pytest_$1.xml" 2>&1 | tee "$OUT/pytest_$1.log"
+# ---- 2 csrc build, in the background
+echo "== 2 csrc build in the background (limit ${CSRC_BUILD_S}s)  t=$(elapsed)s"
+(
+  t0=$(date +%s)
+  timeout -s INT -k 10 "$CSRC_BUILD_S" "$PY" -c '
+import sys
+from pefops import csrc
+reasons = csrc.unavailable_reasons()
+if reasons:
+    print("csrc not built:", "; ".join(reasons)); sys.exit(3)
+csrc.load(verbose=True)
+print("csrc built and loaded:", csrc.build_directory())
+' > "$OUT/csrc_build.log" 2>&1
+  rc=$?
+  echo "csrc build exit code $rc after $(( $(date +%s) - t0 ))s" >> "$OUT/csrc_build.log"
+  echo "$rc" > "$OUT/.csrc_rc"
+) &
+CSRC_PID=$!
+
+# ---- 3 warm-up (beside the build; kept off the extension so that it does not wait on the build's lock)
+echo "== 3 warm-up: headline variants (limit ${WARMUP_S}s)  t=$(elapsed)s"
+PEFOPS_CUDA_EXT=0 timeout -s INT -k 10 "$(limit "$WARMUP_S")" "$PY" -m bench.headline --device "$DEVICE" \
+  --out "$OUT/warmup.json" 2>&1 | tee "$OUT/warmup.log"
+STEP_RC[warmup]=${PIPESTATUS[0]}
+echo "warm-up exit code ${STEP_RC[warmup]}  t=$(elapsed)s"
+
+run_tests() {  # name, limit, pytest arguments...
+  local name=$1 seconds; seconds=$(limit "$2"); shift 2
+  echo "== tests $name (limit ${seconds}s): pytest $*  t=$(elapsed)s"
+  timeout -s INT -k 15 "$seconds" "$PY" -m pytest "$@" -q -p no:cacheprovider \
+    --junitxml="$OUT/pytest_$name.xml" 2>&1 | tee "$OUT/pytest_$name.log" | tail -n 40
   local rc=${PIPESTATUS[0]}
-  [ "$rc" = 124 ] && echo "tests $1: TIMED OUT after $3s (see pytest_$1.log for what ran)"
-  echo "tests $1 exit code: $rc  t=$(elapsed)s"
-  [ "$TEST_RC" = 0 ] && TEST_RC=$rc
+  [ "$rc" = 124 ] && echo "tests $name: interrupted (SIGINT) at ${seconds}s; the summary and XML hold what ran"
+  echo "tests $name exit code: $rc  t=$(elapsed)s"
+  STEP_RC[$name]=$rc
 }
-run_tests gpu "gpu and not slow" "$GPU_TIER_S"
-TRITON_LEFT=$(( TEST_TIMEOUT_S - $(elapsed) + 5 ))
-[ "$TRITON_LEFT" -lt 30 ] && TRITON_LEFT=30
-run_tests triton "triton and not gpu and not slow" "$TRITON_LEFT"
 
-# One benchmark process per op family, each with an equal share of the time left (an op that ends
-# early leaves its unused time to the next), so that every op's headline configurations run even
-# when an earlier op's grid is large; their JSONs are merged into $OUT/results/latest-cuda-*.
+# ---- 4 headline tests
+run_tests headline "$HEADLINE_TEST_S" tests/ops/test_gpu_headline.py
+
+# ---- 5 headline benchmark rows: every op's --quick set (the headline shapes first), equal shares
 OPS="${BENCH_OPS:-$("$PY" -c 'from bench.runner import REGISTRY; print(" ".join(REGISTRY))')}"
-set -- $OPS
-N_OPS=$#
-BENCH_RC=0
-PARTS=()
-i=0
-for op in $OPS; do
-  i=$(( i + 1 ))
-  LEFT=$(( DEADLINE_S - $(elapsed) - 25 ))  # 25 s kept for the merge and the report below
-  REMAINING=$(( N_OPS - i + 1 ))
-  SHARE=$(( LEFT / REMAINING ))             # hard limit of this op (the last one gets all that is left)
-  BUDGET=$(( SHARE - BENCH_MARGIN_S ))      # no new configuration after this
-  if [ "$BUDGET" -lt 30 ]; then BUDGET=30; fi
-  if [ "$SHARE" -lt 45 ]; then SHARE=45; fi
-  echo "== benchmark $op (budget ${BUDGET}s, hard limit ${SHARE}s)  t=$(elapsed)s"
-  EXTRA=()
-  # torch.compile of N stacked adapters takes most of a share before its first row: leave it out here
-  [ "$op" = adapter_fusion ] && EXTRA=(--providers eager,pefops,nofusion)
-  timeout -k 10 "$SHARE" "$PY" -m bench --device cuda --ops "$op" --out "$OUT/results/$op" \
-    --budget-s "$BUDGET" --no-plots "${EXTRA[@]}" 2>&1 | tee -a "$OUT/bench.log"
-  RC=${PIPESTATUS[0]}
-  [ "$RC" = 124 ] && echo "benchmark $op: killed at its ${SHARE}s limit (rows measured so far are in its JSON)"
-  echo "benchmark $op exit code: $RC  t=$(elapsed)s"
-  [ "$BENCH_RC" = 0 ] && BENCH_RC=$RC
-  PARTS+=("$op=$OUT/results/$op")
-done
+run_bench() {  # tag, total seconds, extra args...
+  local tag=$1 total; total=$(limit "$2"); shift 2
+  local ops=($OPS) n i=0 op start_step
+  n=${#ops[@]}
+  start_step=$(elapsed)
+  for op in "${ops[@]}"; do
+    i=$(( i + 1 ))
+    local used=$(( $(elapsed) - start_step )) share budget
+    share=$(( (total - used) / (n - i + 1) ))
+    [ "$share" -lt 20 ] && share=20
+    share=$(limit "$share")
+    budget=$(( share * 2 / 3 ))
+    echo "== bench $tag $op (budget ${budget}s, limit ${share}s)  t=$(elapsed)s"
+    local extra=()
+    [ "$op" = adapter_fusion ] && extra=(--providers eager,pefops,nofusion)
+    timeout -s INT -k 10 "$share" "$PY" -m bench --device "$DEVICE" --ops "$op" --out "$OUT/results_$tag/$op" \
+      --budget-s "$budget" --no-plots "$@" "${extra[@]}" 2>&1 | tee -a "$OUT/bench_$tag.log" | tail -n 15
+    local rc=${PIPESTATUS[0]}
+    echo "bench $tag $op exit code: $rc  t=$(elapsed)s"
+    [ "${STEP_RC[bench_$tag]:-0}" = 0 ] && STEP_RC[bench_$tag]=$rc
+  done
+}
+run_bench headline "$BENCH_HEADLINE_S" --quick
 
-echo "== merging the benchmark results into $OUT/results  t=$(elapsed)s"
-PART_FILES=()
-for part in "${PARTS[@]}"; do
-  found=$(ls "${part#*=}"/latest-*.json 2>/dev/null | head -n 1)
-  if [ -n "$found" ]; then PART_FILES+=("$found"); else echo "${part%%=*}: no results (killed or failed early)"; fi
-done
-if [ "${#PART_FILES[@]}" -gt 0 ]; then
-  timeout 60 "$PY" -m bench.merge "$OUT/results" "${PART_FILES[@]}" || { echo "merge failed"; [ "$BENCH_RC" = 0 ] && BENCH_RC=1; }
+# ---- 6 the csrc build must be done before the tier that loads it
+echo "== 6 waiting for the csrc build  t=$(elapsed)s"
+wait "$CSRC_PID"
+cat "$OUT/csrc_build.log" | tail -n 5
+STEP_RC[csrc]=$(cat "$OUT/.csrc_rc" 2>/dev/null || echo 1); rm -f "$OUT/.csrc_rc"
+
+# ---- 7 the rest of the gpu tier (real-size kernels first, csrc decode kernels, hf on cuda)
+run_tests gpu "$GPU_TEST_S" tests/kernels tests/ops tests/hf tests/csrc -m "gpu and not slow" \
+  --ignore=tests/ops/test_gpu_headline.py
+
+# ---- 8 the Triton tier, compiled for the device
+run_tests triton "$TRITON_TEST_S" tests -m "triton and not gpu and not slow"
+
+# ---- 9 full benchmark grids with what is left
+if [ "$(left)" -ge "$BENCH_FULL_MIN_S" ]; then
+  run_bench full "$(left)"
 else
-  echo "no benchmark results to merge"; [ "$BENCH_RC" = 0 ] && BENCH_RC=1
+  echo "== 9 full benchmark grids skipped: $(left)s left (< ${BENCH_FULL_MIN_S}s)"
 fi
 
-echo "== results table"
-timeout 30 "$PY" -m bench.report --results "$OUT/results" --print | tee "$OUT/results_table.md"
+# ---- 10 merge + report
+echo "== 10 merging benchmark results  t=$(elapsed)s"
+merge() {  # tag, destination
+  local files=()
+  for op in $OPS; do
+    local found; found=$(ls "$OUT/results_$1/$op"/latest-*.json 2>/dev/null | head -n 1)
+    [ -n "$found" ] && files+=("$found") || echo "$1 $op: no results"
+  done
+  [ "${#files[@]}" -gt 0 ] && timeout -s INT 30 "$PY" -m bench.merge "$2" "${files[@]}"
+}
+merge headline "$OUT/results" || STEP_RC[merge]=1
+[ -d "$OUT/results_full" ] && { mkdir -p "$OUT/results/full"; merge full "$OUT/results/full" || true; }
+timeout -s INT 20 "$PY" -m bench.report --results "$OUT/results" --print > "$OUT/results_table.md" 2>&1 ||
+  echo "report failed"
+rm -rf "$OUT/results_headline" "$OUT/results_full"   # per-op copies: merged above (fewer files come back)
 
-echo "== done in $(elapsed)s: tests rc=$TEST_RC, bench rc=$BENCH_RC"
+echo "== done in $(elapsed)s (deadline ${DEADLINE_S}s, dry_run=$DRY_RUN)"
+FAILED=0
+for step in "${!STEP_RC[@]}"; do
+  echo "   $step: exit ${STEP_RC[$step]}"
+  [ "${STEP_RC[$step]}" != 0 ] && FAILED=1
+done
+# At most 8 files come back from the device: everything goes into one archive, and the few files
+# read first stay beside it (this log, the table, the warm-up's compile times, the merged results).
+tar -czf "$OUT/gpu_check_all.tar.gz" -C "$OUT" --exclude=gpu_check_all.tar.gz . 2>/dev/null
+find "$OUT" -mindepth 1 -maxdepth 1 ! -name gpu_check.log ! -name gpu_check_all.tar.gz ! -name results_table.md \
+  ! -name warmup.json ! -name results -exec rm -rf {} +
+find "$OUT/results" -mindepth 1 ! -name 'latest-*.json' ! -name 'latest-*.md' -exec rm -rf {} + 2>/dev/null
 ls -la "$OUT" "$OUT/results"
-if [ "$TEST_RC" != 0 ] || [ "$BENCH_RC" != 0 ]; then exit 1; fi
-exit 0
+head -n 30 "$OUT/results_table.md" 2>/dev/null
+exit $FAILED

@@ -47,7 +47,9 @@ import torch.nn.functional as F
 from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
 
 OP = "masked_linear"
-PROVIDERS = ("eager", "compile", "dense", "pefops", "copy")
+# frozen: pefops.nn.MaskedLinear after freeze (inference): W ⊙ M merged once per mask version and a
+# dense F.linear at prefill sizes (every size on CPU), the fused decode kernel for <= 16 rows on a GPU
+PROVIDERS = ("eager", "compile", "dense", "pefops", "frozen", "copy")
 # (out_features N, in_features K): LLaMA-7B's attention projections, MLP up/gate and MLP down
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 GPU_ROWS = (1, 8192, 16, 2048, 8)  # the decode and prefill headlines first (decode is the cheaper one to tune)
@@ -177,6 +179,16 @@ class MaskedLinearSetup:
             if mode == "fwd":
                 return lambda: masked_linear(x, w, packed, b, **kwargs)
             return lambda: masked_linear_scores(x, w, scores, threshold, b, **kwargs)
+        if provider == "frozen":
+            if mode != "fwd":
+                raise NotApplicable
+            self._pefops()
+            from pefops.nn import MaskedLinear
+
+            layer = MaskedLinear(w, None if b is None else b.detach())
+            layer.set_mask(self.packed)
+            layer.merged_weight()  # the one-time merge belongs to set-up, as the dense provider's
+            return lambda: layer(x)
         raise ProviderUnavailable(f"unknown provider {provider!r} for {OP}")
 
     # ------------------------------------------------------------------ runner interface

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import dot_settings, interpreting
+from .launch import autotuning, dot_settings, fill_the_device, interpreting, limit_configs, token_bucket
 
 # Activation codes (pefops.ops.activations)
 IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, LEAKY_RELU = range(7)
@@ -42,7 +42,8 @@ def _tanh(v):
 @triton.jit
 def _activation(z, ACTIVATION: tl.constexpr, negative_slope):
     if ACTIVATION == 1:
-        a = tl.maximum(z, 0.0)
+        # torch.relu keeps NaN; a GPU max.f32 (tl.maximum) returns the other operand: 0
+        a = tl.where(z < 0, 0.0, z)
     elif ACTIVATION == 2:
         a = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACTIVATION == 3:
@@ -61,7 +62,7 @@ def _activation(z, ACTIVATION: tl.constexpr, negative_slope):
 @triton.jit
 def _activation_derivative(z, ACTIVATION: tl.constexpr, negative_slope):
     if ACTIVATION == 1:
-        d = tl.where(z > 0, 1.0, 0.0)
+        d = tl.where(z <= 0, 0.0, 1.0)  # threshold_backward's rule: a NaN z passes the gradient
     elif ACTIVATION == 2:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
@@ -142,6 +143,7 @@ def bottleneck_adapter_fwd_kernel(
     T, H, R,
     stride_x, stride_res, stride_out,
     scale_value, eps, negative_slope,
+    t_bucket,  # autotuning key only: launch.token_bucket(T)
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
     HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
     HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
@@ -248,6 +250,7 @@ def bottleneck_adapter_bwd_rows_kernel(
     T, H, R,
     stride_grad, stride_res, stride_dy,
     scale_value, negative_slope,
+    t_bucket,  # autotuning key only: launch.token_bucket(T)
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
     HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr,
     NEED_U: tl.constexpr, NEED_DBU: tl.constexpr, NEED_DSCALE: tl.constexpr,
@@ -341,10 +344,19 @@ def bottleneck_adapter_bwd_rows_kernel(
 # config of _block_sizes runs alone (tuning there would only multiply the test time).
 
 
+def _heuristic_like(named_args, pointer, backward=False):
+    block_m, _, block_h, warps = _block_sizes(named_args["R"], named_args["H"], backward=backward,
+                                              fp32=named_args[pointer].dtype == torch.float32)
+    return {"BLOCK_M": block_m, "BLOCK_H": block_h}, warps
+
+
 def _prune_forward_configs(configs, named_args, **kwargs):
     block_r = max(16, triton.next_power_of_2(named_args["R"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_r <= 16384 and block_r * c.kwargs["BLOCK_H"] <= 32768]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_H"])]
+    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_H"])]
+    kept = fill_the_device(kept, named_args["t_bucket"], named_args["x_ptr"].device)
+    like, warps = _heuristic_like(named_args, "x_ptr")
+    return limit_configs(kept, like, warps)
 
 
 _FORWARD_CONFIGS = [
@@ -353,7 +365,8 @@ _FORWARD_CONFIGS = [
     for block_h in (32, 64, 128)
     for warps, stages in ((4, 3), (8, 3), (4, 4))
 ]
-_TUNING_KEY = ["H", "R", "ACTIVATION", "SCALE_MODE", "HAS_LN"]
+# t_bucket (the token count's power-of-two bucket): the best BLOCK_M at 512 tokens is not the one at 64K
+_TUNING_KEY = ["H", "R", "ACTIVATION", "SCALE_MODE", "HAS_LN", "t_bucket"]
 bottleneck_adapter_fwd_tuned = triton.autotune(
     configs=_FORWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune_forward_configs},
 )(bottleneck_adapter_fwd_kernel)
@@ -369,7 +382,9 @@ _BACKWARD_CONFIGS = [
 def _prune_backward_configs(configs, named_args, **kwargs):
     block_r = max(16, triton.next_power_of_2(named_args["R"]))
     kept = [c for c in configs if block_r * c.kwargs["BLOCK_H"] <= 32768]
-    return kept or configs[:1]
+    like, warps = _heuristic_like(named_args, "grad_ptr", backward=True)
+    like.pop("BLOCK_M")
+    return limit_configs(kept or configs[:1], like, warps)
 
 
 bottleneck_adapter_bwd_rows_tuned = triton.autotune(
@@ -428,7 +443,7 @@ def bottleneck_adapter_forward(
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
         out, z, mean if layer_norm else dummy, rstd if layer_norm else dummy,
         tokens, hidden, rank, x.stride(0), residual.stride(0), out.stride(0),
-        float(scale_value), float(ln_eps), float(negative_slope),
+        float(scale_value), float(ln_eps), float(negative_slope), token_bucket(tokens),
     )
     options = dict(
         ACTIVATION=activation, SCALE_MODE=scale_mode,
@@ -436,7 +451,7 @@ def bottleneck_adapter_forward(
         HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
         DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_R=block_r,
     )
-    if interpreting():
+    if not autotuning():
         grid = (triton.cdiv(tokens, block_m),)
         bottleneck_adapter_fwd_kernel[grid](*arguments, **options, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps)
     else:
@@ -481,7 +496,7 @@ def bottleneck_adapter_backward_rows(
         *(p if p is not None else dummy for p in (dbu_part, dscale_part, dlnw_part, dlnb_part)),
         tokens, hidden, rank, grad.stride(0), residual.stride(0) if residual is not None else 0,
         dy.stride(0) if dy is not None else 0,
-        float(scale_value), float(negative_slope),
+        float(scale_value), float(negative_slope), token_bucket(tokens),
     )
     options = dict(
         ACTIVATION=activation, SCALE_MODE=scale_mode, HAS_UP_BIAS=up_bias is not None,
@@ -490,7 +505,7 @@ def bottleneck_adapter_backward_rows(
         NEED_DLNW=need_ln_weight_grad, NEED_DLNB=need_ln_bias_grad,
         DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r,
     )
-    if interpreting():
+    if not autotuning():
         bottleneck_adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
     else:
         bottleneck_adapter_bwd_rows_tuned[(num_blocks,)](*arguments, **options)
@@ -502,6 +517,13 @@ def bottleneck_adapter_backward_rows(
 
 DATA_POINTERS = frozenset({"x_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "res_ptr", "lnw_ptr", "lnb_ptr",
                            "out_ptr", "grad_ptr", "dy_ptr"})
+
+
+def _launch_values(hidden: int, rank: int) -> dict:
+    """The integer arguments of a headline launch (contiguous [T, H] rows), for compile_check's hints;
+    T is left out (any token count)."""
+    return {"H": hidden, "R": rank, **{name: hidden for name in ("stride_x", "stride_res", "stride_out",
+                                                                 "stride_grad", "stride_dy")}}
 
 
 def compile_variants(hidden: int = 4096):
@@ -517,7 +539,7 @@ def compile_variants(hidden: int = 4096):
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True,
                             HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, DOT_FP32=dot_fp32,
                             DOT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
-                       DATA_POINTERS, warps, 3)
+                       DATA_POINTERS, warps, 3, _launch_values(hidden, rank))
                 block_m, block_r, block_h, warps = _block_sizes(rank, hidden, backward=True, fp32=dot_fp32)
                 yield (f"bwd-{dtype}-r{rank}-{'ln' if layer_norm else 'noln'}", bottleneck_adapter_bwd_rows_kernel,
                        dtype,
@@ -525,4 +547,4 @@ def compile_variants(hidden: int = 4096):
                             HAS_LN_WEIGHT=True, NEED_U=layer_norm, NEED_DBU=True, NEED_DSCALE=False,
                             NEED_DLNW=layer_norm, NEED_DLNB=layer_norm, DOT_FP32=dot_fp32, DOT_PRECISION="ieee",
                             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
-                       DATA_POINTERS, warps, 2)
+                       DATA_POINTERS, warps, 2, _launch_values(hidden, rank))

@@ -20,29 +20,44 @@ _FLOAT_SCALARS = {"scale_value", "eps", "negative_slope", "dropout_p"}
 
 
 def compile_for_target(kernel, dtype: str, constexprs: dict, data_pointers: set, num_warps=4, num_stages=3,
-                       capability=90):
+                       capability=90, values: dict | None = None):
     """Compile `kernel` (a triton.jit function) for sm_<capability>. Pointers named in
     `data_pointers` get the activation dtype; other pointers are fp32; float scalars by name; the
-    remaining runtime arguments are i32."""
-    signature, aligned = {}, []
+    remaining runtime arguments are i32.
+
+    Launch hints as a real launch specialises them: pointers 16-byte aligned; an integer argument
+    whose value is given in `values` (the dims and strides a headline launch passes) is marked
+    divisible by 16 when it is, and becomes the constant 1 when it is 1; a stride with no value
+    given is assumed divisible (contiguous rows of a hidden size that is a multiple of 16)."""
+    values = dict(values or {})
+    constexprs = dict(constexprs)
+    for name, value in values.items():
+        if value == 1 and name not in constexprs:
+            constexprs[name] = 1  # Triton specialises an integer argument equal to 1 into a constant
+    signature, hinted = {}, []
     for index, name in enumerate(inspect.signature(kernel.fn).parameters):
-        if name.endswith("_ptr") or name.startswith("stride"):
-            aligned.append(index)
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
+            continue
+        if name.endswith("_ptr"):
             signature[name] = f"*{_TENSOR_DTYPE[dtype]}" if name in data_pointers else "*fp32"
+            hinted.append(index)
         elif name in _FLOAT_SCALARS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    # Real launches specialise 16-byte-aligned pointers and strides divisible by 16 (vector loads);
+            if name in values:
+                if int(values[name]) % 16 == 0:
+                    hinted.append(index)
+            elif name.startswith("stride"):
+                hinted.append(index)
+    # Real launches specialise 16-byte-aligned pointers and integers divisible by 16 (vector loads);
     # without the same hint ptxas sees scalar loads and reports a worst case.
-    attributes = {(index,): [["tt.divisibility", 16]] for index in aligned if signature[name_at(kernel, index)] != "constexpr"}
+    attributes = {(index,): [["tt.divisibility", 16]] for index in hinted}
     try:
-        source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs), attrs=attributes)
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attributes)
     except TypeError:  # older Triton: no attrs argument
-        source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs))
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -92,8 +107,10 @@ def main(argv=None) -> int:
     rows = []
     for module_name in KERNEL_MODULES:
         module = importlib.import_module(f"pefops.kernels.{module_name}")
-        for name, kernel, dtype, constexprs, pointers, warps, stages in module.compile_variants():
-            compiled = compile_for_target(kernel, dtype, constexprs, set(pointers), warps, stages, args.capability)
+        for name, kernel, dtype, constexprs, pointers, warps, stages, *rest in module.compile_variants():
+            # an optional 8th entry: the integer arguments of a real launch (dims, strides) for its hints
+            compiled = compile_for_target(kernel, dtype, constexprs, set(pointers), warps, stages, args.capability,
+                                          values=rest[0] if rest else None)
             rows.append({"kernel": f"{module_name}:{name}", "num_warps": warps, "num_stages": stages,
                          **ptxas_report(compiled, args.capability)})
     if args.json:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting
+from .launch import autotuning, limit_configs
 
 # Elements per [BLOCK_R, BLOCK_C] tile of the heuristic config, and its widest column block.
 TILE_ELEMENTS = 2048
@@ -151,9 +151,9 @@ _FORWARD_CONFIGS = [
 def _prune_forward_configs(configs, named_args, **kwargs):
     width = triton.next_power_of_2(named_args["C"])
     kept = [c for c in configs if c.kwargs["BLOCK_C"] <= width]
-    if kept:
-        return kept
     block_r, block_c, num_warps = _block_sizes(named_args["R"], named_args["C"])
+    if kept:
+        return limit_configs(kept, {"BLOCK_R": block_r, "BLOCK_C": block_c}, num_warps)
     return [triton.Config({"BLOCK_R": block_r, "BLOCK_C": block_c}, num_warps=num_warps)]
 
 
@@ -229,7 +229,7 @@ def gated_blend_forward(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, t
         return out
     per_channel, alpha = _alpha_argument(alpha, cols)
     arguments = (a, b, alpha, out, rows, cols, a.stride(0), b.stride(0), out.stride(0), 1.0 / float(temperature))
-    if interpreting():
+    if not autotuning():
         block_r, block_c, num_warps = _block_sizes(rows, cols)
         grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
         gated_blend_fwd_kernel[grid](*arguments, PER_CHANNEL=per_channel, BLOCK_R=block_r, BLOCK_C=block_c,
@@ -278,7 +278,7 @@ def gated_blend_backward(
     options = dict(PER_CHANNEL=per_channel, NEED_A=need_a, NEED_B=need_b, NEED_ALPHA=need_alpha,
                    BLOCK_R=block_r, BLOCK_C=block_c)
     grid = (row_programs, col_blocks)
-    if interpreting():
+    if not autotuning():
         gated_blend_bwd_kernel[grid](*arguments, **options, num_warps=num_warps)
     else:
         gated_blend_bwd_tuned[grid](*arguments, **options)

@@ -35,9 +35,10 @@ def lsh_bucket_kernel(
     factor_ptr,  # [num_factors] int32: the bucket factors (each even)
     key_mask_ptr,  # [B, S] int8 (1 = keep), unit stride on S; read only with HAS_KEY_MASK
     out_ptr,  # [B, H, nh * S] out, int64: offset buckets
+    extra_ptr,  # [1] int64: 1 if the padding bucket exists, else 0; read only with EXTRA_FROM_PTR
     ROWS, H, NH, S, R2, NUM_FACTORS, PAD_BUCKET, ROUND_STRIDE,
     stride_mb,
-    HAS_KEY_MASK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, EXTRA_FROM_PTR: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < ROWS
@@ -68,7 +69,12 @@ def lsh_bucket_kernel(
         b = rows // (S * NH * H)
         keep = tl.load(key_mask_ptr + b * stride_mb + s, mask=row_mask, other=1)
         bucket = tl.where(keep != 0, bucket, PAD_BUCKET)
-    tl.store(out_ptr + rows, bucket + rnd * ROUND_STRIDE, mask=row_mask)
+    if EXTRA_FROM_PTR:
+        # the round stride num_buckets + any(padding) without reading the flag on the host
+        round_stride = ROUND_STRIDE + tl.load(extra_ptr).to(tl.int64)
+    else:
+        round_stride = ROUND_STRIDE
+    tl.store(out_ptr + rows, bucket + rnd * round_stride, mask=row_mask)
 
 
 @triton.jit
@@ -166,13 +172,31 @@ def _bucket_blocks(width: int) -> tuple[int, int]:
     return max(1, min(4096 // block_r, 256)), block_r
 
 
+_FACTOR_TENSORS: dict = {}
+
+
+def _factor_tensor(factors: tuple, device) -> torch.Tensor:
+    """int32 [num_factors] on the device, made once per (factors, device) by fills (no copy of
+    Python data to the device, no sync), then reused."""
+    key = (tuple(factors), torch.device(device))
+    tensor = _FACTOR_TENSORS.get(key)
+    if tensor is None:
+        tensor = torch.empty(len(factors), dtype=torch.int32, device=device)
+        for i, factor in enumerate(factors):
+            tensor[i] = factor
+        _FACTOR_TENSORS[key] = tensor
+    return tensor
+
+
 def lsh_bucket_ids(rotated, bucket_factors, key_mask=None, extra_bucket=False):
     """Offset buckets int64 [B, H, nh * S] from rotated [B, H, nh, S, sum(factors) / 2] (the
     torch.einsum output of transformers' _hash_vectors; any layout, copied when not contiguous):
     per factor f the argmax over cat([x_f, -x_f]) with the first index on ties, combined
     bucket += prod(previous factors) * arg_f; with extra_bucket, tokens whose key_mask is False go
     to bucket num_buckets_total and every round spans num_buckets_total + 1; round r adds
-    r * (num_buckets_total + extra_bucket). bucket_factors: an int or a list of even ints."""
+    r * (num_buckets_total + extra_bucket). bucket_factors: an int or a list of even ints.
+    extra_bucket: a bool, or a one-element integer/bool tensor on the device (e.g. (~keep).any()),
+    read by the kernel, so that the host never waits for it."""
     factors, total = _bucket_total(bucket_factors)
     if rotated.dim() != 5 or rotated.shape[4] != sum(factors) // 2:
         raise ValueError(f"lsh_bucket_ids: rotated must be [B, H, nh, S, sum(factors) / 2 = {sum(factors) // 2}], "
@@ -187,17 +211,21 @@ def lsh_bucket_ids(rotated, bucket_factors, key_mask=None, extra_bucket=False):
     if rows == 0:
         return out
     rotated = rotated.contiguous()
-    use_mask = key_mask is not None and extra_bucket
+    extra_from_ptr = isinstance(extra_bucket, torch.Tensor)
+    use_mask = key_mask is not None and (extra_from_ptr or bool(extra_bucket))
     mask_argument = (key_mask.to(device=rotated.device, dtype=torch.bool).to(torch.int8).contiguous() if use_mask
                      else torch.ones(1, dtype=torch.int8, device=rotated.device))
-    factor_tensor = torch.tensor(factors, dtype=torch.int32, device=rotated.device)
+    factor_tensor = _factor_tensor(factors, rotated.device)
+    extra_argument = (extra_bucket.reshape(1).to(device=rotated.device, dtype=torch.int64) if extra_from_ptr
+                      else factor_tensor)
     block_rows, block_r = _bucket_blocks(width)
     block_rows = min(block_rows, triton.next_power_of_2(rows))
     lsh_bucket_kernel[(triton.cdiv(rows, block_rows),)](
-        rotated, factor_tensor, mask_argument, out,
-        rows, heads, rounds, seq, width, len(factors), total, total + int(bool(extra_bucket)),
+        rotated, factor_tensor, mask_argument, out, extra_argument,
+        rows, heads, rounds, seq, width, len(factors), total,
+        total if extra_from_ptr else total + int(bool(extra_bucket)),
         mask_argument.stride(0) if use_mask else 0,
-        HAS_KEY_MASK=use_mask, BLOCK_ROWS=block_rows, BLOCK_R=block_r, num_warps=4,
+        HAS_KEY_MASK=use_mask, EXTRA_FROM_PTR=extra_from_ptr, BLOCK_ROWS=block_rows, BLOCK_R=block_r, num_warps=4,
     )
     return out
 
@@ -265,7 +293,7 @@ def rounds_variants():
     for dtype_name in ("bfloat16", "float32"):
         block_rows, block_r = _bucket_blocks(32)
         yield (f"buckets-{dtype_name}-r64", lsh_bucket_kernel, dtype_name,
-               dict(HAS_KEY_MASK=True, BLOCK_ROWS=block_rows, BLOCK_R=block_r), DATA_POINTERS, 4, 1)
+               dict(HAS_KEY_MASK=True, EXTRA_FROM_PTR=True, BLOCK_ROWS=block_rows, BLOCK_R=block_r), DATA_POINTERS, 4, 1)
     for dtype_name in ("bfloat16", "float16", "float32"):
         for value_dim in (64, 128):
             block_s, block_dv = _combine_blocks(16384, value_dim)

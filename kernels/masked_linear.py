@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import dot_settings, interpreting
+from .launch import autotuning, dot_settings, limit_configs
 
 
 @triton.jit
@@ -296,8 +296,10 @@ def _pruner(kind, pointer_name):
             if size == 4 and _ACCUMULATOR[kind](*blocks) > 64 * 32 * config.num_warps:
                 continue
             kept.append(config)
-        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"],
+        kept = kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"],
                                                     c.num_stages))]
+        block_m, block_n, block_k, warps, _ = _gemm_blocks(kind, bucket, named_args["N"], named_args["K"], size == 4)
+        return limit_configs(kept, {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, warps)
 
     return prune
 
@@ -355,7 +357,7 @@ _TUNE_MIN_MACS = 1 << 24
 def _launch(kind, kernel, tuned, arguments, options, grid, rows, out_features, in_features, fp32):
     """The heuristic config under the interpreter and for small problems, else the autotuned kernel.
     grid: (meta dict of the block sizes) -> launch grid."""
-    if interpreting() or rows * out_features * in_features < _TUNE_MIN_MACS:
+    if not autotuning() or rows * out_features * in_features < _TUNE_MIN_MACS:
         block_m, block_n, block_k, warps, stages = _gemm_blocks(kind, rows, out_features, in_features, fp32)
         blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
         kernel[grid(blocks)](*arguments, **options, **blocks, num_warps=warps, num_stages=stages)

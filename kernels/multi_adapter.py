@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import dot_settings, interpreting
+from .launch import autotuning, dot_settings, limit_configs, multiprocessors, token_bucket
 from .bottleneck_adapter import (
     GELU,
     MAX_RANK,
@@ -104,6 +104,7 @@ def multi_adapter_fwd_kernel(
     T, H, R,
     stride_x, stride_res, stride_out,
     scale_value, eps, negative_slope,
+    t_bucket,  # autotuning key only: launch.token_bucket(T)
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
     HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
     HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
@@ -228,6 +229,7 @@ def multi_adapter_bwd_rows_kernel(
     T, H, R,
     stride_grad, stride_res, stride_dy, stride_dx,
     scale_value, negative_slope,
+    t_bucket,  # autotuning key only: launch.token_bucket(T)
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
     HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr,
     NEED_U: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DLNW: tl.constexpr, NEED_DLNB: tl.constexpr,
@@ -448,13 +450,17 @@ def multi_adapter_bwd_weights_kernel(
 # On a GPU BLOCK_H, warps and stages are tuned per (H, R, dtype, options); BLOCK_M is fixed by the
 # work table the launcher builds. Under the interpreter the heuristic config runs alone.
 
-_TUNING_KEY = ["H", "R", "ACTIVATION", "SCALE_MODE", "HAS_LN", "BLOCK_M"]
+_TUNING_KEY = ["H", "R", "ACTIVATION", "SCALE_MODE", "HAS_LN", "BLOCK_M", "t_bucket"]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     block_r = max(16, triton.next_power_of_2(named_args["R"]))
-    kept = [c for c in configs if block_r * c.kwargs["BLOCK_H"] <= 32768]
-    return kept or configs[:1]
+    kept = [c for c in configs if block_r * c.kwargs["BLOCK_H"] <= 32768] or configs[:1]
+    pointer = "x_ptr" if "x_ptr" in named_args else "grad_ptr"
+    fp32 = named_args[pointer].dtype == torch.float32
+    _, _, block_h, warps = _tile_sizes(named_args["R"], named_args["H"], named_args["T"], 1, fp32,
+                                       backward=pointer == "grad_ptr")
+    return limit_configs(kept, {"BLOCK_H": block_h}, warps)
 
 
 _FORWARD_CONFIGS = [
@@ -489,15 +495,18 @@ def _scale_arguments(scale: torch.Tensor | None, device) -> tuple[int, torch.Ten
 
 
 def _tile_sizes(rank: int, hidden: int, tokens: int, adapters: int, fp32: bool, backward: bool = False,
-                layer_norm: bool = False) -> tuple[int, int, int, int]:
+                layer_norm: bool = False, sms: int | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_R, BLOCK_H, num_warps) of the rows kernels: bottleneck_adapter's heuristic,
     with BLOCK_M no larger than the mean rows per adapter need (each adapter's last block is
     partial), and narrower H chunks where ptxas for sm_90 reported spills (this kernel gathers its
     rows and, in backward, also computes dx): 16 for fp32 operands (8 warps), 32 for the 16-bit
-    backward with LayerNorm (kernels/compile_check.py)."""
+    backward with LayerNorm (kernels/compile_check.py). With `sms` (a GPU's SM count) BLOCK_M
+    also halves, down to 16, until the grid gives every SM at least two programs."""
     block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden, backward=backward, fp32=fp32)
     mean_rows = triton.cdiv(max(tokens, 1), max(1, min(adapters, tokens)))
     block_m = max(16, min(block_m, triton.next_power_of_2(mean_rows)))
+    while sms and block_m > 16 and triton.cdiv(tokens, block_m) < 2 * sms:
+        block_m //= 2
     if fp32:
         block_h, num_warps = 16, 8
     elif backward and layer_norm:
@@ -554,7 +563,8 @@ def multi_adapter_forward(
     residual = x if residual is None else residual
     scale_mode, scale = _scale_arguments(scale, x.device)
     dot_fp32, precision = dot_settings(x.dtype)
-    block_m, block_r, block_h, num_warps = _tile_sizes(rank, hidden, tokens, adapters, x.dtype == torch.float32)
+    block_m, block_r, block_h, num_warps = _tile_sizes(rank, hidden, tokens, adapters, x.dtype == torch.float32,
+                                                       sms=multiprocessors(x.device) if x.is_cuda else None)
     order, work, _ = group_rows(index, adapters, block_m)
     dummy = z  # any pointer for arguments a constexpr switch leaves unread
     arguments = (
@@ -563,7 +573,7 @@ def multi_adapter_forward(
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
         out, z, mean if layer_norm else dummy, rstd if layer_norm else dummy,
         tokens, hidden, rank, x.stride(0), residual.stride(0), out.stride(0),
-        float(scale_value), float(ln_eps), float(negative_slope),
+        float(scale_value), float(ln_eps), float(negative_slope), token_bucket(tokens),
     )
     options = dict(
         ACTIVATION=activation, SCALE_MODE=scale_mode,
@@ -572,7 +582,7 @@ def multi_adapter_forward(
         DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r,
     )
     grid = (work.shape[0],)
-    if interpreting():
+    if not autotuning():
         multi_adapter_fwd_kernel[grid](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
     else:
         multi_adapter_fwd_tuned[grid](*arguments, **options)
@@ -624,7 +634,8 @@ def multi_adapter_backward(
 
     # ---- rows kernel: dy (LayerNorm), dz, dx, per-block sums
     block_m, block_r, block_h, num_warps = _tile_sizes(rank, hidden, tokens, adapters, fp32, backward=True,
-                                                       layer_norm=layer_norm)
+                                                       layer_norm=layer_norm,
+                                                       sms=multiprocessors(device) if grad.is_cuda else None)
     order, work, bounds = group_rows(index, adapters, block_m)
     num_blocks = work.shape[0]
     need_dscale = need["scaling"] and scale is not None
@@ -648,7 +659,7 @@ def multi_adapter_backward(
             *(p if p is not None else dummy for p in (dscale_part, dlnw_part, dlnb_part)),
             tokens, hidden, rank, grad.stride(0), (residual if residual is not None else x).stride(0),
             dy.stride(0) if dy is not None else 0, dx.stride(0) if dx is not None else 0,
-            float(scale_value), float(negative_slope),
+            float(scale_value), float(negative_slope), token_bucket(tokens),
         )
         options = dict(
             ACTIVATION=activation, SCALE_MODE=scale_mode, HAS_UP_BIAS=up_bias is not None,
@@ -657,7 +668,7 @@ def multi_adapter_backward(
             NEED_DX=need["x"], DX_ADD_DY=residual is None,
             DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r,
         )
-        if interpreting():
+        if not autotuning():
             multi_adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
         else:
             multi_adapter_bwd_rows_tuned[(num_blocks,)](*arguments, **options)
@@ -721,10 +732,13 @@ DATA_POINTERS = frozenset({"x_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "res
 def compile_variants(hidden: int = 4096):
     """The launch configurations kernels/compile_check.py compiles for a GPU target: every dtype,
     with and without LayerNorm, ranks 16/64/256, at the heuristic tile sizes (BLOCK_M at its largest).
-    Yields (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages)."""
+    Yields (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages, launch values)."""
     for dtype in ("bfloat16", "float16", "float32"):
         dot_fp32 = dtype == "float32"
         for rank in (16, 64, 256):
+            # the integer arguments of a headline launch (contiguous [T, H] rows) for compile_check's hints
+            values = {"H": hidden, "R": rank, **{name: hidden for name in (
+                "stride_x", "stride_res", "stride_out", "stride_grad", "stride_dy", "stride_dx")}}
             for layer_norm in (False, True):
                 ln = "ln" if layer_norm else "noln"
                 block_m, block_r, block_h, warps = _tile_sizes(rank, hidden, 1 << 20, 1, dot_fp32)
@@ -732,7 +746,7 @@ def compile_variants(hidden: int = 4096):
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True,
                             HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, DOT_FP32=dot_fp32,
                             DOT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
-                       DATA_POINTERS, warps, 3)
+                       DATA_POINTERS, warps, 3, values)
                 block_m, block_r, block_h, warps = _tile_sizes(rank, hidden, 1 << 20, 1, dot_fp32, backward=True,
                                                                layer_norm=layer_norm)
                 yield (f"bwd-rows-{dtype}-r{rank}-{ln}", multi_adapter_bwd_rows_kernel, dtype,
@@ -740,10 +754,10 @@ def compile_variants(hidden: int = 4096):
                             HAS_LN_WEIGHT=True, NEED_U=layer_norm, NEED_DSCALE=False, NEED_DLNW=layer_norm,
                             NEED_DLNB=layer_norm, NEED_DX=True, DX_ADD_DY=True, DOT_FP32=dot_fp32,
                             DOT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
-                       DATA_POINTERS, warps, 2)
+                       DATA_POINTERS, warps, 2, values)
             block_m, block_r, block_h, warps = _weight_block_sizes(rank, hidden, dot_fp32)
             yield (f"bwd-weights-{dtype}-r{rank}", multi_adapter_bwd_weights_kernel, dtype,
                    dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, SPLIT=1, NEED_DWD=True, NEED_DBD=True,
                         NEED_DWU=True, NEED_DBU=True, DOT_FP32=dot_fp32, DOT_PRECISION="ieee",
                         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
-                   DATA_POINTERS, warps, 3)
+                   DATA_POINTERS, warps, 3, values)

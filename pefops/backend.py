@@ -103,11 +103,26 @@ _SELECTION_CACHE: dict[tuple, Implementation] = {}
 _SELECTION_CACHE_SIZE = 4096
 
 
+# Token counts change every call (sequence lengths, batch sizes): the memo keys them by power-of-two
+# bucket above EXACT_TOKEN_LIMIT, so a training run fills a handful of entries, not one per length.
+# Exact below it, where every limit on them lies (the CUDA decode kernels: at most 16 rows); a limit
+# on a token count above it would have to be a bucket boundary (a power of two).
+BUCKETED_SIZES = ("tokens", "rows")
+EXACT_TOKEN_LIMIT = 64
+
+
+def _size_key(name: str, value):
+    if name in BUCKETED_SIZES and isinstance(value, int) and value > EXACT_TOKEN_LIMIT:
+        return ("bucket", 1 << (value - 1).bit_length())
+    return value
+
+
 def select(op: str, problem: Problem, backend: str | None = None) -> Implementation:
     """The implementation that serves `problem`: the forced one, or the first free of reasons.
     Successful choices are memoised (the reasons checks cost more than a small op)."""
     forced = forced_backend(backend)
-    key = (op, problem.device.type, problem.dtype, problem.mode, tuple(sorted(problem.sizes.items())), forced,
+    key = (op, problem.device.type, problem.dtype, problem.mode,
+           tuple(sorted((name, _size_key(name, value)) for name, value in problem.sizes.items())), forced,
            triton_interpreter_enabled())
     cached = _SELECTION_CACHE.get(key)
     if cached is not None:

@@ -18,6 +18,8 @@ Environment:
   PEFOPS_VERBOSE_BUILD   ``1`` shows the compiler commands and output
   CUDA_HOME / CUDA_PATH  the CUDA toolkit (otherwise found from ``nvcc`` on PATH or /usr/local/cuda)
   TORCH_CUDA_ARCH_LIST   target architectures; when unset and no GPU is visible, "8.0;9.0"
+  PEFOPS_CUDA_EXT        ``0`` keeps this process off the extension (no build, no load): e.g. while
+                         another process builds it (bench/gpu_check.sh's warm-up runs beside the build)
 """
 
 from __future__ import annotations
@@ -181,6 +183,8 @@ def unavailable_reasons(device=None) -> list[str]:
     may still have to compile it). A build that failed earlier in this process is a reason too.
     """
     reasons: list[str] = []
+    if disabled():
+        return ["disabled by PEFOPS_CUDA_EXT=0"]
     try:
         import torch  # noqa: PLC0415
     except Exception as exc:  # noqa: BLE001
@@ -228,6 +232,11 @@ def unavailable_reasons(device=None) -> list[str]:
     return reasons
 
 
+def disabled() -> bool:
+    """PEFOPS_CUDA_EXT=0 (or off/false/no): this process neither builds nor loads the extension."""
+    return os.environ.get("PEFOPS_CUDA_EXT", "").strip().lower() in ("0", "off", "false", "no")
+
+
 def build_error() -> str | None:
     """The message of the last failed build in this process, or None."""
     with _lock:
@@ -267,6 +276,8 @@ def load(verbose: bool | None = None):
     without compiling again.
     """
     global _module, _build_error
+    if disabled():
+        raise RuntimeError("the pefops CUDA extension is disabled in this process (PEFOPS_CUDA_EXT=0)")
     with _lock:
         if _module is not None:
             return _module

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -190,12 +191,30 @@ def _rotations(options, heads, head_dim, num_buckets, device, dtype):
     return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
 
+# The reading of the last mask: transformers builds one mask per forward and hands the same tensor to
+# every attention layer, so its validation (host reads: is it key padding? causal? anything padded?)
+# runs once per forward, not once per layer; a new mask object or an in-place change (its _version)
+# is read again.
+_MASK_READING: dict = {}
+
+
 def key_padding_from_mask(mask: Optional[torch.Tensor], batch: int, q_len: int, k_len: int, causal: bool):
     """Turn the 4-D mask transformers hands to an attention function (bool, True = attend, or additive
     float, 0 = attend) into (key_keep [B, K] bool or None, causal). Raises ValueError when the mask is
-    not key padding, optionally combined with the causal mask on positions."""
+    not key padding, optionally combined with the causal mask on positions. The host reads this
+    takes happen once per mask object (see _MASK_READING)."""
     if mask is None:
         return None, causal
+    key = (mask._version, batch, q_len, k_len, bool(causal))
+    cached = _MASK_READING.get("last")
+    if cached is not None and cached[0]() is mask and cached[1] == key:
+        return cached[2]
+    result = _read_mask(mask, batch, q_len, k_len, causal)
+    _MASK_READING["last"] = (weakref.ref(mask), key, result)
+    return result
+
+
+def _read_mask(mask: torch.Tensor, batch: int, q_len: int, k_len: int, causal: bool):
     if mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[-2:] != (q_len, k_len):
         raise ValueError(f"pefops_lsh expects a [batch, 1 or heads, {q_len}, {k_len}] attention mask; got "
                          f"{tuple(mask.shape)}")

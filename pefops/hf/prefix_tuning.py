@@ -110,6 +110,18 @@ def _fold_position_bias(position_bias, attention_mask, causal, query, key):
     return position_bias + attention_mask
 
 
+def _causal_key_padding(attention_mask, query, key):
+    """(key padding [B, S] bool or None, True) when the 4-D mask is exactly causal & key padding;
+    (the mask, False) when it is anything else (left to the masked path as before)."""
+    from pefops.hf.lsh_attention import key_padding_from_mask
+
+    try:
+        key_keep, is_causal = key_padding_from_mask(attention_mask, query.shape[0], query.shape[2], key.shape[2], True)
+    except ValueError:
+        return attention_mask, False
+    return key_keep, is_causal
+
+
 def _base_function(base: str, module):
     """The implementation the model had: transformers' sdpa function, or the eager function of the
     module's own modeling file (T5's adds the position bias; GPT-2's is plain)."""
@@ -135,8 +147,14 @@ def _prefix_attention_function(module, query, key, value, attention_mask, *, bas
     owner, index = site
     prefix_k, prefix_v = owner.encoder.layer(index)
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", False))
-    # transformers passes mask None for a plain causal (or no) mask; a given mask already holds causality
-    causal = causal and attention_mask is None and query.shape[2] > 1
+    if causal and attention_mask is not None and position_bias is None and query.shape[2] == key.shape[2] > 1:
+        # a padded causal batch: transformers hands over causal & key padding as one 4-D mask; as key
+        # padding [B, S] + causal=True the kernels skip the blocks above the diagonal instead of reading
+        # a [B, 1, S, S] mask (read once per mask object, shared by every layer)
+        attention_mask, causal = _causal_key_padding(attention_mask, query, key)
+    else:
+        # transformers passes mask None for a plain causal (or no) mask; a given mask already holds causality
+        causal = causal and attention_mask is None and query.shape[2] > 1
     if position_bias is not None:
         attention_mask = _fold_position_bias(position_bias, attention_mask, causal, query, key)
         causal = False

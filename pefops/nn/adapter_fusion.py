@@ -124,15 +124,33 @@ class AdapterFusion(nn.Module):
             residual_before=self.config.residual_before,
         )
         if _fusable(adapters):
-            with torch.no_grad():  # the adapters are frozen in fusion: their stacked layout carries no graph
-                stacked = stack_adapters([a.down_proj.weight for a in adapters], [a.down_proj.bias for a in adapters],
-                                         [a.up_proj.weight for a in adapters], [a.up_proj.bias for a in adapters],
-                                         [a.scaling for a in adapters])
+            stacked = self._stacked(adapters)
             return adapter_fusion(x, query, residual, *stacked, activation=adapters[0].activation,
                                   negative_slope=adapters[0].negative_slope, **options)
         ups = torch.stack([adapter.up_projection(x) for adapter in adapters], dim=-2)
         return adapter_fusion_eager(x.new_empty(0), query, residual, ups,
                                     value_before_softmax=self.config.value_before_softmax, **options)
+
+    def _stacked(self, adapters: Sequence[BottleneckAdapter]):
+        """The fused layout of the (frozen) adapters, stacked once and reused while every tensor it
+        was made from is the same object with the same data and version: an in-place update (an
+        optimizer step, load_state_dict), a moved or replaced adapter, or a new adapter list makes
+        it again. Memory: one copy of the adapters' weights, 2·N·r·H + N·(r + H) values."""
+        sources = []
+        for a in adapters:
+            sources += [a.down_proj.weight, a.down_proj.bias, a.up_proj.weight, a.up_proj.bias, a.scaling]
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) if isinstance(t, torch.Tensor) else t
+                    for t in sources)
+        cached = self.__dict__.get("_stack_cache")
+        if (cached is not None and cached[1] == key and len(cached[0]) == len(sources)
+                and all(a is b for a, b in zip(cached[0], sources))):
+            return cached[2]
+        with torch.no_grad():  # the adapters are frozen in fusion: their stacked layout carries no graph
+            stacked = stack_adapters([a.down_proj.weight for a in adapters], [a.down_proj.bias for a in adapters],
+                                     [a.up_proj.weight for a in adapters], [a.up_proj.bias for a in adapters],
+                                     [a.scaling for a in adapters])
+        self.__dict__["_stack_cache"] = (tuple(sources), key, stacked)
+        return stacked
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, {self.config}"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pefops.ops.common import check_index_tensor, describe
 from pefops.ops.masked_linear import (
+    MAX_DECODE_ROWS,
     masked_linear,
     masked_linear_routed,
     masked_linear_scores,
@@ -16,6 +19,15 @@ from pefops.ops.masked_linear import (
     packed_columns,
     unpack_mask,
 )
+
+
+MERGE_ENV = "PEFOPS_MASKED_MERGE"
+
+
+def merging_enabled() -> bool:
+    """PEFOPS_MASKED_MERGE=0 turns the merged-weight inference path off everywhere."""
+    value = os.environ.get(MERGE_ENV)
+    return value is None or value.strip().lower() not in ("0", "off", "false", "no")
 
 
 class MaskedLinear(nn.Module):
@@ -26,7 +38,15 @@ class MaskedLinear(nn.Module):
     The weight is the wrapped layer's own tensor (never copied); a GPT-2 `Conv1D` weight
     ([in, out]) is used through a transposed view. The bias is never masked and trains when
     `train_bias` is set.
+
+    Frozen inference (`merge_weight`, on by default; PEFOPS_MASKED_MERGE=0 turns it off): for
+    prefill sizes (more than MAX_DECODE_ROWS rows on a GPU, every size on the CPU) the masked weight
+    W ⊙ M is materialised once per (mask, weight) version and the call is a dense F.linear; GPU
+    decode (≤ 16 rows) and training keep the fused kernels. Memory: one dense copy of the weight,
+    out·in elements in its dtype (33.6 MB for a 4096² bf16 layer), held while the layer is frozen.
     """
+
+    merge_weight: bool = True
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, threshold: float = 1e-2,
                  init_sparsity: float = 0.5, weight_is_in_out: bool = False, train_bias: bool = False):
@@ -122,11 +142,35 @@ class MaskedLinear(nn.Module):
         row_task = row_task.detach().to(device=self.weight.device, dtype=torch.long, copy=True)
         self._row_masks = (packed_masks.to(self.weight.device).contiguous(), row_task)
 
+    def merged_weight(self) -> torch.Tensor:
+        """W ⊙ M [out, in] (contiguous, the weight's dtype) of a frozen layer, made once and reused
+        while the mask and the weight are the same tensors with the same data and version. (On the
+        per-call path: no grad-mode decorator, the check is a few attribute reads.)"""
+        mask, weight = self.mask, self.weight
+        cached = self.__dict__.get("_merged")
+        if (cached is not None and cached[0] is mask and cached[1] is weight and cached[2] == mask._version
+                and cached[3] == weight._version and cached[4] == weight.data_ptr()
+                and cached[5] == mask.data_ptr()):
+            return cached[6]
+        if not self.frozen:
+            raise RuntimeError("merged_weight is for a frozen layer (call freeze() or set_mask() first)")
+        with torch.no_grad():
+            # where, not a product: a masked inf/NaN weight is dropped, as the kernels drop it
+            merged = torch.where(unpack_mask(mask, self.in_features), self._weight_out_in(), 0).contiguous()
+        self.__dict__["_merged"] = (mask, weight, mask._version, weight._version, weight.data_ptr(), mask.data_ptr(),
+                                    merged)
+        return merged
+
     def density(self) -> float:
         """Fraction of weights kept."""
         return unpack_mask(self.packed_mask(), self.in_features).float().mean().item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scores is None and self.merge_weight and self.__dict__.get("_row_masks") is None:
+            # frozen inference at prefill sizes (every size on CPU): the merged weight, a dense GEMM
+            if (x.device.type == "cpu" or x.numel() > MAX_DECODE_ROWS * x.shape[-1]) and merging_enabled():
+                merged = self.merged_weight()
+                return F.linear(x if x.dtype == merged.dtype else x.to(merged.dtype), merged, self.bias)
         weight = self._weight_out_in()
         if x.dtype != weight.dtype:
             x = x.to(weight.dtype)
@@ -135,6 +179,7 @@ class MaskedLinear(nn.Module):
             return masked_linear_routed(x, weight, row_masks[0], row_masks[1], self.bias)
         if self.frozen:
             return masked_linear(x, weight, self.mask, self.bias)
+        self.__dict__.pop("_merged", None)
         return masked_linear_scores(x, weight, self.scores, self.threshold, self.bias)
 
     def extra_repr(self) -> str:

@@ -46,11 +46,14 @@ def stack_adapters(down_weights: Sequence[torch.Tensor], down_biases, up_weights
         if down.dim() != 2 or down.shape[1] != hidden or tuple(up.shape) != (hidden, down.shape[0]):
             raise ValueError(f"adapter {index}: expected down [r, {hidden}] and up [{hidden}, r]; got "
                              f"{tuple(down.shape)} and {tuple(up.shape)}")
-        scale = scaling if isinstance(scaling, torch.Tensor) else torch.tensor(float(scaling), device=up.device)
-        scale = scale.to(up.dtype).reshape(-1, 1) if scale.numel() > 1 else scale.to(up.dtype).reshape(())
-        ups.append(scale * up)
         bias = up_bias if up_bias is not None else up.new_zeros(hidden)
-        biases.append(scale.reshape(-1) * bias if scale.dim() else scale * bias)
+        if isinstance(scaling, torch.Tensor):
+            scale = scaling.to(up.dtype).reshape(-1, 1) if scaling.numel() > 1 else scaling.to(up.dtype).reshape(())
+            ups.append(scale * up)
+            biases.append(scale.reshape(-1) * bias if scale.dim() else scale * bias)
+        else:  # a Python float multiplies directly: no tensor made from it (a host-to-device copy on a GPU)
+            ups.append(up * float(scaling))
+            biases.append(bias * float(scaling))
         segments.append(torch.full((down.shape[0],), index, dtype=torch.long, device=down.device))
     down_bias = torch.cat([b if b is not None else d.new_zeros(d.shape[0]) for d, b in zip(down_weights, down_biases)])
     return torch.cat(list(down_weights)), down_bias, torch.cat(ups, dim=1), torch.stack(biases), torch.cat(segments)

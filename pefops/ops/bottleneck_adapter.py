@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, describe, flat_rows, once_differentiable
+from pefops.ops.common import compute_dtype, constant, describe, flat_rows, once_differentiable
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 
 OP = "bottleneck_adapter"
@@ -390,17 +390,17 @@ def _cuda_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, scalin
     tokens, hidden = x.shape
     rank = down_weight.shape[0]
     if scaling is None:
-        scale_vector = torch.full((hidden,), scaling_value, dtype=torch.float32, device=x.device)
+        scale_vector = constant(scaling_value, (hidden,), torch.float32, x.device)
     else:
         scale_vector = scaling.detach().to(torch.float32).reshape(-1).expand(hidden).contiguous()
     empty = x.new_empty(0)
     return tuple(csrc.load().bottleneck_adapter_decode_forward(
         x.contiguous(), down_weight.contiguous(),
-        down_bias.contiguous() if down_bias is not None else x.new_zeros(rank),
-        up_weight.contiguous(), up_bias.contiguous() if up_bias is not None else x.new_zeros(hidden),
+        down_bias.contiguous() if down_bias is not None else constant(0.0, (rank,), x.dtype, x.device),
+        up_weight.contiguous(), up_bias.contiguous() if up_bias is not None else constant(0.0, (hidden,), x.dtype, x.device),
         scale_vector, (x if residual is None else residual).contiguous(),
-        _contiguous(ln_weight) if layer_norm and ln_weight is not None else (x.new_ones(hidden) if layer_norm else empty),
-        _contiguous(ln_bias) if layer_norm and ln_bias is not None else (x.new_zeros(hidden) if layer_norm else empty),
+        _contiguous(ln_weight) if layer_norm and ln_weight is not None else (constant(1.0, (hidden,), x.dtype, x.device) if layer_norm else empty),
+        _contiguous(ln_bias) if layer_norm and ln_bias is not None else (constant(0.0, (hidden,), x.dtype, x.device) if layer_norm else empty),
         float(ln_eps), int(activation), float(negative_slope),
     ))
 

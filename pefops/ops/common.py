@@ -95,3 +95,20 @@ def _saved(ctx) -> tuple:
         return tuple(ctx.saved_tensors)
     except RuntimeError:  # already freed: nothing to tie to
         return ()
+
+
+_CONSTANTS: dict = {}
+_CONSTANTS_LIMIT = 256
+
+
+def constant(value: float, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """A read-only tensor filled with `value`, made once per (value, shape, dtype, device) and then
+    reused: the stand-in for an absent bias, LayerNorm weight or a float scaling that a kernel reads
+    as a tensor (one fill launch the first time, none after). Never write into it."""
+    key = (float(value), tuple(shape), dtype, torch.device(device))
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        if len(_CONSTANTS) >= _CONSTANTS_LIMIT:
+            _CONSTANTS.clear()
+        tensor = _CONSTANTS[key] = torch.full(tuple(shape), float(value), dtype=dtype, device=device)
+    return tensor

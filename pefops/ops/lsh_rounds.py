@@ -58,8 +58,9 @@ def _bucket_ids_torch(rotated: torch.Tensor, factors: Sequence[int], keep: Optio
 
 
 def _bucket_ids_triton(rotated, factors, keep):
-    # the padding bucket is there only when something is padded (transformers' rule): one host read
-    extra_bucket = keep is not None and bool((~keep).any())
+    # the padding bucket is there only when something is padded (transformers' rule): a device flag
+    # the kernel reads, so the host never waits for it
+    extra_bucket = (~keep).any() if keep is not None else False
     return backends.import_kernels("lsh_attention").lsh_bucket_ids(rotated.contiguous(), tuple(factors), keep,
                                                                   extra_bucket)
 

@@ -12,6 +12,7 @@ memory by the kernels; the weight is frozen (no gradient).
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Optional
 
 import torch
@@ -371,6 +372,69 @@ backends.register(backends.Implementation(
 
 # ------------------------------------------------------------------------------------ per-row tasks
 
+# The plan of the last routing index: every masked layer of a model gets the same row_task object
+# (set_row_masks), and the backward reuses the forward's tensors; a new index object, or an in-place
+# change of it (its _version), makes a new plan.
+_ROUTING_PLAN: dict = {}
+
+
+def _routing_plan(row_task: torch.Tensor, tasks: int, device) -> tuple:
+    """(order, sorted_task, position on `device`, the longest task's row count) for row_task [B].
+
+    A CPU row_task (the usual case: task ids from the data loader) is planned and range-checked on
+    the host and copied over without waiting for the device (pinned, non-blocking). A CUDA row_task
+    costs one host read per new index (range and longest segment, which sizes the padded batch),
+    then the plan is reused by every layer and by the backward."""
+    key = (row_task._version, tasks, torch.device(device), row_task.device)
+    cached = _ROUTING_PLAN.get("plan")
+    if cached is not None and cached[0]() is row_task and cached[1] == key:
+        return cached[2]
+    batch = row_task.numel()
+    if row_task.device.type == "cpu":
+        task = row_task.to(torch.long)
+        _check_task_range(task, tasks)
+        counts = torch.bincount(task, minlength=tasks)
+        length = _host_int(counts.max()) if batch else 0
+        order = torch.argsort(task, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_task = task[order]
+        position = torch.arange(batch) - starts[sorted_task]
+        moved = []
+        for tensor in (order, sorted_task, position):
+            if torch.device(device).type == "cuda":
+                tensor = tensor.pin_memory().to(device, non_blocking=True)
+            moved.append(tensor.to(device))
+        plan = (*moved, length)
+    else:
+        task = row_task.to(device=device, dtype=torch.long)
+        in_range = (task >= 0) & (task < tasks)
+        counts = torch.zeros(tasks, dtype=torch.long, device=device).scatter_add_(
+            0, task.clamp(0, max(tasks - 1, 0)), in_range.to(torch.long))
+        # the one host read per new routing index: range check and the padded length
+        low, high, length = (torch.stack([task.min(), task.max(), counts.max()]).tolist() if batch else (0, 0, 0))
+        if batch and (low < 0 or high >= tasks):
+            raise ValueError(f"row_task values must be in [0, {tasks}); got {low}..{high}")
+        order = torch.argsort(task, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_task = task[order]
+        position = torch.arange(batch, device=device) - starts[sorted_task]
+        plan = (order, sorted_task, position, int(length))
+    _ROUTING_PLAN["plan"] = (weakref.ref(row_task), key, plan)
+    return plan
+
+
+def _host_int(value: torch.Tensor) -> int:
+    """int() of a CPU tensor (a host read that waits for no device)."""
+    return int(value)
+
+
+def _check_task_range(task: torch.Tensor, tasks: int) -> None:
+    """Range check of a CPU task index (no device involved)."""
+    if task.numel():
+        low, high = _host_int(task.min()), _host_int(task.max())
+        if low < 0 or high >= tasks:
+            raise ValueError(f"row_task values must be in [0, {tasks}); got {low}..{high}")
+
 
 def masked_linear_routed(x, weight, packed_masks, row_task, bias=None):
     """Mixed-task batch of masked layers: sequence b of x [B, ..., in] uses mask
@@ -387,21 +451,13 @@ def masked_linear_routed(x, weight, packed_masks, row_task, bias=None):
     check_index_tensor(row_task, "row_task", f"[{x.shape[0]}] (one task per sequence, int64)")
     if row_task.dim() != 1 or row_task.numel() != x.shape[0]:
         raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); got {describe(row_task)}")
-    row_task = row_task.to(device=x.device, dtype=torch.long)
-    if row_task.numel() and (int(row_task.min()) < 0 or int(row_task.max()) >= tasks):
-        raise ValueError(f"row_task values must be in [0, {tasks}); got {int(row_task.min())}..{int(row_task.max())}")
     batch = x.shape[0]
+    order, sorted_task, position, length = _routing_plan(row_task, tasks, x.device)
     if x.numel() == 0 or out_features == 0:
         # empty: no rows (or features), so no mask selects anything; with in_features = 0 every
         # output is the bias. Plain linear gives that, and its empty or zero gradients
         return torch.nn.functional.linear(x, weight, bias)
     rows = x.reshape(batch, x[0].numel())  # [B, T·in]
-    counts = torch.bincount(row_task, minlength=tasks)
-    length = int(counts.max()) if batch else 0
-    order = torch.argsort(row_task, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    sorted_task = row_task[order]
-    position = torch.arange(batch, device=x.device) - starts[sorted_task]
     padded = rows.new_zeros(tasks, length, rows.shape[1])
     padded = padded.index_put((sorted_task, position), rows[order])
     bits = _unpack_as(flat_rows(packed_masks, packed_masks.shape[-1]), in_features, weight.dtype)

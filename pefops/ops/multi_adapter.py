@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import check_index_tensor, compute_dtype, describe, flat_rows, once_differentiable
+from pefops.ops.common import check_index_tensor, compute_dtype, constant, describe, flat_rows, once_differentiable
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 from pefops.ops.bottleneck_adapter import _triton_limits, cuda_decode_limits
 
@@ -538,7 +538,7 @@ def _cuda_forward(x, index, down_weight, down_bias, up_weight, up_bias, scaling,
 
     adapters, _, hidden = down_weight.shape
     if scaling is None:
-        scale = torch.full((adapters, hidden), scaling_value, dtype=torch.float32, device=x.device)
+        scale = constant(scaling_value, (adapters, hidden), torch.float32, x.device)
     else:
         scale = scaling.detach().to(torch.float32).reshape(adapters, -1).expand(adapters, hidden).contiguous()
     empty = x.new_empty(0)
@@ -547,7 +547,7 @@ def _cuda_forward(x, index, down_weight, down_bias, up_weight, up_bias, scaling,
         down_bias.contiguous() if down_bias is not None else empty,
         up_weight.contiguous(), up_bias.contiguous() if up_bias is not None else empty,
         scale, (x if residual is None else residual).contiguous(),
-        _contiguous(ln_weight) if layer_norm and ln_weight is not None else (x.new_ones(hidden) if layer_norm else empty),
+        _contiguous(ln_weight) if layer_norm and ln_weight is not None else (constant(1.0, (hidden,), x.dtype, x.device) if layer_norm else empty),
         _contiguous(ln_bias) if layer_norm and ln_bias is not None else empty,
         float(ln_eps), int(activation), float(negative_slope),
     ))

@@ -474,3 +474,29 @@ def test_trainable_modules_errors():
     model = make_model("bert")
     with pytest.raises(ValueError, match="no submodule 'head'"):
         hf.apply_prefix_tuning(model, 3, trainable_modules=["head"])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_padded_causal_batch_stays_causal_with_key_padding(kind, implementation, monkeypatch):
+    """A padded causal batch reaches prefix_attention as key padding [B, S] + causal=True (block
+    skipping in the kernels), not as a dense 4-D mask with causal=False; outputs are unchanged."""
+    import pefops.ops.prefix_attention  # noqa: F401 - the package exports a function of the same name
+
+    op_module = sys.modules["pefops.ops.prefix_attention"]
+    seen = []
+    real = op_module.prefix_attention
+
+    def spy(*args, attention_mask=None, causal=False, **kwargs):
+        seen.append((None if attention_mask is None else attention_mask.dim(), causal))
+        return real(*args, attention_mask=attention_mask, causal=causal, **kwargs)
+
+    monkeypatch.setattr(op_module, "prefix_attention", spy)
+    model = make_model(kind, implementation)
+    inputs = make_inputs(kind)
+    tuning = hf.apply_prefix_tuning(model, 3, projection_hidden=12)
+    randomise(tuning)
+    ours = output_of(model, inputs)
+    assert seen and all(entry == (2, True) for entry in seen), seen
+    monkeypatch.setattr(op_module, "prefix_attention", real)
+    torch.testing.assert_close(ours, run_reference(model, inputs), atol=1e-5, rtol=1e-5)

@@ -90,3 +90,24 @@ def test_info_command_runs():
     result = subprocess.run([sys.executable, "-m", "pefops"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "bottleneck_adapter" in result.stdout and "torch" in result.stdout
+
+
+def test_selection_memo_buckets_token_counts():
+    """A new sequence length above 64 tokens reuses its power-of-two bucket's choice; at most 64
+    tokens (where the decode limits are) every count is its own entry."""
+    backends.clear_selection_cache()
+    device = torch.device("cpu")
+
+    def pick(tokens):
+        problem = backends.Problem(device, torch.float32, "forward", {"tokens": tokens, "hidden": 64, "rank": 8})
+        return backends.select("bottleneck_adapter", problem)
+
+    for tokens in (1000, 1001, 1020, 1024):
+        pick(tokens)
+    assert len(backends._SELECTION_CACHE) == 1
+    pick(1025)
+    assert len(backends._SELECTION_CACHE) == 2
+    for tokens in (15, 16, 17):
+        pick(tokens)
+    assert len(backends._SELECTION_CACHE) == 5
+    assert backends._size_key("rank", 1000) == 1000  # only token counts are bucketed
