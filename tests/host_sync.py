@@ -18,7 +18,6 @@ CPU_ONLY = {
     ("pefops/ops/multi_adapter.py", "multi_adapter"),  # `if x2.device.type == "cpu"`: index range check
     ("pefops/ops/multi_adapter.py", "_check_range"),
     ("pefops/ops/fusion_mix.py", "_check"),  # `if segment_offsets.device.type == "cpu"`: offsets check
-    ("pefops/ops/adapter_fusion.py", "_torch_forward"),  # `if segment.device.type == "cpu"`: segment order
     ("pefops/ops/masked_linear.py", "_host_int"),  # routing plan of a CPU row_task (`row_task.device.type == "cpu"`)
 }
 SYNC_METHODS = ("item", "__bool__", "tolist", "__int__", "__float__")

@@ -27,25 +27,46 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from pefops import backend as backends
 from pefops.ops.activations import activation_code, activation_forward
+from pefops.ops.common import check_index_tensor, describe
 
 OP = "adapter_fusion"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# segment tensors whose layout is known ({segment: (its _version, N adapters)}): made by stack_adapters
+# or checked once, so a CUDA segment is never read back to the host on later calls
+_KNOWN_SEGMENTS = WeakIdKeyDictionary()
+
+
 def stack_adapters(down_weights: Sequence[torch.Tensor], down_biases, up_weights, up_biases, scalings):
     """Concatenate N adapters (ranks may differ) into the fused layout, folding each scaling into
-    its up-projection: returns (W_d [R, H], b_d [R], U [H, R], C [N, H], segment [R] adapter index)."""
+    its up-projection: returns (W_d [R, H], b_d [R], U [H, R], C [N, H], segment [R] adapter index).
+    The five lists have one entry per adapter (None for an absent bias); scalings are floats or
+    tensors of 1 or H values."""
+    lists = {"down_weights": down_weights, "down_biases": down_biases, "up_weights": up_weights,
+             "up_biases": up_biases, "scalings": scalings}
+    lengths = {name: len(values) for name, values in lists.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"stack_adapters needs one entry per adapter in every list; got lengths {lengths}")
     if not down_weights:
         raise ValueError("adapter fusion needs at least one adapter")
-    hidden = down_weights[0].shape[1]
+    hidden = down_weights[0].shape[1] if down_weights[0].dim() == 2 else None
     ups, biases, segments = [], [], []
-    for index, (down, up, up_bias, scaling) in enumerate(zip(down_weights, up_weights, up_biases, scalings)):
-        if down.dim() != 2 or down.shape[1] != hidden or tuple(up.shape) != (hidden, down.shape[0]):
-            raise ValueError(f"adapter {index}: expected down [r, {hidden}] and up [{hidden}, r]; got "
+    for index, (down, down_bias, up, up_bias, scaling) in enumerate(zip(*lists.values())):
+        if down.dim() != 2 or down.shape[1] != hidden or down.shape[0] == 0 or tuple(up.shape) != (hidden, down.shape[0]):
+            raise ValueError(f"adapter {index}: expected down [r >= 1, {hidden}] and up [{hidden}, r]; got "
                              f"{tuple(down.shape)} and {tuple(up.shape)}")
+        for name, bias, size in (("down bias", down_bias, down.shape[0]), ("up bias", up_bias, hidden)):
+            if bias is not None and tuple(bias.shape) != (size,):
+                raise ValueError(f"adapter {index}: {name} must be [{size}] or None; got {describe(bias)}")
+        if isinstance(scaling, torch.Tensor) and scaling.numel() not in (1, hidden):
+            raise ValueError(f"adapter {index}: a scaling tensor has 1 or {hidden} values; got {describe(scaling)}")
+        if not isinstance(scaling, (torch.Tensor, int, float)):
+            raise ValueError(f"adapter {index}: scaling must be a float or a tensor; got {describe(scaling)}")
         bias = up_bias if up_bias is not None else up.new_zeros(hidden)
         if isinstance(scaling, torch.Tensor):
             scale = scaling.to(up.dtype).reshape(-1, 1) if scaling.numel() > 1 else scaling.to(up.dtype).reshape(())
@@ -56,7 +77,63 @@ def stack_adapters(down_weights: Sequence[torch.Tensor], down_biases, up_weights
             biases.append(bias * float(scaling))
         segments.append(torch.full((down.shape[0],), index, dtype=torch.long, device=down.device))
     down_bias = torch.cat([b if b is not None else d.new_zeros(d.shape[0]) for d, b in zip(down_weights, down_biases)])
-    return torch.cat(list(down_weights)), down_bias, torch.cat(ups, dim=1), torch.stack(biases), torch.cat(segments)
+    segment = torch.cat(segments)
+    _KNOWN_SEGMENTS[segment] = (segment._version, len(down_weights))
+    return torch.cat(list(down_weights)), down_bias, torch.cat(ups, dim=1), torch.stack(biases), segment
+
+
+def _segment_adapters(segment: torch.Tensor) -> Optional[int]:
+    """How many adapters `segment` [R] lays out (each owns a contiguous, non-empty run of units, in
+    adapter order: 0..0 1..1 ... N-1), or None while compiling (no data-dependent check). A segment
+    from stack_adapters is known without reading it; any other is read once."""
+    known = _KNOWN_SEGMENTS.get(segment)
+    if known is not None and known[0] == segment._version:
+        return known[1]
+    if backends.compiling():
+        return None
+    values = segment.tolist()  # host read: once per segment tensor not made by stack_adapters
+    steps_ok = all(b - a in (0, 1) for a, b in zip(values, values[1:]))
+    if not values or values[0] != 0 or not steps_ok:
+        raise ValueError("segment must give each adapter a contiguous, non-empty run of units in adapter order "
+                         f"(0..0, 1..1, ..., as stack_adapters makes it); got {values[:16]}"
+                         f"{' ...' if len(values) > 16 else ''}")
+    _KNOWN_SEGMENTS[segment] = (segment._version, values[-1] + 1)
+    return values[-1] + 1
+
+
+def _check_operands(x, hidden, down_weight, down_bias, up_weight, up_bias_scaled, segment, projections):
+    """Every tensor's shape, dtype and device against x's, before any product runs."""
+    if down_weight.dim() != 2 or down_weight.shape[1] != hidden or tuple(up_weight.shape) != (hidden, down_weight.shape[0]):
+        raise ValueError(f"down_weight [R, {hidden}] and up_weight [{hidden}, R] expected; got "
+                         f"{tuple(down_weight.shape)} and {tuple(up_weight.shape)}")
+    units = down_weight.shape[0]
+    if down_bias is not None and tuple(down_bias.shape) != (units,):
+        raise ValueError(f"down_bias must be [R={units}]; got {describe(down_bias)}")
+    check_index_tensor(segment, "segment", f"[R={units}] (adapter index of each unit, from stack_adapters)")
+    if tuple(segment.shape) != (units,):
+        raise ValueError(f"segment must be [R={units}]; got {tuple(segment.shape)}")
+    if up_bias_scaled.dim() != 2 or up_bias_scaled.shape[1] != hidden:
+        raise ValueError(f"up_bias_scaled must be [N, {hidden}] (one row per adapter); got {describe(up_bias_scaled)}")
+    adapters = _segment_adapters(segment)
+    if adapters is not None and up_bias_scaled.shape[0] != adapters:
+        raise ValueError(f"up_bias_scaled has {up_bias_scaled.shape[0]} rows but segment lays out {adapters} "
+                         "adapters: one row per adapter (an extra row would be a phantom adapter in the softmax)")
+    for name, tensor, shape in (("query_weight", projections[0], (hidden, hidden)),
+                                ("query_bias", projections[1], (hidden,)),
+                                ("key_weight", projections[2], (hidden, hidden)),
+                                ("key_bias", projections[3], (hidden,)),
+                                ("value_weight", projections[4], (hidden, hidden))):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)}; got {describe(tensor)}")
+    named = {"down_weight": down_weight, "down_bias": down_bias, "up_weight": up_weight,
+             "up_bias_scaled": up_bias_scaled, "query_weight": projections[0], "query_bias": projections[1],
+             "key_weight": projections[2], "key_bias": projections[3], "value_weight": projections[4]}
+    for name, tensor in named.items():
+        if tensor is not None and (tensor.dtype != x.dtype or tensor.device != x.device):
+            raise ValueError(f"{name} must match x's dtype and device ({str(x.dtype).removeprefix('torch.')}, "
+                             f"{x.device}); got {describe(tensor)}")
+    if segment.device != x.device:
+        raise ValueError(f"segment must be on x's device {x.device}; got {describe(segment)}")
 
 
 def adapter_fusion(x, query, residual, down_weight, down_bias, up_weight, up_bias_scaled, segment, *,
@@ -75,11 +152,8 @@ def adapter_fusion(x, query, residual, down_weight, down_bias, up_weight, up_bia
     for name, tensor in (("query", query), ("residual", residual)):
         if tensor.shape != x.shape:
             raise ValueError(f"{name} must have x's shape {tuple(x.shape)}; got {tuple(tensor.shape)}")
-    if down_weight.dim() != 2 or down_weight.shape[1] != hidden or tuple(up_weight.shape) != (hidden, down_weight.shape[0]):
-        raise ValueError(f"down_weight [R, {hidden}] and up_weight [{hidden}, R] expected; got "
-                         f"{tuple(down_weight.shape)} and {tuple(up_weight.shape)}")
-    if segment.shape != (down_weight.shape[0],):
-        raise ValueError(f"segment must be [R={down_weight.shape[0]}]; got {tuple(segment.shape)}")
+    _check_operands(x, hidden, down_weight, down_bias, up_weight, up_bias_scaled, segment,
+                    (query_weight, query_bias, key_weight, key_bias, value_weight))
     if temperature <= 0:
         raise ValueError(f"temperature must be positive; got {temperature}")
     code = activation_code(activation)
@@ -127,9 +201,7 @@ def _torch_forward(x, query, residual, down_weight, down_bias, up_weight, up_bia
             bias_scores = bias_scores + (q * key_bias).sum(-1, keepdim=True)
         if residual_before:
             bias_scores = bias_scores + (qk * residual).sum(-1, keepdim=True)
-    # segment is non-decreasing (stack_adapters' layout): adapter i owns units offsets[i] .. offsets[i + 1] - 1
-    if segment.device.type == "cpu" and not backends.compiling() and bool((segment[1:] < segment[:-1]).any()):
-        raise ValueError("segment must list each adapter's units contiguously, in adapter order (stack_adapters)")
+    # segment is 0..0 1..1 ... (checked in adapter_fusion): adapter i owns units offsets[i] .. offsets[i + 1] - 1
     offsets = torch.searchsorted(segment, torch.arange(adapters + 1, device=segment.device, dtype=segment.dtype))
     # the dropout mask as F.dropout(scores) would draw it (same shape, same random stream), scaled by 1 / (1 - p)
     mask = F.dropout(torch.ones_like(bias_scores), dropout_p, True) if training and dropout_p > 0 else None

@@ -124,6 +124,78 @@ def test_bad_config():
         AdapterFusion(8, {"heads": 2})
 
 
+def stacked_adapters():
+    from pefops.ops import stack_adapters
+
+    modules = adapters()
+    return stack_adapters([m.down_proj.weight for m in modules], [m.down_proj.bias for m in modules],
+                          [m.up_proj.weight for m in modules], [m.up_proj.bias for m in modules],
+                          [m.scaling for m in modules])
+
+
+def test_an_extra_up_bias_row_is_refused_not_a_phantom_adapter():
+    from pefops.ops import adapter_fusion
+
+    down, down_bias, up, up_bias, segment = stacked_adapters()
+    x = torch.randn(3, 24)
+    phantom = torch.cat([up_bias, torch.randn(1, 24)])
+    with pytest.raises(ValueError, match="up_bias_scaled has 4 rows but segment lays out 3 adapters"):
+        adapter_fusion(x, x, x, down, down_bias, up, phantom, segment)
+    with pytest.raises(ValueError, match="up_bias_scaled has 2 rows but segment lays out 3 adapters"):
+        adapter_fusion(x, x, x, down, down_bias, up, up_bias[:2], segment)
+    # a segment written by hand is read once: the same layout passes, a gap or a disorder is refused
+    own = segment.clone()
+    torch.testing.assert_close(adapter_fusion(x, x, x, down, down_bias, up, up_bias, own),
+                               adapter_fusion(x, x, x, down, down_bias, up, up_bias, segment))
+    for bad in (segment * 2, segment.flip(0), segment + 1):
+        with pytest.raises(ValueError, match="contiguous, non-empty run of units in adapter order"):
+            adapter_fusion(x, x, x, down, down_bias, up, up_bias, bad)
+    own[-1] = 3  # an in-place change to a segment already seen is checked again
+    with pytest.raises(ValueError, match="up_bias_scaled has 3 rows but segment lays out 4 adapters"):
+        adapter_fusion(x, x, x, down, down_bias, up, up_bias, own)
+    with pytest.raises(ValueError, match="segment must be an integer tensor"):
+        adapter_fusion(x, x, x, down, down_bias, up, up_bias, segment.float())
+
+
+def test_stack_adapters_refuses_lists_of_unequal_length_and_bad_entries():
+    from pefops.ops import stack_adapters
+
+    downs, ups = [torch.randn(4, 24), torch.randn(2, 24)], [torch.randn(24, 4), torch.randn(24, 2)]
+    with pytest.raises(ValueError, match="one entry per adapter in every list.*'scalings': 1"):
+        stack_adapters(downs, [None, None], ups, [None, None], [1.0])
+    with pytest.raises(ValueError, match="one entry per adapter in every list.*'up_weights': 1"):
+        stack_adapters(downs, [None, None], ups[:1], [None, None], [1.0, 1.0])
+    with pytest.raises(ValueError, match="adapter 1: down bias must be \\[2\\] or None"):
+        stack_adapters(downs, [None, torch.randn(3)], ups, [None, None], [1.0, 1.0])
+    with pytest.raises(ValueError, match="adapter 0: up bias must be \\[24\\] or None"):
+        stack_adapters(downs, [None, None], ups, [torch.randn(1, 24), None], [1.0, 1.0])
+    with pytest.raises(ValueError, match="adapter 1: a scaling tensor has 1 or 24 values"):
+        stack_adapters(downs, [None, None], ups, [None, None], [1.0, torch.ones(2)])
+    with pytest.raises(ValueError, match="adapter 0: scaling must be a float or a tensor"):
+        stack_adapters(downs, [None, None], ups, [None, None], ["channel", 1.0])
+
+
+def test_projection_shapes_and_dtypes_are_named_not_mat1_mat2():
+    from pefops.ops import adapter_fusion
+
+    stacked = stacked_adapters()
+    x = torch.randn(3, 24)
+    for name, value, message in (("query_weight", torch.randn(1, 24), "query_weight must be \\[24, 24\\]"),
+                                 ("key_weight", torch.randn(24, 12), "key_weight must be \\[24, 24\\]"),
+                                 ("value_weight", torch.randn(24), "value_weight must be \\[24, 24\\]"),
+                                 ("query_bias", torch.randn(23), "query_bias must be \\[24\\]"),
+                                 ("key_bias", torch.randn(1, 24), "key_bias must be \\[24\\]"),
+                                 ("value_weight", torch.randn(24, 24, dtype=torch.float64), "must match x's dtype")):
+        with pytest.raises(ValueError, match=message):
+            adapter_fusion(x, x, x, *stacked, **{name: value})
+    with pytest.raises(ValueError, match="down_bias must be \\[R=13\\]"):
+        adapter_fusion(x, x, x, stacked[0], stacked[1][:4], *stacked[2:])
+    with pytest.raises(ValueError, match="up_bias_scaled must be \\[N, 24\\]"):
+        adapter_fusion(x, x, x, *stacked[:3], stacked[3][:, :5], stacked[4])
+    with pytest.raises(ValueError, match="up_weight must match x's dtype"):
+        adapter_fusion(x, x, x, stacked[0], stacked[1], stacked[2].double(), *stacked[3:])
+
+
 def test_fused_op_rejects_bad_inputs():
     from pefops.ops import adapter_fusion, stack_adapters
 
@@ -140,6 +212,6 @@ def test_fused_op_rejects_bad_inputs():
         adapter_fusion(x, x, x, *stacked[:4], stacked[4][:5])
     with pytest.raises(ValueError, match="temperature must be positive"):
         adapter_fusion(x, x, x, *stacked, temperature=0.0)
-    with pytest.raises(ValueError, match="adapter 1: expected down \\[r, 24\\]"):
+    with pytest.raises(ValueError, match="adapter 1: expected down \\[r >= 1, 24\\]"):
         stack_adapters([torch.randn(4, 24), torch.randn(4, 20)], [None, None],
                        [torch.randn(24, 4), torch.randn(24, 4)], [None, None], [1.0, 1.0])
