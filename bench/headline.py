@@ -86,25 +86,23 @@ def multi_adapter(device, dtype, size, seed=0):
                 [x, wd, bd, wu, bu])
 
 
-def masked_linear_prefill(device, dtype, size, seed=0):
-    """Inference with a frozen mask (no gradients: inputs are empty)."""
+def _masked_inference(rows, device, dtype, size, seed):
     from pefops.ops import masked_linear, pack_mask
 
-    M, N, K = (2048, 4096, 4096) if size == "real" else (7, 40, 24)
+    M, N, K = (rows, 4096, 4096) if size == "real" else (min(rows, 7), 40, 24)
     randn = _tensor_factory(device, dtype, seed)
     x, w, b = randn(M, K), randn(N, K, scale=K ** -0.5), randn(N, scale=0.1)
     packed = pack_mask(randn(N, K, dtype_=torch.float32) > 0)
     return Call(lambda backend: masked_linear(x, w, packed, b, backend=backend), [])
+
+
+def masked_linear_prefill(device, dtype, size, seed=0):
+    """Inference with a frozen mask (no gradients: inputs are empty)."""
+    return _masked_inference(2048, device, dtype, size, seed)
 
 
 def masked_linear_decode(device, dtype, size, seed=0):
-    from pefops.ops import masked_linear, pack_mask
-
-    M, N, K = (1, 4096, 4096) if size == "real" else (1, 40, 24)
-    randn = _tensor_factory(device, dtype, seed)
-    x, w, b = randn(M, K), randn(N, K, scale=K ** -0.5), randn(N, scale=0.1)
-    packed = pack_mask(randn(N, K, dtype_=torch.float32) > 0)
-    return Call(lambda backend: masked_linear(x, w, packed, b, backend=backend), [])
+    return _masked_inference(1, device, dtype, size, seed)
 
 
 def masked_linear_training(device, dtype, size, seed=0):

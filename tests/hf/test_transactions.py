@@ -347,6 +347,13 @@ def _pop_config_field(key):
     return corrupt
 
 
+
+def bad_config_case(what, bad_config, good_config, match):
+    """add_adapter(m, "b", bad_config) refused; the retry adds "b" with good_config."""
+    return Case("add_adapter", what, lambda tmp: adapter_model(), lambda m, tmp, mp: hf.add_adapter(m, "b", bad_config),
+                lambda m, tmp: hf.add_adapter(m, "b", good_config), match=match)
+
+
 CASES = [
     # ---- add_adapter
     Case("add_adapter", "existing name, other sites", lambda tmp: adapter_model(),
@@ -356,21 +363,13 @@ CASES = [
          lambda m, tmp, mp: hf.add_adapter(m, "b", DoubleSeqBnConfig(reduction_factor={"0": 8})),
          lambda m, tmp: (hf.add_adapter(m, "b", DoubleSeqBnConfig(reduction_factor={"0": 8, "default": 4})),
                          hf.remove_adapter(m, "b")), match="no entry for layer 1"),
-    Case("add_adapter", "reduction_factor 0", lambda tmp: adapter_model(),
-         lambda m, tmp, mp: hf.add_adapter(m, "b", "seq_bn[reduction_factor=0]"),
-         lambda m, tmp: hf.add_adapter(m, "b", "seq_bn[reduction_factor=2]"), match="reduction_factor"),
-    Case("add_adapter", "unknown activation", lambda tmp: adapter_model(),
-         lambda m, tmp, mp: hf.add_adapter(m, "b", "seq_bn[non_linearity=nope]"),
-         lambda m, tmp: hf.add_adapter(m, "b", "seq_bn[non_linearity=tanh]"), match="unknown activation"),
-    Case("add_adapter", "unknown config key", lambda tmp: adapter_model(),
-         lambda m, tmp, mp: hf.add_adapter(m, "b", "seq_bn[reduction=2]"),
-         lambda m, tmp: hf.add_adapter(m, "b", "seq_bn"), match="unknown bottleneck config keys"),
+    bad_config_case("reduction_factor 0", "seq_bn[reduction_factor=0]", "seq_bn[reduction_factor=2]", "reduction_factor"),
+    bad_config_case("unknown activation", "seq_bn[non_linearity=nope]", "seq_bn[non_linearity=tanh]", "unknown activation"),
+    bad_config_case("unknown config key", "seq_bn[reduction=2]", "seq_bn", "unknown bottleneck config keys"),
     Case("add_adapter", "name with a dot", lambda tmp: adapter_model(),
          lambda m, tmp, mp: hf.add_adapter(m, "b.c", "seq_bn"),
          lambda m, tmp: hf.add_adapter(m, "bc", "seq_bn"), match="adapter name"),
-    Case("add_adapter", "places no adapter", lambda tmp: adapter_model(),
-         lambda m, tmp, mp: hf.add_adapter(m, "b", BottleneckConfig(False, False, 16, "relu")),
-         lambda m, tmp: hf.add_adapter(m, "b", "seq_bn"), match="places no adapter"),
+    bad_config_case("places no adapter", BottleneckConfig(False, False, 16, "relu"), "seq_bn", "places no adapter"),
     Case("add_adapter", "injected: layer construction fails at layer 1", lambda tmp: adapter_model(),
          lambda m, tmp, mp: (mp.setattr(AdapterLayer, "add", _fail_on_call(AdapterLayer.add, 2)),
                              hf.add_adapter(m, "b", "double_seq_bn", set_active=True)),
@@ -711,14 +710,21 @@ def _with_prompt():
     return model
 
 
+
+def virtual_token_cases(apply):
+    """The argument checks apply_prefix_tuning and apply_prompt_tuning share."""
+    name = apply.__name__
+    return [
+        Case(name, "misspelt trainable module", lambda tmp: classifier(),
+             lambda m, tmp, mp: apply(m, 3, trainable_modules=["clasifier"]),
+             lambda m, tmp: apply(m, 3, trainable_modules=["classifier"]), output=logits_output, match="clasifier"),
+        Case(name, "num_virtual_tokens 0", lambda tmp: classifier(), lambda m, tmp, mp: apply(m, 0),
+             lambda m, tmp: apply(m, 2), output=logits_output, match="num_virtual_tokens"),
+    ]
+
+
+CASES += virtual_token_cases(hf.apply_prefix_tuning) + virtual_token_cases(hf.apply_prompt_tuning)
 CASES += [
-    Case("apply_prefix_tuning", "misspelt trainable module", lambda tmp: classifier(),
-         lambda m, tmp, mp: hf.apply_prefix_tuning(m, 3, trainable_modules=["clasifier"]),
-         lambda m, tmp: hf.apply_prefix_tuning(m, 3, trainable_modules=["classifier"]), output=logits_output,
-         match="clasifier"),
-    Case("apply_prefix_tuning", "num_virtual_tokens 0", lambda tmp: classifier(),
-         lambda m, tmp, mp: hf.apply_prefix_tuning(m, 0), lambda m, tmp: hf.apply_prefix_tuning(m, 2),
-         output=logits_output, match="num_virtual_tokens"),
     Case("apply_prefix_tuning", "already applied", lambda tmp: _with_prefix(),
          lambda m, tmp, mp: hf.apply_prefix_tuning(m, 3),
          lambda m, tmp: (hf.remove_prefix_tuning(m), hf.apply_prefix_tuning(m, 3)), output=logits_output,
@@ -761,13 +767,6 @@ CASES += [
         method="prompt", match="shape"),
     prefix_case("load_prefix", "prompt: weights missing", lambda d: os.remove(os.path.join(d, PREFIX_WEIGHTS)),
                 method="prompt", error=FileNotFoundError),
-    Case("apply_prompt_tuning", "misspelt trainable module", lambda tmp: classifier(),
-         lambda m, tmp, mp: hf.apply_prompt_tuning(m, 3, trainable_modules=["clasifier"]),
-         lambda m, tmp: hf.apply_prompt_tuning(m, 3, trainable_modules=["classifier"]), output=logits_output,
-         match="clasifier"),
-    Case("apply_prompt_tuning", "num_virtual_tokens 0", lambda tmp: classifier(),
-         lambda m, tmp, mp: hf.apply_prompt_tuning(m, 0), lambda m, tmp: hf.apply_prompt_tuning(m, 2),
-         output=logits_output, match="num_virtual_tokens"),
     Case("remove_prompt_tuning", "nothing applied", lambda tmp: classifier(),
          lambda m, tmp, mp: hf.remove_prompt_tuning(m), lambda m, tmp: hf.apply_prompt_tuning(m, 2),
          output=logits_output, match="no prompt tuning"),

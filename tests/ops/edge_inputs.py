@@ -32,16 +32,19 @@ def _leaf(*shape, seed=0, scale=1.0):
     return (_randn(*shape, seed=seed) * scale).requires_grad_()
 
 
+def _layer_norm(hidden, leaves):
+    """(weight, bias, eps) of an adapter LayerNorm, its two leaves appended to `leaves`."""
+    norm_weight, norm_bias = _leaf(hidden, seed=6), _leaf(hidden, seed=7)
+    leaves += [norm_weight, norm_bias]
+    return norm_weight, norm_bias, 1e-5
+
+
 def bottleneck(backend, batch=2, tokens=3, hidden=8, rank=4, layer_norm=False):
     x = _leaf(batch, tokens, hidden)
     dw, db, uw, ub = _leaf(rank, hidden, seed=1), _leaf(rank, seed=2), _leaf(hidden, rank, seed=3), _leaf(hidden, seed=4)
     scaling = _leaf(hidden, seed=5)
     leaves = [x, dw, db, uw, ub, scaling]
-    norm = None
-    if layer_norm:
-        norm_weight, norm_bias = _leaf(hidden, seed=6), _leaf(hidden, seed=7)
-        leaves += [norm_weight, norm_bias]
-        norm = (norm_weight, norm_bias, 1e-5)
+    norm = _layer_norm(hidden, leaves) if layer_norm else None
 
     def run():
         return bottleneck_adapter(x, dw, db, uw, ub, activation="gelu", scaling=scaling, layer_norm=norm,
@@ -57,11 +60,7 @@ def multi(backend, batch=3, tokens=2, hidden=8, rank=4, adapters=3, layer_norm=F
     uw, ub = _leaf(adapters, hidden, rank, seed=3), _leaf(adapters, hidden, seed=4)
     scaling = _leaf(adapters, seed=5)
     leaves = [x, dw, db, uw, ub, scaling]
-    norm = None
-    if layer_norm:
-        norm_weight, norm_bias = _leaf(hidden, seed=6), _leaf(hidden, seed=7)
-        leaves += [norm_weight, norm_bias]
-        norm = (norm_weight, norm_bias, 1e-5)
+    norm = _layer_norm(hidden, leaves) if layer_norm else None
 
     def run():
         return multi_adapter(x, index, dw, db, uw, ub, activation="silu", scaling=scaling, layer_norm=norm,
