@@ -220,11 +220,8 @@ def _pad_seq(tensor, length):
 
 def _sorted_positions(offset_buckets, num_keys, seq):
     """Original position of every entry of the stable sort of the nh * S offset buckets."""
-    if offset_buckets.is_cuda:
-        sorted_idx = lsh_sort(offset_buckets, num_keys)[0]  # the counting sort where it serves
-    else:
-        sorted_idx = stable_sort_indices(offset_buckets)  # no undo index needed
-    return sorted_idx % seq
+    # the counting sort where it serves (CUDA), without the undo index nobody here reads
+    return stable_sort_indices(offset_buckets, num_keys) % seq
 
 
 def _lsh_forward(q, k, v, shared, *, num_hashes, num_buckets, chunk_length, num_chunks_before, num_chunks_after,
