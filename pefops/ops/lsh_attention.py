@@ -374,7 +374,7 @@ def _triton_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
     return _triton_kernels().lsh_chunked_backward(
         grad_out_rounds.contiguous(), grad_lse_rounds.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
         q_idx.contiguous(), k_idx.contiguous(), key_mask, out_rounds, lse_rounds, dropout_p=float(dropout_p),
-        seed=_seed_value(dropout_p, seed), **config)
+        seed=_seed_value(dropout_p, seed), out_dtypes=(q.dtype, k.dtype, v.dtype), **config)
 
 
 def _refuse_torch_dropout(dropout_p):
