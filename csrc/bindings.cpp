@@ -40,6 +40,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Stable counting sort of each row of keys (int64 or int32 [rows, n], CUDA, contiguous) with "
         "values in [0, num_keys): returns (sorted_idx, undo_idx), int64 [rows, n], sorted_idx equal "
         "to torch.argsort(keys, dim=1, stable=True) and undo_idx its inverse permutation "
-        "(undo_idx[r, sorted_idx[r, i]] = i). Keys outside [0, num_keys) sort after all valid keys.",
-        pybind11::arg("keys"), pybind11::arg("num_keys"));
+        "(undo_idx[r, sorted_idx[r, i]] = i); with_undo=False leaves undo_idx empty (not written). "
+        "Keys outside [0, num_keys) sort after all valid keys.",
+        pybind11::arg("keys"), pybind11::arg("num_keys"), pybind11::arg("with_undo") = true);
 }

@@ -6,7 +6,10 @@
 //   sorted_idx[r, i] = the element at rank i of the stable sort of keys[r, :] (int64 [rows, n])
 //   undo_idx[r, sorted_idx[r, i]] = i                                        (int64 [rows, n])
 //
-// exactly torch.argsort(keys, dim=1, stable=True) and its inverse permutation. Keys outside
+// exactly torch.argsort(keys, dim=1, stable=True) and its inverse permutation. The inverse is
+// optional (with_undo = false: an empty undo_idx, nothing written): LSH attention only needs
+// sorted_idx (its unsort goes through the positions, kernels/lsh_attention.py), and the undo writes
+// are 8 of the ~48 bytes per element of int64 keys, scattered ones at that. Keys outside
 // [0, num_keys) must not occur; if they do, they are treated as one extra key num_keys (sorted after
 // every valid key, stably), so the kernels never index out of bounds (a host-side range check would
 // need a device synchronisation; the Python wrapper offers it as an option).
@@ -34,7 +37,7 @@
 //
 // Traffic per row (e = key bytes): read keys twice (n e each), write sorted_idx and undo_idx (16 n),
 // plus 4 x 4 (num_keys + 1) P <= 16 n bytes for the counts (written, scanned, read): at most
-// 2 e n + 32 n bytes, 48 n for int64 keys.
+// 2 e n + 32 n bytes, 48 n for int64 keys; without undo_idx 2 e n + 24 n, 40 n.
 //
 // References: counting sort with per-partition histograms (Zagha & Blelloch, "Radix sort for vector
 // multiprocessors", SC 1991); CUDA programming guide, __match_any_sync / warp vote functions.
@@ -166,7 +169,7 @@ __global__ void __launch_bounds__(32) scatter_kernel(
     const K* __restrict__ keys,           // [rows, n]
     const int32_t* __restrict__ offsets,  // [rows, num_keys + 1, P] exclusive prefix sums
     int64_t* __restrict__ sorted_idx,     // [rows, n]
-    int64_t* __restrict__ undo_idx,       // [rows, n]
+    int64_t* __restrict__ undo_idx,       // [rows, n], or nullptr: not wanted
     int64_t n, int num_keys, int64_t seg_len, int P) {
   extern __shared__ int32_t cursor[];  // [num_keys + 1]: next free slot per key for this segment
   const int p = blockIdx.x;
@@ -183,7 +186,7 @@ __global__ void __launch_bounds__(32) scatter_kernel(
   const int64_t end = min(n, begin + seg_len);
   const K* row = keys + r * n;
   int64_t* sorted_row = sorted_idx + r * n;
-  int64_t* undo_row = undo_idx + r * n;
+  int64_t* undo_row = undo_idx != nullptr ? undo_idx + r * n : nullptr;  // warp-uniform test below
   const unsigned lower_lanes = (1u << lane) - 1u;  // lanes below this one
 
   // Keys are loaded kBatch warp steps at a time (lane l of step u reads element base + 32 u + l,
@@ -214,7 +217,7 @@ __global__ void __launch_bounds__(32) scatter_kernel(
       __syncwarp();
       if (valid) {
         sorted_row[pos] = i;
-        undo_row[i] = pos;
+        if (undo_row != nullptr) undo_row[i] = pos;
       }
     }
   }
@@ -263,8 +266,8 @@ void run_sort(const at::Tensor& keys, int64_t num_keys, at::Tensor& sorted_idx,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   scan_kernel<<<static_cast<unsigned>(rows), kScanThreads, 0, stream>>>(cp, m);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  scatter_kernel<K><<<grid, 32, smem, stream>>>(kp, cp, sorted_idx.data_ptr<int64_t>(),
-                                                undo_idx.data_ptr<int64_t>(), n,
+  int64_t* undo = undo_idx.numel() > 0 ? undo_idx.data_ptr<int64_t>() : nullptr;
+  scatter_kernel<K><<<grid, 32, smem, stream>>>(kp, cp, sorted_idx.data_ptr<int64_t>(), undo, n,
                                                 static_cast<int>(num_keys), seg_len,
                                                 static_cast<int>(P));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -272,7 +275,8 @@ void run_sort(const at::Tensor& keys, int64_t num_keys, at::Tensor& sorted_idx,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> lsh_counting_sort(const at::Tensor& keys, int64_t num_keys) {
+std::tuple<at::Tensor, at::Tensor> lsh_counting_sort(const at::Tensor& keys, int64_t num_keys,
+                                                     bool with_undo) {
   // Device last: the other host checks then run on CPU tensors too (tests without a GPU).
   TORCH_CHECK(keys.defined(), kOpName, ": keys is undefined");
   const auto dt = keys.scalar_type();
@@ -293,7 +297,9 @@ std::tuple<at::Tensor, at::Tensor> lsh_counting_sort(const at::Tensor& keys, int
 
   const c10::cuda::CUDAGuard guard(keys.device());
   at::Tensor sorted_idx = at::empty({rows, n}, keys.options().dtype(at::kLong));
-  at::Tensor undo_idx = at::empty({rows, n}, keys.options().dtype(at::kLong));
+  // without the inverse: an empty tensor, and the scatter writes none (run_sort passes nullptr)
+  at::Tensor undo_idx = with_undo ? at::empty({rows, n}, keys.options().dtype(at::kLong))
+                                  : at::empty({0}, keys.options().dtype(at::kLong));
   if (rows == 0 || n == 0) return {sorted_idx, undo_idx};
   if (dt == at::kLong) {
     run_sort<int64_t>(keys, num_keys, sorted_idx, undo_idx);

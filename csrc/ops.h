@@ -44,7 +44,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_adapter_decode_
 // CUDA) whose values lie in [0, num_keys) (LSH offset buckets; num_keys up to what one block's shared
 // memory holds as int32 counters, ~56k keys on sm_90). Returns (sorted_idx, undo_idx), both int64
 // [rows, n]: sorted_idx = torch.argsort(keys, dim=1, stable=True) and
-// undo_idx[r, sorted_idx[r, i]] = i. Keys outside [0, num_keys) are sorted after all valid keys.
-std::tuple<at::Tensor, at::Tensor> lsh_counting_sort(const at::Tensor& keys, int64_t num_keys);
+// undo_idx[r, sorted_idx[r, i]] = i (with_undo; otherwise undo_idx is empty and never written).
+// Keys outside [0, num_keys) are sorted after all valid keys.
+std::tuple<at::Tensor, at::Tensor> lsh_counting_sort(const at::Tensor& keys, int64_t num_keys,
+                                                     bool with_undo);
 
 }  // namespace pefops

@@ -378,8 +378,9 @@ def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks
 
 def lsh_chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds,
                          *, chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value,
-                         self_mask_value, dropout_p=0.0, seed=0):
-    """(dq, dk, dv) of lsh_chunked_forward, float32, shaped like q, k, v; see kernels/lsh_attention_bwd.py.
+                         self_mask_value, dropout_p=0.0, seed=0, out_dtypes=None):
+    """(dq, dk, dv) of lsh_chunked_forward, shaped like q, k, v: float32, or the three dtypes of
+    out_dtypes (each rounded once from the float32 sum of the rounds); see kernels/lsh_attention_bwd.py.
     dropout_p, seed: the forward's (its keep mask is redrawn)."""
     from .lsh_attention_bwd import chunked_backward
 
@@ -390,7 +391,17 @@ def lsh_chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx
                             lse_rounds, chunk_length=chunk_length, chunks_before=chunks_before,
                             chunks_after=chunks_after, causal=causal, self_mask=self_mask, scale=scale,
                             mask_value=mask_value, self_mask_value=self_mask_value, dropout_p=float(dropout_p),
-                            seed=int(seed))
+                            seed=int(seed), out_dtypes=_out_dtypes(out_dtypes))
+
+
+def _out_dtypes(out_dtypes):
+    if out_dtypes is None:
+        return None
+    if len(tuple(out_dtypes)) != 3 or any(dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                                          for dtype in out_dtypes):
+        raise ValueError(f"lsh_chunked: out_dtypes must be three of float32, float16, bfloat16 (dq, dk, dv); "
+                         f"got {out_dtypes!r}")
+    return tuple(out_dtypes)
 
 
 def _dropout_ok(dropout_p, seed):

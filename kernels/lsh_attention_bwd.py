@@ -12,10 +12,19 @@ before any dk/dv kernel (a window reaches into the neighbouring rounds, whose de
    the query chunks c + before - w for window steps w = 0 .. before + after (mod NC, every repeat
    counted), so it walks those query blocks: dv += p^T dO, dk += scale * ds^T q.
 
-dq, dk, dv come out float32 [B, H, S, D(v)] at the original positions. Within one round every
-original position occurs once, so a round's programs never write the same row; rounds are separate
-launches, round 0 stores and later rounds add (load + add + store in a fixed round order): no atomics,
-bit-identical results run to run, and no per-round gradient buffers.
+dq, dk, dv come out [B, H, S, D(v)] at the original positions, float32 or the inputs' dtype. Within
+one round every original position occurs once, so a round's programs never write the same row;
+rounds are separate launches, round 0 stores and later rounds add (load + add + store in a fixed
+round order): no atomics, bit-identical results run to run, and no per-round gradient buffers. The
+last round stores its complete float32 sum straight in the gradient's dtype (one rounding, as a
+cast of the float32 result would give, without the cast's extra pass: 8 of its 10 bytes per element
+for 16-bit gradients, and no float32 buffer at all with one round).
+
+Why the rounds are not summed in registers in one pass: a program owns a block of *sorted* rows of
+one round; the same original positions sit in other sorted chunks (other windows of keys) in every
+other round, so one program cannot hold a position's rows of all rounds as one tile. Summing in one
+launch would need atomics (not deterministic) or per-round buffers (more bytes than the
+read-modify-write they replace).
 
 Dropout (z = keep / (1 - dropout_p), the forward's mask redrawn by the shared helper _dropout_keep
 from the same seed and counters, O the dropped output): dv += (p z)^T dO, ds = p * (z dp - delta)
@@ -61,7 +70,7 @@ from .lsh_attention import (
     _unit_last,
 )
 
-DATA_POINTERS = frozenset({"q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr"})
+DATA_POINTERS = frozenset({"q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "dq_out_ptr", "dk_out_ptr", "dv_out_ptr"})
 
 
 @triton.jit
@@ -77,8 +86,9 @@ def lsh_bwd_dq_kernel(
     lse_ptr,  # [B, H, nh, S] contiguous, float32: the forward's lse_rounds
     dlse_ptr,  # [B, H, nh, S] contiguous, float32: gradient of lse_rounds (read only with HAS_DLSE)
     delta_ptr,  # [B, H, nh, S] out, contiguous, float32: rowsum(dO * O) - dlse
-    dq_ptr,  # [B, H, S, D] out, contiguous, float32 (rounds after the first add to it)
-    H, S, CHUNK, NUM_CHUNKS, WINDOW, BEFORE, ROUND,
+    dq_ptr,  # [B, H, S, D] out, contiguous, float32: the sum of the rounds before the last
+    dq_out_ptr,  # [B, H, S, D] out, contiguous, the gradient's dtype: the last round's store (dq_ptr for float32)
+    H, S, CHUNK, NUM_CHUNKS, WINDOW, BEFORE, ROUND, LAST_ROUND,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_mb,
     scale_value, dropout_p, seed,
@@ -108,6 +118,7 @@ def lsh_bwd_dq_kernel(
     do_ptr += round_row * DV
     out_ptr += round_row * DV
     dq_ptr += bh * S * D
+    dq_out_ptr += bh * S * D
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_mask = offs_d < D
@@ -154,13 +165,16 @@ def lsh_bwd_dq_kernel(
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * scale_value
-    dq_ptrs = dq_ptr + q_pos[:, None] * D + offs_d[None, :]
+    dq_rows = q_pos[:, None] * D + offs_d[None, :]
     dq_mask = d_mask[None, :]
     if not EVEN:
         dq_mask = q_ok[:, None] & d_mask[None, :]
     if ROUND > 0:
-        dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0)
-    tl.store(dq_ptrs, dq, mask=dq_mask)
+        dq += tl.load(dq_ptr + dq_rows, mask=dq_mask, other=0.0)
+    if ROUND == LAST_ROUND:  # the sum is complete: rounded once, to the gradient's dtype
+        tl.store(dq_out_ptr + dq_rows, dq.to(dq_out_ptr.dtype.element_ty), mask=dq_mask)
+    else:
+        tl.store(dq_ptr + dq_rows, dq, mask=dq_mask)
 
 
 @triton.jit
@@ -174,9 +188,11 @@ def lsh_bwd_dkdv_kernel(
     do_ptr,  # [B, H, nh, S, Dv] contiguous, q's dtype: gradient of out_rounds
     delta_ptr,  # [B, H, nh, S] contiguous, float32: from the dq kernel
     lse_ptr,  # [B, H, nh, S] contiguous, float32: the forward's lse_rounds
-    dk_ptr,  # [B, H, S, D] out, contiguous, float32 (rounds after the first add to it)
-    dv_ptr,  # [B, H, S, Dv] out, contiguous, float32 (rounds after the first add to it)
-    H, S, CHUNK, NUM_CHUNKS, WINDOW, BEFORE, ROUND,
+    dk_ptr,  # [B, H, S, D] out, contiguous, float32: the sum of the rounds before the last
+    dv_ptr,  # [B, H, S, Dv] out, contiguous, float32: the sum of the rounds before the last
+    dk_out_ptr,  # [B, H, S, D] out, contiguous, the gradient's dtype: the last round's store (dk_ptr for float32)
+    dv_out_ptr,  # [B, H, S, Dv] out, contiguous, the gradient's dtype: the last round's store (dv_ptr for float32)
+    H, S, CHUNK, NUM_CHUNKS, WINDOW, BEFORE, ROUND, LAST_ROUND,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_mb,
     scale_value, dropout_p, seed,
@@ -244,24 +260,30 @@ def lsh_bwd_dkdv_kernel(
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     dk = dk * scale_value
-    dk_ptrs = dk_ptr + bh * S * D + k_pos[:, None] * D + offs_d[None, :]
-    dv_ptrs = dv_ptr + bh * S * DV + k_pos[:, None] * DV + offs_dv[None, :]
+    dk_rows = bh * S * D + k_pos[:, None] * D + offs_d[None, :]
+    dv_rows = bh * S * DV + k_pos[:, None] * DV + offs_dv[None, :]
     dk_mask = d_mask[None, :]
     dv_store_mask = dv_mask[None, :]
     if not EVEN:
         dk_mask = k_ok[:, None] & d_mask[None, :]
         dv_store_mask = k_ok[:, None] & dv_mask[None, :]
     if ROUND > 0:
-        dk += tl.load(dk_ptrs, mask=dk_mask, other=0.0)
-        dv += tl.load(dv_ptrs, mask=dv_store_mask, other=0.0)
-    tl.store(dk_ptrs, dk, mask=dk_mask)
-    tl.store(dv_ptrs, dv, mask=dv_store_mask)
+        dk += tl.load(dk_ptr + dk_rows, mask=dk_mask, other=0.0)
+        dv += tl.load(dv_ptr + dv_rows, mask=dv_store_mask, other=0.0)
+    if ROUND == LAST_ROUND:  # the sums are complete: rounded once, to the gradients' dtypes
+        tl.store(dk_out_ptr + dk_rows, dk.to(dk_out_ptr.dtype.element_ty), mask=dk_mask)
+        tl.store(dv_out_ptr + dv_rows, dv.to(dv_out_ptr.dtype.element_ty), mask=dv_store_mask)
+    else:
+        tl.store(dk_ptr + dk_rows, dk, mask=dk_mask)
+        tl.store(dv_ptr + dv_rows, dv, mask=dv_store_mask)
 
 
 def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds, *,
                      chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value, self_mask_value,
-                     dropout_p=0.0, seed=0):
-    """(dq, dk, dv) float32, shaped like q, k, v (inputs checked by lsh_chunked_backward)."""
+                     dropout_p=0.0, seed=0, out_dtypes=None):
+    """(dq, dk, dv) shaped like q, k, v, float32 or in out_dtypes (dq's, dk's, dv's dtypes: the last
+    round stores them rounded once from its float32 sum, so no separate cast pass runs); inputs
+    checked by lsh_chunked_backward."""
     batch, heads, seq, head_dim = q.shape
     value_dim = v.shape[3]
     rounds = q_idx.shape[2] // seq
@@ -284,15 +306,23 @@ def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
     has_dlse = grad_lse_rounds is not None
     dlse = grad_lse_rounds.to(torch.float32).contiguous() if has_dlse else lse
     delta = torch.empty(expected, dtype=torch.float32, device=device)
-    dq = torch.empty((batch, heads, seq, head_dim), dtype=torch.float32, device=device)
-    dk = torch.empty((batch, heads, seq, head_dim), dtype=torch.float32, device=device)
-    dv = torch.empty((batch, heads, seq, value_dim), dtype=torch.float32, device=device)
+    out_dtypes = out_dtypes or (torch.float32,) * 3
+    shapes = ((batch, heads, seq, head_dim), (batch, heads, seq, head_dim), (batch, heads, seq, value_dim))
+    grads = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in zip(shapes, out_dtypes)]
     if batch * heads == 0:
-        return dq, dk, dv
+        return tuple(grads)
+    # float32 sums of the rounds before the last (the last adds its own and stores the result in
+    # the gradient's dtype): the float32 gradient itself, a separate buffer for 16-bit gradients
+    # with several rounds, else a one-element stand-in that is never read (one round stores at once)
+    sums = [grad if grad.dtype == torch.float32
+            else torch.empty(shape if rounds > 1 else (1,), dtype=torch.float32, device=device)
+            for grad, shape in zip(grads, shapes)]
     num_chunks = rounds * seq // chunk_length
     window = 1 + chunks_before + chunks_after
     dot_fp32, precision = dot_settings(q.dtype)
     sizes = (heads, seq, chunk_length, num_chunks, window)
+    dq_sum, dk_sum, dv_sum = sums
+    dq, dk, dv = grads
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                v.stride(1), v.stride(2), stride_mb, float(scale), float(dropout_p), int(seed))
     options = dict(MASK_VALUE=float(mask_value), SELF_MASK_VALUE=float(self_mask_value),
@@ -311,13 +341,13 @@ def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
     for round_index in range(rounds):
         grid = (chunks_per_round * triton.cdiv(chunk_length, dq_tiles["BLOCK_M"]), batch * heads)
         lsh_bwd_dq_kernel[grid](
-            q, k, v, q_idx, k_idx, mask_argument, out_rounds, grad_out, lse, dlse, delta, dq,
-            *sizes, chunks_before, round_index, *strides, HAS_DLSE=has_dlse, **options, **dq_tiles)
+            q, k, v, q_idx, k_idx, mask_argument, out_rounds, grad_out, lse, dlse, delta, dq_sum, dq,
+            *sizes, chunks_before, round_index, rounds - 1, *strides, HAS_DLSE=has_dlse, **options, **dq_tiles)
     for round_index in range(rounds):
         grid = (chunks_per_round * triton.cdiv(chunk_length, dkdv_tiles["BLOCK_N"]), batch * heads)
         lsh_bwd_dkdv_kernel[grid](
-            q, k, v, q_idx, k_idx, mask_argument, grad_out, delta, lse, dk, dv,
-            *sizes, chunks_before, round_index, *strides, **options, **dkdv_tiles)
+            q, k, v, q_idx, k_idx, mask_argument, grad_out, delta, lse, dk_sum, dv_sum, dk, dv,
+            *sizes, chunks_before, round_index, rounds - 1, *strides, **options, **dkdv_tiles)
     return dq, dk, dv
 
 

@@ -11,7 +11,10 @@ Grouping (a grouped GEMM, Punica / S-LoRA style): the launcher sorts the row ind
 BLOCK_M rows, giving a work table of (adapter, first, end) positions in the sorted order. All of it
 runs on the device without a host synchronisation: the table has the fixed length
 cdiv(T, BLOCK_M) + min(N + 2, T) (each adapter adds at most one partial block) and spare entries are
-marked -2, their programs return at once. Rows whose index is out of range [0, N) form two extra
+marked -2, their programs return at once. The grouping is a RowGroups object: pefops.ops.
+multi_adapter keeps one per routing index and hands it to every launch (the forward and backward of
+every layer given that index), so the sort and the work tables run once per index; a launch without
+one groups its index itself. Rows whose index is out of range [0, N) form two extra
 segments (below 0, at or above N) marked -1: their outputs come back NaN (forward and dx), they never
 index outside the stacked weights and never reach a weight gradient.
 
@@ -57,7 +60,7 @@ from .bottleneck_adapter import (
     _up_projection_chunk,
 )
 
-__all__ = ["MAX_RANK", "group_rows", "multi_adapter_forward", "multi_adapter_backward", "compile_variants"]
+__all__ = ["MAX_RANK", "RowGroups", "group_rows", "multi_adapter_forward", "multi_adapter_backward", "compile_variants"]
 
 # Scaling modes (per adapter): SCALE_FLOAT a Python float for all, SCALE_SCALAR ("per adapter") one
 # value per adapter [N], SCALE_CHANNEL one per adapter and channel [N, H].
@@ -514,18 +517,72 @@ def _tile_sizes(rank: int, hidden: int, tokens: int, adapters: int, fp32: bool, 
     return block_m, block_r, block_h, num_warps
 
 
-def group_rows(index: torch.Tensor, adapters: int, block_m: int):
-    """Sort the rows by adapter and cut each adapter's rows into blocks of at most block_m, on the
-    device, without a host synchronisation.
+class RowGroups:
+    """The rows of one routing index grouped by adapter, for every launch over that index: the
+    forward and the backward of every layer that gets the same index (pefops.ops.multi_adapter keeps
+    one per routing index and passes it in), so the sort and the work tables run once per index,
+    not twice per layer.
 
-    index: [T] int64. Returns (order [T] int64: the row at each sorted position; work
-    [cdiv(T, block_m) + min(N + 2, T), 3] int32: (adapter, first, end) sorted positions per block,
-    adapter -1 for rows whose index is out of [0, N) and -2 for spare entries; bounds [N + 1] int64:
-    adapter i's rows are order[bounds[i]:bounds[i + 1]])."""
-    tokens = index.numel()
-    device = index.device
+    order [T] int64 (the row at each adapter-sorted position) and bounds [N + 1] int64 (adapter i's
+    rows are order[bounds[i]:bounds[i + 1]]) on the launch device; `work(block_m)` builds the work
+    table of one BLOCK_M on first use (forward and backward may tile differently) and keeps it.
+
+    Built on the index's device (`from_index`, no host synchronisation), or on the host for a CPU
+    index (`from_host_index`): the sort and every work table then run on the CPU and reach the
+    device by a non-blocking copy from pinned memory, so the device sees no grouping launches at
+    all. The tensors are never written after they are built (launches and saved gradients share
+    them)."""
+
+    def __init__(self, order: torch.Tensor, bounds: torch.Tensor, adapters: int, device,
+                 host_bounds: torch.Tensor | None = None, copy=None):
+        self.order = order
+        self.bounds = bounds
+        self.adapters = adapters
+        self.tokens = order.numel()
+        self.device = torch.device(device)
+        self._host_bounds = host_bounds  # CPU bounds when planned on the host, else None
+        self._copy = copy  # host tensor -> device tensor, for the host-planned work tables
+        self._work: dict[int, torch.Tensor] = {}
+        self.work_tables_built = 0  # how many work tables this grouping has built (tests, bench/NOTES.md)
+
+    @classmethod
+    def from_index(cls, index: torch.Tensor, adapters: int) -> "RowGroups":
+        """Group on the index's own device (index [T] int64); no host synchronisation."""
+        order, bounds = _sort_rows(index, adapters)
+        return cls(order, bounds, adapters, index.device)
+
+    @classmethod
+    def from_host_index(cls, index: torch.Tensor, adapters: int, device, copy) -> "RowGroups":
+        """Group a CPU index [T] int64 on the host for launches on `device`; copy(tensor, device)
+        moves a host tensor there (the caller's non-blocking pinned copy, pefops.ops.common.host_to_device)."""
+        order, bounds = _sort_rows(index, adapters)
+        return cls(copy(order, device), copy(bounds, device), adapters, device, host_bounds=bounds, copy=copy)
+
+    def work(self, block_m: int) -> torch.Tensor:
+        """[cdiv(T, block_m) + min(N + 2, T), 3] int32 on the device: (adapter, first, end) sorted
+        positions per block, adapter -1 for rows whose index is out of [0, N) and -2 for spare
+        entries (see group_rows)."""
+        table = self._work.get(block_m)
+        if table is None:
+            if self._host_bounds is not None:
+                table = self._copy(_work_table(self._host_bounds, self.tokens, self.adapters, block_m), self.device)
+            else:
+                table = _work_table(self.bounds, self.tokens, self.adapters, block_m)
+            self._work[block_m] = table
+            self.work_tables_built += 1
+        return table
+
+
+def _sort_rows(index: torch.Tensor, adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [T] int64, bounds [N + 1] int64) of index [T] int64, on its device."""
     sorted_index, order = torch.sort(index, stable=True)
-    bounds = torch.searchsorted(sorted_index, torch.arange(adapters + 1, device=device, dtype=index.dtype))
+    bounds = torch.searchsorted(sorted_index, torch.arange(adapters + 1, device=index.device, dtype=index.dtype))
+    return order, bounds
+
+
+def _work_table(bounds: torch.Tensor, tokens: int, adapters: int, block_m: int) -> torch.Tensor:
+    """The work table of the grouping with these bounds [N + 1], on bounds' device."""
+    device = bounds.device
     # segments: [below 0] + adapters 0..N-1 + [N and above]
     edges = torch.cat([bounds.new_zeros(1), bounds, bounds.new_full((1,), tokens)])
     seg_first, seg_end = edges[:-1], edges[1:]
@@ -540,16 +597,39 @@ def group_rows(index: torch.Tensor, adapters: int, block_m: int):
     seg = seg.clamp(max=adapters + 1)
     first = seg_first[seg] + (block - (cumulative[seg] - seg_blocks[seg])) * block_m
     label = torch.where(used, labels[seg], SPARE)
-    work = torch.stack([label, first, seg_end[seg]], 1).to(torch.int32).contiguous()
-    return order, work, bounds
+    return torch.stack([label, first, seg_end[seg]], 1).to(torch.int32).contiguous()
+
+
+def group_rows(index: torch.Tensor, adapters: int, block_m: int):
+    """Sort the rows by adapter and cut each adapter's rows into blocks of at most block_m, on the
+    device, without a host synchronisation (RowGroups.from_index and its work table).
+
+    index: [T] int64. Returns (order [T] int64: the row at each sorted position; work
+    [cdiv(T, block_m) + min(N + 2, T), 3] int32: (adapter, first, end) sorted positions per block,
+    adapter -1 for rows whose index is out of [0, N) and -2 for spare entries; bounds [N + 1] int64:
+    adapter i's rows are order[bounds[i]:bounds[i + 1]])."""
+    groups = RowGroups.from_index(index, adapters)
+    return groups.order, groups.work(block_m), groups.bounds
+
+
+def _groups(groups, index, adapters):
+    """The caller's RowGroups, checked against this launch's index, or a new grouping of it."""
+    if groups is None:
+        return RowGroups.from_index(index, adapters)
+    if groups.tokens != index.numel() or groups.adapters != adapters or groups.device != index.device:
+        raise ValueError(f"groups (a RowGroups of {groups.tokens} rows, {groups.adapters} adapters, on "
+                         f"{groups.device}) do not belong to this index ({index.numel()} rows, {adapters} adapters, "
+                         f"on {index.device})")
+    return groups
 
 
 def multi_adapter_forward(
     x, index, down_weight, down_bias, up_weight, up_bias, scale, scale_value, residual,
-    ln_weight, ln_bias, ln_eps, layer_norm, activation, negative_slope,
+    ln_weight, ln_bias, ln_eps, layer_norm, activation, negative_slope, groups=None,
 ):
     """Launch the grouped fused forward. x, residual: [T, H] with unit column stride; index [T] int64;
-    weights [N, R, H] / [N, H, R] and biases contiguous; scale None, [N] or [N, H].
+    weights [N, R, H] / [N, H, R] and biases contiguous; scale None, [N] or [N, H]; groups: the
+    RowGroups of this index (kept by the caller across launches), or None to group it here.
     Returns (out [T, H] in x's dtype, z [T, R] fp32, mean [T] / rstd [T] fp32, or [0] without LN)."""
     tokens, hidden = x.shape
     adapters, rank = down_weight.shape[0], down_weight.shape[1]
@@ -565,7 +645,8 @@ def multi_adapter_forward(
     dot_fp32, precision = dot_settings(x.dtype)
     block_m, block_r, block_h, num_warps = _tile_sizes(rank, hidden, tokens, adapters, x.dtype == torch.float32,
                                                        sms=multiprocessors(x.device) if x.is_cuda else None)
-    order, work, _ = group_rows(index, adapters, block_m)
+    groups = _groups(groups, index, adapters)
+    order, work = groups.order, groups.work(block_m)
     dummy = z  # any pointer for arguments a constexpr switch leaves unread
     arguments = (
         x, order, work, down_weight, down_bias if down_bias is not None else dummy, up_weight,
@@ -617,11 +698,12 @@ def _split(adapters: int, tiles: int, tokens: int, block_m: int, device) -> int:
 
 def multi_adapter_backward(
     grad, x, index, down_weight, up_weight, up_bias, scale, scale_value, residual, ln_weight, z, mean, rstd,
-    layer_norm, activation, negative_slope, need,
+    layer_norm, activation, negative_slope, need, groups=None,
 ):
     """Launch the backward. grad, x, residual: [T, H] with unit column stride; index [T] int64; z the
     forward's fp32 pre-activation, mean / rstd its LayerNorm statistics. need: dict of booleans over
-    x, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias.
+    x, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias. groups: as
+    multi_adapter_forward's (the forward's RowGroups: the backward then sorts nothing).
     Returns a dict with the gradients asked for (dx, d_residual, d_down_weight, ... in the weights'
     dtype, d_scaling fp32 [N] or [N, H], d_ln_weight / d_ln_bias fp32 [H])."""
     tokens, hidden = grad.shape
@@ -636,7 +718,8 @@ def multi_adapter_backward(
     block_m, block_r, block_h, num_warps = _tile_sizes(rank, hidden, tokens, adapters, fp32, backward=True,
                                                        layer_norm=layer_norm,
                                                        sms=multiprocessors(device) if grad.is_cuda else None)
-    order, work, bounds = group_rows(index, adapters, block_m)
+    groups = _groups(groups, index, adapters)
+    order, work, bounds = groups.order, groups.work(block_m), groups.bounds
     num_blocks = work.shape[0]
     need_dscale = need["scaling"] and scale is not None
     need_dlnw = need["ln_weight"] and layer_norm and ln_weight is not None

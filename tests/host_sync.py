@@ -15,7 +15,8 @@ import torch
 
 # (path suffix, function): host reads guarded by a CPU-device test (never on a CUDA path)
 CPU_ONLY = {
-    ("pefops/ops/multi_adapter.py", "multi_adapter"),  # `if x2.device.type == "cpu"`: index range check
+    # routing plan of a CPU adapter_index (`adapter_index.device.type == "cpu"`): range check, once per index
+    ("pefops/ops/multi_adapter.py", "_check_host_index"),
     ("pefops/ops/multi_adapter.py", "_check_range"),
     ("pefops/ops/fusion_mix.py", "_check"),  # `if segment_offsets.device.type == "cpu"`: offsets check
     ("pefops/ops/masked_linear.py", "_host_int"),  # routing plan of a CPU row_task (`row_task.device.type == "cpu"`)

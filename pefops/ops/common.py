@@ -112,3 +112,14 @@ def constant(value: float, shape: tuple, dtype: torch.dtype, device) -> torch.Te
             _CONSTANTS.clear()
         tensor = _CONSTANTS[key] = torch.full(tuple(shape), float(value), dtype=dtype, device=device)
     return tensor
+
+
+def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host (CPU) tensor on `device` without the host waiting for the device: on CUDA through
+    pinned memory with a non-blocking copy (the caching host allocator keeps the pinned block until
+    the copy has run, so the source may go out of scope at once); elsewhere a plain .to(). For plans
+    built on the host from a CPU routing index (multi_adapter, masked_linear_routed)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

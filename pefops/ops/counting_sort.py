@@ -9,7 +9,7 @@ costs a separate scatter.
 
 Public functions:
 
-* ``lsh_counting_sort(buckets, num_keys, *, check_range=False) -> (sorted_idx, undo_idx)``: the CUDA
+* ``lsh_counting_sort(buckets, num_keys, *, check_range=False, with_undo=True) -> (sorted_idx, undo_idx)``: the CUDA
   extension. ``buckets`` is an int64 or int32 CUDA tensor [..., n] (e.g. [B, H, nh * S]) with values
   in [0, num_keys); it sorts along the last dimension. Both results are int64 [..., n] with
   ``sorted_idx == torch.argsort(buckets, dim=-1, stable=True)`` and
@@ -78,14 +78,16 @@ def unavailable_reasons(buckets: torch.Tensor, num_keys: int) -> list[str]:
     return reasons
 
 
-def lsh_counting_sort(buckets: torch.Tensor, num_keys: int, *, check_range: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def lsh_counting_sort(buckets: torch.Tensor, num_keys: int, *, check_range: bool = False, with_undo: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stable sort of ``buckets`` [..., n] (int64/int32, CUDA, values in [0, num_keys)) along the
     last dimension by the CUDA counting sort. Returns (sorted_idx, undo_idx), int64 [..., n]:
     ``sorted_idx`` equals ``torch.argsort(buckets, dim=-1, stable=True)`` and ``undo_idx`` is its
     inverse (``undo_idx[..., sorted_idx[..., i]] = i``). Raises RuntimeError listing the reasons when
     the extension cannot serve (see ``unavailable_reasons``), ValueError for bad arguments, and, with
-    ``check_range``, for values outside [0, num_keys).
+    ``check_range``, for values outside [0, num_keys). ``with_undo=False``: undo_idx is None, and the
+    kernel neither allocates nor writes it (8 of the ~48 bytes per element; LSH attention needs only
+    sorted_idx).
     """
     _check_inputs(buckets, num_keys)
     reasons = unavailable_reasons(buckets, num_keys)
@@ -99,8 +101,8 @@ def lsh_counting_sort(buckets: torch.Tensor, num_keys: int, *, check_range: bool
 
     shape = buckets.shape
     rows = buckets.reshape(math.prod(shape[:-1]), shape[-1]).contiguous()  # [rows, n]
-    sorted_idx, undo_idx = csrc.load().lsh_counting_sort(rows, int(num_keys))
-    return sorted_idx.view(shape), undo_idx.view(shape)
+    sorted_idx, undo_idx = csrc.load().lsh_counting_sort(rows, int(num_keys), bool(with_undo))
+    return sorted_idx.view(shape), (undo_idx.view(shape) if with_undo else None)
 
 
 def lsh_counting_sort_ref(buckets: torch.Tensor, num_keys: int | None = None

@@ -220,11 +220,8 @@ def _pad_seq(tensor, length):
 
 def _sorted_positions(offset_buckets, num_keys, seq):
     """Original position of every entry of the stable sort of the nh * S offset buckets."""
-    if offset_buckets.is_cuda:
-        sorted_idx = lsh_sort(offset_buckets, num_keys)[0]  # the counting sort where it serves
-    else:
-        sorted_idx = stable_sort_indices(offset_buckets)  # no undo index needed
-    return sorted_idx % seq
+    # the counting sort where it serves (CUDA), without the undo index nobody here reads
+    return stable_sort_indices(offset_buckets, num_keys) % seq
 
 
 def _lsh_forward(q, k, v, shared, *, num_hashes, num_buckets, chunk_length, num_chunks_before, num_chunks_after,
@@ -377,7 +374,7 @@ def _triton_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
     return _triton_kernels().lsh_chunked_backward(
         grad_out_rounds.contiguous(), grad_lse_rounds.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
         q_idx.contiguous(), k_idx.contiguous(), key_mask, out_rounds, lse_rounds, dropout_p=float(dropout_p),
-        seed=_seed_value(dropout_p, seed), **config)
+        seed=_seed_value(dropout_p, seed), out_dtypes=(q.dtype, k.dtype, v.dtype), **config)
 
 
 def _refuse_torch_dropout(dropout_p):

@@ -78,8 +78,16 @@ def lsh_hash(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: Bucket
     return bucket_ids(rotated, factors, _padding_keep(attention_mask), backend)
 
 
-def stable_sort_indices(offset_buckets: torch.Tensor) -> torch.Tensor:
-    """lsh_sort's sorted_idx alone (torch.sort; what lsh_attention needs, no undo index)."""
+def stable_sort_indices(offset_buckets: torch.Tensor, num_keys: Optional[int] = None) -> torch.Tensor:
+    """lsh_sort's sorted_idx alone (what lsh_attention needs): no undo index is made. With num_keys,
+    CUDA tensors use the counting sort (without its inverse permutation) where it serves them;
+    torch.sort otherwise."""
+    if offset_buckets.is_cuda and num_keys is not None and not torch.compiler.is_compiling():
+        if not counting_sort.unavailable_reasons(offset_buckets, num_keys):
+            try:
+                return counting_sort.lsh_counting_sort(offset_buckets.contiguous(), num_keys, with_undo=False)[0]
+            except RuntimeError:
+                pass  # the first JIT build failed (remembered: later calls skip it); torch sorts instead
     return torch.sort(offset_buckets, dim=-1, stable=True).indices
 
 

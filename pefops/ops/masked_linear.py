@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import check_index_tensor, describe, flat_rows, once_differentiable
+from pefops.ops.common import check_index_tensor, describe, flat_rows, host_to_device, once_differentiable
 
 OP = "masked_linear"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -399,12 +399,7 @@ def _routing_plan(row_task: torch.Tensor, tasks: int, device) -> tuple:
         starts = torch.cumsum(counts, 0) - counts
         sorted_task = task[order]
         position = torch.arange(batch) - starts[sorted_task]
-        moved = []
-        for tensor in (order, sorted_task, position):
-            if torch.device(device).type == "cuda":
-                tensor = tensor.pin_memory().to(device, non_blocking=True)
-            moved.append(tensor.to(device))
-        plan = (*moved, length)
+        plan = (*(host_to_device(tensor, device) for tensor in (order, sorted_task, position)), length)
     else:
         task = row_task.to(device=device, dtype=torch.long)
         in_range = (task >= 0) & (task < tasks)

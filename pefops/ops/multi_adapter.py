@@ -18,27 +18,38 @@ Backends:
           [chunks, length, H] layout (every adapter's rows cut into chunks of one common length,
           length = ceil(rows / adapters used), so padding at most doubles the rows) and each
           projection is one batched GEMM over the chunks' gathered weights; gradients of the stacked
-          weights come back with index_add. Two host synchronisations per call (sizes).
+          weights come back with index_add. Its padded layout needs its sizes on the host: one host
+          read per routing index (the layout is part of the index's plan, see below), none for a
+          CPU index.
   triton  grouped GEMM kernels (kernels/multi_adapter.py): the rows are gathered through an
           adapter-sorted order inside the kernels, no sorted copy of x, no host synchronisation.
   cuda    forward at decode shapes (<= 16 rows): csrc/multi_adapter_decode.cu, each row reading its
           own adapter's weights (no sorting).
 
-adapter_index range: checked with a ValueError on CPU tensors (free there) and by the torch
-backend (which synchronises anyway). On CUDA the Triton and CUDA paths do not synchronise to check:
+Routing plans: what depends only on the routing index (its flat copy, the Triton kernels' row
+grouping, the torch backend's padded layout) is built once per index tensor and reused by the
+forward and backward of every layer that receives the same tensor; an in-place edit of the index
+(its _version) or a new tensor makes a new plan. adapter_index may live on the CPU whatever x's
+device: it is then planned on the host and copied over without the host waiting for the device.
+
+adapter_index range: checked with a ValueError for CPU index tensors (free there, once per plan)
+and by the torch backend (which reads its sizes anyway). On CUDA the Triton and CUDA paths do not synchronise to check:
 rows whose index is out of [0, N) come back NaN (output, and dx in backward), never read outside the
 stacked weights and never reach a weight gradient.
 """
 
 from __future__ import annotations
 
+import collections
 import numbers
+import weakref
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import check_index_tensor, compute_dtype, constant, describe, flat_rows, once_differentiable
+from pefops.ops.common import (check_index_tensor, compute_dtype, constant, describe, flat_rows, host_to_device,
+                               once_differentiable)
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 from pefops.ops.bottleneck_adapter import _triton_limits, cuda_decode_limits
 
@@ -166,7 +177,7 @@ def _torch_forward(x, index, down_weight, down_bias, up_weight, up_bias, scaling
     by adapter, batched GEMMs, rows back in order. Differentiable, so `multi_adapter_ref` is this
     function with plain autograd. x: [T, H], index [T] int64. Returns (out, z, mean, rstd)."""
     cdt = compute_dtype(x.dtype)
-    padding = _padding(index, down_weight.shape[0])
+    padding = _padding_of(index, down_weight.shape[0])
     z_padded = _grouped_linear(_pad(x.to(cdt), padding), down_weight, down_bias, padding, cdt)
     u_padded = _grouped_linear(activation_forward(z_padded, activation, negative_slope), up_weight, up_bias,
                                padding, cdt)
@@ -196,7 +207,7 @@ def _torch_backward(grad_out, x, index, down_weight, down_bias, up_weight, up_bi
     cdt = z.dtype
     need = dict(zip(GRAD_NAMES, grad_mask))
     adapters, rank, hidden = down_weight.shape
-    padding = _padding(index, adapters)
+    padding = _padding_of(index, adapters)
     z_padded = _pad(z, padding)
     a_padded = activation_forward(z_padded, activation, negative_slope)
     scale = _chunk_scale(scaling, scaling_value, padding, cdt)
@@ -249,7 +260,7 @@ def multi_adapter_ref(x, adapter_index, down_weight, down_bias, up_weight, up_bi
     args = _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual,
                       layer_norm)
     x2, index, residual2, scaling_tensor, scaling_value, ln_weight, ln_bias, ln_eps, has_ln, code = args
-    out = _torch_forward(x2, index, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value,
+    out = _torch_forward(x2, index.to(x2.device), down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value,
                          residual2, ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope))[0]
     return out.reshape(x.shape)
 
@@ -258,9 +269,11 @@ def multi_adapter_ref(x, adapter_index, down_weight, down_bias, up_weight, up_bi
 
 
 def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual,
-               layer_norm):
+               layer_norm, flatten_index=True):
     """Check every argument (ValueError saying what was expected) and bring x and the residual to
-    [tokens, hidden], the index to one int64 per token and the scaling to None, [N] or [N, H].
+    [tokens, hidden], the index to one int64 per token (on its own device: x's or the CPU; with
+    flatten_index=False the checked adapter_index itself, for the routing plan's lookup) and the
+    scaling to None, [N] or [N, H].
     Returns (x2d, index, residual2d, scaling_tensor, scaling_value, ln_weight, ln_bias, ln_eps,
     has_ln, activation_code)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
@@ -274,8 +287,8 @@ def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, act
     if adapter_index.dim() < 1 or tuple(adapter_index.shape) != leading[:adapter_index.dim()]:
         raise ValueError(f"adapter_index must have shape {leading[:1]} (one adapter per sequence of x {tuple(x.shape)}) "
                          f"or {leading} (one per row); got {tuple(adapter_index.shape)}")
-    if adapter_index.device != device:
-        raise ValueError(f"adapter_index must be on x's device {device}; got {adapter_index.device}")
+    if adapter_index.device != device and adapter_index.device.type != "cpu":
+        raise ValueError(f"adapter_index must be on x's device {device} or on the CPU; got {adapter_index.device}")
     if not isinstance(down_weight, torch.Tensor) or down_weight.dim() != 3 or down_weight.shape[2] != hidden:
         raise ValueError(f"down_weight must be [adapters, rank, hidden={hidden}]; got {describe(down_weight)}")
     adapters, rank = down_weight.shape[0], down_weight.shape[1]
@@ -338,12 +351,146 @@ def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, act
     else:
         raise ValueError(f"scaling must be a float or a tensor; got {type(scaling).__name__}")
     code = activation_code(activation)
-    # one index per row: [batch] -> broadcast over the sequence dimensions
-    index = adapter_index.reshape(*adapter_index.shape, *([1] * (len(leading) - adapter_index.dim())))
-    index = index.expand(leading).reshape(-1).to(torch.int64)
+    index = _flat_index(adapter_index, leading) if flatten_index else adapter_index
     x2 = flat_rows(x, hidden)
     residual2 = None if residual is None else flat_rows(residual, hidden)
     return x2, index, residual2, scaling_tensor, scaling_value, ln_weight, ln_bias, float(ln_eps), has_ln, code
+
+
+def _flat_index(adapter_index: torch.Tensor, leading: tuple) -> torch.Tensor:
+    """One int64 adapter per row, [prod(leading)]: an index [batch] is broadcast over the sequence
+    dimensions. May alias adapter_index (an int64 [rows] index is returned as it is)."""
+    index = adapter_index.reshape(*adapter_index.shape, *([1] * (len(leading) - adapter_index.dim())))
+    return index.expand(leading).reshape(-1).to(torch.int64)
+
+
+# ------------------------------------------------------------------------------------ routing plans
+
+# Every layer of a model gets the same routing-index object (pefops.hf's RowRouting hands one tensor
+# per group of adapters to all layers) and the backward reuses the forward's rows, so what depends
+# on the index alone is made once per index: its private flat copy, the kernels' row grouping (sort,
+# bounds, work tables: ~20 small launches) and the torch backend's padded layout (one host read).
+# Keyed by the caller's tensor (weak reference: a tensor that died, whose id may come back, never
+# matches), its _version (an in-place edit makes a new plan), the number of adapters, the number of
+# rows and x's device. A few
+# plans are kept (most recent last): a model whose sites run different adapter groups alternates
+# between their indices layer by layer.
+_PLAN_LIMIT = 8
+# (id(index), rows, adapters, device) -> (weak reference to the index, (_version, dtype, shape), plan)
+_PLANS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+# plan.index (the private flat copy the custom ops receive and save) -> its plan, for the backends
+_PLAN_OF_INDEX: "weakref.WeakValueDictionary[int, _RoutingPlan]" = weakref.WeakValueDictionary()
+# builds so far (tests and bench/NOTES.md count them: one per routing index, not one per layer)
+PLAN_STATS = {"plans": 0, "paddings": 0}
+
+
+class _RoutingPlan:
+    """What one routing index determines, for x's device: `index` [T] int64, the plan's own flat
+    copy (the custom op receives and saves it: the caller editing its tensor later changes nothing),
+    and, each built on first use, `groups()` (the Triton kernels' kernels.multi_adapter.RowGroups)
+    and `padding()` (the torch backend's _Padding). Never written after it is built.
+
+    A CPU index (data-loader task ids; accepted with x on any device) is flattened, range-checked
+    (ValueError) and planned on the host; its tensors reach the device by non-blocking copies from
+    pinned memory, so nothing waits for the device. An index on x's device is planned there: the
+    grouping without a host read; only the torch backend's padding reads its sizes (and checks the
+    range) once per index, which its batched GEMMs cannot do without."""
+
+    def __init__(self, adapter_index: torch.Tensor, leading: tuple, adapters: int, device):
+        self.adapters = adapters
+        self.device = torch.device(device)
+        flat = _flat_index(adapter_index, leading)
+        if flat.numel() and flat.untyped_storage().data_ptr() == adapter_index.untyped_storage().data_ptr():
+            flat = flat.clone()  # the caller's own memory (an int64 [rows] index is not converted): a copy
+        self.host = flat if adapter_index.device.type == "cpu" else None
+        if self.host is not None:
+            _check_host_index(self.host, adapters)
+            self.index = host_to_device(self.host, self.device)
+        else:
+            self.index = flat
+        self._groups = None
+        self._padding = None
+        PLAN_STATS["plans"] += 1
+
+    def groups(self):
+        """kernels.multi_adapter.RowGroups of this index (the kernels need triton: built on first use)."""
+        if self._groups is None:
+            kernels = backends.import_kernels("multi_adapter")
+            if self.host is not None:
+                self._groups = kernels.RowGroups.from_host_index(self.host, self.adapters, self.device,
+                                                                 copy=host_to_device)
+            else:
+                self._groups = kernels.RowGroups.from_index(self.index, self.adapters)
+        return self._groups
+
+    def padding(self) -> _Padding:
+        """The torch backend's padded layout of this index (_padding), on the device."""
+        if self._padding is None:
+            if self.host is not None:
+                padding = _padding(self.host, self.adapters)  # host reads of a CPU tensor only
+                padding = padding._replace(chunk_adapter=host_to_device(padding.chunk_adapter, self.device),
+                                           slot=host_to_device(padding.slot, self.device))
+            else:
+                padding = _padding(self.index, self.adapters)
+            self._padding = padding
+            PLAN_STATS["paddings"] += 1
+        return self._padding
+
+
+def _check_host_index(index: torch.Tensor, adapters: int) -> None:
+    """Range check of a CPU index (ValueError): host reads of a CPU tensor, no device involved."""
+    if index.numel():
+        low, high = torch.aminmax(index)
+        _check_range(int(low), int(high), adapters)
+
+
+def _routing_plan(adapter_index: torch.Tensor, leading: tuple, adapters: int, device) -> _RoutingPlan:
+    """The plan of this routing index (cached; see _PLANS). Inference tensors carry no version
+    counter, so an in-place edit of one could not be seen: they get a fresh plan every call."""
+    if adapter_index.is_inference():
+        return _remember(_RoutingPlan(adapter_index, leading, adapters, device))
+    rows = 1
+    for size in leading:
+        rows *= size
+    # one entry per (tensor, rows, adapters, device): an index per sequence may serve two sequence
+    # lengths (an encoder and a decoder) in one step
+    slot = (id(adapter_index), rows, adapters, torch.device(device))
+    key = (adapter_index._version, adapter_index.dtype, tuple(adapter_index.shape))
+    entry = _PLANS.get(slot)
+    if entry is not None and entry[0]() is adapter_index and entry[1] == key:
+        _PLANS.move_to_end(slot)
+        return entry[2]
+    plan = _remember(_RoutingPlan(adapter_index, leading, adapters, device))
+    _PLANS[slot] = (weakref.ref(adapter_index), key, plan)
+    _PLANS.move_to_end(slot)
+    while len(_PLANS) > _PLAN_LIMIT:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _remember(plan: _RoutingPlan) -> _RoutingPlan:
+    _PLAN_OF_INDEX[id(plan.index)] = plan
+    return plan
+
+
+def _plan_for(index: torch.Tensor) -> Optional[_RoutingPlan]:
+    """The plan whose private index tensor `index` is (the custom ops and their saved tensors pass
+    the same object), or None: an index from elsewhere (torch.compile's graphs, direct op calls)."""
+    plan = _PLAN_OF_INDEX.get(id(index))
+    return plan if plan is not None and plan.index is index else None
+
+
+def _padding_of(index: torch.Tensor, adapters: int) -> _Padding:
+    plan = _plan_for(index)
+    if plan is not None and plan.adapters == adapters:
+        return plan.padding()
+    return _padding(index, adapters)
+
+
+def _groups_of(index: torch.Tensor, adapters: int):
+    """The plan's RowGroups for the kernels, or None (the launcher groups the index itself)."""
+    plan = _plan_for(index)
+    return plan.groups() if plan is not None and plan.adapters == adapters else None
 
 
 def _rows(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -474,17 +621,24 @@ def multi_adapter(x, adapter_index, down_weight, down_bias, up_weight, up_bias, 
     per adapter) or [N, hidden] (learnable); residual: tensor like x (default x); layer_norm:
     (weight or None, bias or None, eps), one LayerNorm shared by every adapter, applied to the sum.
     backend: None/"auto", "cuda", "triton" or "torch" (PEFOPS_BACKEND sets the default).
-    Out-of-range indices raise ValueError on CPU; see the module docstring for CUDA.
+    adapter_index may be on the CPU for a CUDA x (planned on the host, copied without a sync); the
+    grouping of the rows by adapter is made once per index tensor (see the module docstring).
+    Out-of-range indices raise ValueError for a CPU index; see the module docstring for CUDA.
     Returns a tensor like x.
     """
     x2, index, residual2, scaling_tensor, scaling_value, ln_weight, ln_bias, ln_eps, has_ln, code = _normalise(
-        x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, layer_norm
+        x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, layer_norm,
+        flatten_index=False,
     )
     forced = backends.forced_backend(backend)  # rejects a misspelt backend before any work
     compiling = backends.compiling()
-    if x2.device.type == "cpu" and not compiling and index.numel():
-        low, high = torch.aminmax(index)
-        _check_range(int(low), int(high), down_weight.shape[0])
+    if compiling:
+        # traced graphs get no plan (no cache across traces): the backends group the index themselves
+        index = _flat_index(index, tuple(x.shape[:-1])).to(x2.device)
+    else:
+        # once per routing index (range-checked there when it is a CPU index); plan.index is the
+        # plan's own copy, so the custom op may save it for the backward as it is
+        index = _routing_plan(index, tuple(x.shape[:-1]), down_weight.shape[0], x2.device).index
     # Eager calls the torch backend serves run its differentiable reference directly under autograd
     # (no custom-op dispatch, no recomputation in backward); so do empty problems (no rows, or hidden
     # size 0: nothing to launch, whatever the backend; empty output, zero or empty gradients).
@@ -495,9 +649,10 @@ def multi_adapter(x, adapter_index, down_weight, down_bias, up_weight, up_bias, 
         out = _torch_forward(x2, index, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value,
                              residual2, ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope))[0]
         return out.reshape(x.shape)
-    # the custom op saves the index for its backward: its own copy, so that the caller editing its
-    # index tensor in place after the call cannot change (or break) the gradient's routing
-    index = index.clone()
+    if compiling:
+        # the custom op saves the index for its backward: its own copy, so that the caller editing
+        # its index tensor in place after the call cannot change (or break) the gradient's routing
+        index = index.clone()
     out = _multi_adapter_fwd(
         x2, index, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value, residual2,
         ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope), backend or "",
@@ -514,7 +669,7 @@ def _triton_forward(x, index, down_weight, down_bias, up_weight, up_bias, scalin
     return kernels.multi_adapter_forward(
         _rows(x), index.contiguous(), down_weight.contiguous(), _contiguous(down_bias), up_weight.contiguous(),
         _contiguous(up_bias), scaling, scaling_value, _rows(residual), _contiguous(ln_weight), _contiguous(ln_bias),
-        ln_eps, layer_norm, activation, negative_slope,
+        ln_eps, layer_norm, activation, negative_slope, groups=_groups_of(index, down_weight.shape[0]),
     )
 
 
@@ -527,7 +682,7 @@ def _triton_backward(grad_out, x, index, down_weight, down_bias, up_weight, up_b
     grads = kernels.multi_adapter_backward(
         _rows(grad_out), _rows(x), index.contiguous(), down_weight.contiguous(), up_weight.contiguous(),
         _contiguous(up_bias), scaling, scaling_value, _rows(residual), _contiguous(ln_weight), z, mean, rstd,
-        layer_norm, activation, negative_slope, need,
+        layer_norm, activation, negative_slope, need, groups=_groups_of(index, down_weight.shape[0]),
     )
     return tuple(grads.get(name) if need[name] else None for name in GRAD_NAMES)
 

@@ -101,3 +101,12 @@ def test_timing_against_torch_sort(cuda_ok, batch, nh, seq, nb):
     ms_torch = do_bench(lambda: lsh_counting_sort_ref(keys, num_keys))
     print(f"\nlsh sort [{batch}, 8, {nh}x{seq}], {num_keys} keys: counting sort {ms_counting * 1e3:.1f} us, "
           f"torch argsort(stable) + scatter {ms_torch * 1e3:.1f} us ({ms_torch / ms_counting:.2f}x)")
+
+
+@pytest.mark.gpu
+def test_without_undo_index(cuda_ok):
+    # LSH attention's sort: the same sorted_idx, no inverse allocated or written
+    keys = torch.randint(0, 37, (3, 5000), device="cuda")
+    sorted_idx, undo_idx = lsh_counting_sort(keys, 37, with_undo=False)
+    assert undo_idx is None
+    assert torch.equal(sorted_idx, torch.argsort(keys, dim=-1, stable=True))

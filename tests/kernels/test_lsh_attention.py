@@ -221,6 +221,35 @@ def test_core_strided_views_and_determinism():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rounds", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backward_stores_the_inputs_dtype_as_a_cast_would(rounds, dtype):
+    """out_dtypes: the last round stores its float32 sum in the gradient's dtype (no separate cast
+    pass); bit for bit what the float32 result cast by torch gives, for one round (no float32 buffer)
+    and several (the read-modify-write rounds before the last)."""
+    q, k, v, q_idx, k_idx, key_mask, g_out, g_lse = make_case(1, 2, 32, 16, rounds, dtype, padding=True, seed=7,
+                                                              shared=False)
+    mask_value, self_mask_value = mask_constants(dtype)
+    kwargs = dict(chunk_length=16, chunks_before=1, chunks_after=0, causal=True, self_mask=False, scale=0.25,
+                  mask_value=mask_value, self_mask_value=self_mask_value)
+    out, lse = kernels.lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, **kwargs)
+    wide = kernels.lsh_chunked_backward(g_out, g_lse, q, k, v, q_idx, k_idx, key_mask, out, lse, **kwargs)
+    narrow = kernels.lsh_chunked_backward(g_out, g_lse, q, k, v, q_idx, k_idx, key_mask, out, lse, **kwargs,
+                                          out_dtypes=(dtype, dtype, dtype))
+    for name, a, b in zip(("dq", "dk", "dv"), wide, narrow):
+        assert a.dtype == torch.float32 and b.dtype == dtype, name
+        if dtype == torch.bfloat16 and not torch.cuda.is_available():
+            # Triton's interpreter truncates float32 -> bfloat16 (the device rounds to nearest even,
+            # as torch does): at most one bfloat16 step apart here
+            step = a.abs().clamp_min(1e-30) * 2.0 ** -7
+            assert ((a - b.float()).abs() <= step).all(), name
+        else:
+            assert torch.equal(a.to(dtype), b), name
+    with pytest.raises(ValueError, match="out_dtypes must be three of"):
+        kernels.lsh_chunked_backward(g_out, g_lse, q, k, v, q_idx, k_idx, key_mask, out, lse, **kwargs,
+                                     out_dtypes=(torch.int32,) * 3)
+
+
 # ------------------------------------------------------------------------------- dropout
 
 
