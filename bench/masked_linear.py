@@ -12,7 +12,10 @@ Providers (all share the same inputs, built once per configuration by ``setup_ma
 * ``dense``   -- ``F.linear(x, W_eff, b)`` with the masked weight merged once at set-up: the same
   dense GEMM as an unmasked layer (cuBLAS / MKL do not skip zeros), so its time is the floor of
   ``F.linear(x, W, b)`` while its output still equals the masked layer's (the numerical check
-  against eager stays meaningful). fwd only.
+  against eager stays meaningful). fwd only. A bare function call: no module in between.
+* ``linear``  -- an ``nn.Linear`` module holding that merged weight and the bias, called as a module:
+  the like-for-like floor of the ``frozen`` provider (both pay ``nn.Module.__call__`` and their
+  parameter reads per call; ``dense`` pays neither). fwd only.
 * ``pefops``  -- ``pefops.ops.masked_linear`` with the packed 1-bit mask (fwd) and
   ``pefops.ops.masked_linear_scores`` (fwd+bwd: gradients for x, scores and bias); whichever
   backend pefops selects, or the one forced by the config's ``backend``.
@@ -49,7 +52,7 @@ from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
 OP = "masked_linear"
 # frozen: pefops.nn.MaskedLinear after freeze (inference): W ⊙ M merged once per mask version and a
 # dense F.linear at prefill sizes (every size on CPU), the fused decode kernel for <= 16 rows on a GPU
-PROVIDERS = ("eager", "compile", "dense", "pefops", "frozen", "copy")
+PROVIDERS = ("eager", "compile", "dense", "linear", "pefops", "frozen", "copy")
 # (out_features N, in_features K): LLaMA-7B's attention projections, MLP up/gate and MLP down
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 GPU_ROWS = (1, 8192, 16, 2048, 8)  # the decode and prefill headlines first (decode is the cheaper one to tune)
@@ -158,6 +161,17 @@ class MaskedLinearSetup:
                 raise NotApplicable
             merged = self.merged
             return lambda: F.linear(x, merged, b)
+        if provider == "linear":
+            if mode != "fwd":
+                raise NotApplicable
+            N, K = self.merged.shape
+            linear = torch.nn.Linear(K, N, bias=b is not None, device=self.device, dtype=self.dtype)
+            linear.requires_grad_(False)
+            with torch.no_grad():
+                linear.weight.copy_(self.merged)
+                if b is not None:
+                    linear.bias.copy_(b)
+            return lambda: linear(x)
         if provider == "eager":
             if mode == "fwd":
                 return lambda: eager_masked_linear(x, w, mask, b)
@@ -234,7 +248,7 @@ class MaskedLinearSetup:
         x_bytes, y_bytes = rows * K * e, rows * N * e
         if provider == "copy":
             return Work(bytes=2 * weight)
-        if provider == "dense":
+        if provider in ("dense", "linear"):
             return Work(bytes=weight + x_bytes + y_bytes, flops=2 * rows * N * K)
         fwd_bytes = weight + bits + x_bytes + y_bytes
         if mode == "fwd":
@@ -251,6 +265,8 @@ class MaskedLinearSetup:
             return "torch.compile(eager function), default mode"
         if provider == "dense":
             return "F.linear(x, W_eff, b), mask merged once: the dense GEMM floor"
+        if provider == "linear":
+            return "nn.Linear module holding W_eff: the module-call floor"
         if provider == "copy":
             return "dst.copy_(W), [N, K]"
         if provider == "pefops":

@@ -28,14 +28,17 @@ def compile_for_target(kernel, dtype: str, constexprs: dict, data_pointers: set,
     Launch hints as a real launch specialises them: pointers 16-byte aligned; an integer argument
     whose value is given in `values` (the dims and strides a headline launch passes) is marked
     divisible by 16 when it is, and becomes the constant 1 when it is 1; a stride with no value
-    given is assumed divisible (contiguous rows of a hidden size that is a multiple of 16)."""
-    values = dict(values or {})
+    given is assumed divisible (contiguous rows of a hidden size that is a multiple of 16). Names in
+    `values` that are not arguments of `kernel` are ignored (one table may serve a forward and a
+    backward kernel)."""
+    parameters = list(inspect.signature(kernel.fn).parameters)
+    values = {name: value for name, value in (values or {}).items() if name in parameters}
     constexprs = dict(constexprs)
     for name, value in values.items():
         if value == 1 and name not in constexprs:
             constexprs[name] = 1  # Triton specialises an integer argument equal to 1 into a constant
     signature, hinted = {}, []
-    for index, name in enumerate(inspect.signature(kernel.fn).parameters):
+    for index, name in enumerate(parameters):
         if name in constexprs:
             signature[name] = "constexpr"
             continue

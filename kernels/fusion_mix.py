@@ -346,14 +346,19 @@ def compile_variants(rows: int = 16384):
     """The launch configurations kernels/compile_check.py compiles for a GPU target: forward and
     backward (all gradients, with the dropout mask) in every dtype for N = 8 adapters of rank 64
     (R = 512), and bf16 for N = 64 adapters of rank 8 (the widest score tile) and N = 2 of rank 256.
-    Yields (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages)."""
+    Yields (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages, launch values): the
+    integer arguments of a launch on contiguous [T, R] and [T, N] tensors (T left out: any token count)."""
     shapes = [(8, 512, ("bfloat16", "float16", "float32")), (64, 512, ("bfloat16",)), (2, 512, ("bfloat16",))]
     for adapters, units, dtypes in shapes:
         block_t, block_r, block_n, warps = _block_sizes(rows, units, adapters)
         tile = f"n{adapters}-{block_t}x{block_r}x{block_n}"
+        wide = dict.fromkeys(("stride_t", "stride_a", "stride_w", "stride_dw", "stride_dt", "stride_da"), units)
+        narrow = dict.fromkeys(("stride_bias", "stride_mask", "stride_p", "stride_dp", "stride_dbias"), adapters)
+        values = dict(R=units, N=adapters, **wide, **narrow)  # compile_check takes the names each kernel has
         for dtype in dtypes:
             yield (f"fwd-{dtype}-{tile}", fusion_mix_fwd_kernel, dtype,
-                   dict(HAS_MASK=True, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n), DATA_POINTERS, warps, 1)
+                   dict(HAS_MASK=True, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n), DATA_POINTERS, warps, 1,
+                   values)
             yield (f"bwd-{dtype}-{tile}", fusion_mix_bwd_kernel, dtype,
                    dict(HAS_MASK=True, NEED_T=True, NEED_A=True, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n),
-                   DATA_POINTERS, warps, 1)
+                   DATA_POINTERS, warps, 1, values)

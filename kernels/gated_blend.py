@@ -298,17 +298,24 @@ def compile_variants(rows: int = 16384, cols: int = 4096):
     backward (every gradient asked for, and side-tuning's set without da) in every dtype, scalar
     and per-channel gate, at the heuristic tile for [rows, cols]; and the narrower tile of a
     100-column tensor in bf16. Yields (name, kernel, dtype, constexprs, data_pointers, num_warps,
-    num_stages)."""
+    num_stages, launch values): the integer arguments of a launch on contiguous [rows, cols] tensors
+    (R left out: any row count; ROWS_PER_PROGRAM as the heuristic grid sets it)."""
     shapes = [(rows, cols, ("bfloat16", "float16", "float32")), (4096, 100, ("bfloat16",))]
     for shape_rows, shape_cols, dtypes in shapes:
         block_r, block_c, warps = _block_sizes(shape_rows, shape_cols)
         tile = f"{block_r}x{block_c}"
+        forward_values = dict(C=shape_cols, stride_a=shape_cols, stride_b=shape_cols, stride_out=shape_cols)
+        rows_per_program = _backward_grid(shape_rows, shape_cols, block_r, block_c)[2]
         for dtype in dtypes:
             for per_channel in (False, True):
                 gate = "channel" if per_channel else "scalar"
                 yield (f"fwd-{dtype}-{gate}-{tile}", gated_blend_fwd_kernel, dtype,
-                       dict(PER_CHANNEL=per_channel, BLOCK_R=block_r, BLOCK_C=block_c), DATA_POINTERS, warps, 1)
+                       dict(PER_CHANNEL=per_channel, BLOCK_R=block_r, BLOCK_C=block_c), DATA_POINTERS, warps, 1,
+                       forward_values)
                 for need_a, grads in ((True, "all"), (False, "side")):
                     yield (f"bwd-{dtype}-{gate}-{grads}-{tile}", gated_blend_bwd_kernel, dtype,
                            dict(PER_CHANNEL=per_channel, NEED_A=need_a, NEED_B=True, NEED_ALPHA=True,
-                                BLOCK_R=block_r, BLOCK_C=block_c), DATA_POINTERS, warps, 1)
+                                BLOCK_R=block_r, BLOCK_C=block_c), DATA_POINTERS, warps, 1,
+                           dict(C=shape_cols, ROWS_PER_PROGRAM=rows_per_program, stride_grad=shape_cols,
+                                stride_a=shape_cols, stride_b=shape_cols, stride_da=shape_cols if need_a else 0,
+                                stride_db=shape_cols))

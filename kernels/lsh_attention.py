@@ -450,11 +450,26 @@ itself where |w - before| >= the number of chunks, as _window_offset)."""
 DATA_POINTERS = frozenset({"q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr"})
 
 
+def launch_values(head_dim: int, chunk: int, heads: int = 8, seq: int = 16384, rounds: int = 4,
+                  chunks_before: int = 1, chunks_after: int = 0) -> dict:
+    """The integer arguments of a chunked-attention launch at the headline sizes (bench/headline.py:
+    H 8, S 16384, 4 rounds, one chunk before) for compile_check's hints: contiguous [B, H, S, D]
+    q/k/v, a [B, S] key mask. BEFORE = 1 becomes a constant, as Triton specialises it. ROUND is left
+    out: the backward launches once per round, and rounds after the first two pass a plain integer."""
+    row = (heads * seq * head_dim, seq * head_dim, head_dim)
+    values = dict(H=heads, S=seq, CHUNK=chunk, NUM_CHUNKS=rounds * seq // chunk,
+                  WINDOW=1 + chunks_before + chunks_after, BEFORE=chunks_before, stride_mb=seq)
+    for name in ("q", "k", "v"):
+        values.update(zip((f"stride_{name}b", f"stride_{name}h", f"stride_{name}s"), row))
+    return values
+
+
 def compile_variants():
     """The launch configurations kernels/compile_check.py compiles for a GPU target: forward and
     backward kernels for every dtype at D = Dv = 64 and 128, chunk 64 and 128, every mask on, and
     the hashing and round-combine kernels (kernels/lsh_attention_rounds.py). Yields (name, kernel,
-    dtype, constexprs, data_pointers, num_warps, num_stages)."""
+    dtype, constexprs, data_pointers, num_warps, num_stages, launch values at the headline sizes;
+    the padded D 24 / chunk 50 variants at S 3200)."""
     from .lsh_attention_bwd import bwd_variants
     from .lsh_attention_rounds import rounds_variants
 
@@ -473,8 +488,9 @@ def compile_variants():
                             SELF_MASK=True, DROPOUT=dropout, DOT_FP32=dot_fp32, DOT_PRECISION="ieee", D=head_dim,
                             DV=head_dim, EVEN=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                             BLOCK_DV=block_dv),
-                       DATA_POINTERS, warps, 2)
-                yield from bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value, dropout)
+                       DATA_POINTERS, warps, 2, launch_values(head_dim, chunk))
+                yield from bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value, dropout,
+                                        launch_values(head_dim, chunk))
     # padded head dims (24 -> 32, masked loads) and a chunk the blocks do not divide (50: row masks)
     for dtype_name in ("bfloat16", "float32"):
         dtype = getattr(torch, dtype_name)
@@ -483,6 +499,7 @@ def compile_variants():
                dict(MASK_VALUE=-1e9, SELF_MASK_VALUE=-1e5, HAS_KEY_MASK=True, CAUSAL=True, SELF_MASK=True,
                     DROPOUT=False, DOT_FP32=dtype == torch.float32, DOT_PRECISION="ieee", D=24, DV=24, EVEN=False,
                     BLOCK_M=block_m,
-                    BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv), DATA_POINTERS, warps, 2)
-        yield from bwd_variants(dtype_name, dtype, 24, 50, -1e9, -1e5)
+                    BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv), DATA_POINTERS, warps, 2,
+               launch_values(24, 50, seq=3200))
+        yield from bwd_variants(dtype_name, dtype, 24, 50, -1e9, -1e5, values=launch_values(24, 50, seq=3200))
     yield from rounds_variants()

@@ -351,8 +351,9 @@ def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
     return dq, dk, dv
 
 
-def bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value, dropout=False):
-    """compile_variants() entries of the two backward kernels (every mask on)."""
+def bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value, dropout=False, values=None):
+    """compile_variants() entries of the two backward kernels (every mask on); `values`: the launch's
+    integer arguments (lsh_attention.launch_values) for compile_check's hints."""
     common = dict(MASK_VALUE=mask_value, SELF_MASK_VALUE=self_mask_value, HAS_KEY_MASK=True, CAUSAL=True,
                   SELF_MASK=True, DROPOUT=dropout, DOT_FP32=dtype == torch.float32, DOT_PRECISION="ieee", D=head_dim,
                   DV=head_dim)
@@ -360,4 +361,4 @@ def bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value
         block_m, block_n, block_d, block_dv, warps = _block_sizes(kind, chunk, head_dim, head_dim, dtype)
         yield (f"bwd-{kind}-{dtype_name}-d{head_dim}-c{chunk}{'-dropout' if dropout else ''}", kernel, dtype_name,
                dict(common, **extra, EVEN=_even(chunk, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
-                    BLOCK_D=block_d, BLOCK_DV=block_dv), DATA_POINTERS, warps, 2)
+                    BLOCK_D=block_d, BLOCK_DV=block_dv), DATA_POINTERS, warps, 2, values)

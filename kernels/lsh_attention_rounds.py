@@ -289,15 +289,21 @@ DATA_POINTERS = frozenset({"rot_ptr", "out_rounds_ptr", "out_ptr", "grad_ptr", "
 
 
 def rounds_variants():
-    """compile_variants() entries of the hashing and combine kernels."""
+    """compile_variants() entries of the hashing and combine kernels, with the integer arguments of
+    their launches: hashing at lsh_attention_padded's sizes (B 2, H 8, 4 rounds, S 4096, 64 buckets:
+    R2 32, one factor, the padding bucket read from a pointer), combining at the headline's
+    (S 16384, 4 rounds)."""
     for dtype_name in ("bfloat16", "float32"):
         block_rows, block_r = _bucket_blocks(32)
         yield (f"buckets-{dtype_name}-r64", lsh_bucket_kernel, dtype_name,
-               dict(HAS_KEY_MASK=True, EXTRA_FROM_PTR=True, BLOCK_ROWS=block_rows, BLOCK_R=block_r), DATA_POINTERS, 4, 1)
+               dict(HAS_KEY_MASK=True, EXTRA_FROM_PTR=True, BLOCK_ROWS=block_rows, BLOCK_R=block_r), DATA_POINTERS, 4, 1,
+               dict(ROWS=2 * 8 * 4 * 4096, H=8, NH=4, S=4096, R2=32, NUM_FACTORS=1, PAD_BUCKET=64, ROUND_STRIDE=64,
+                    stride_mb=4096))
     for dtype_name in ("bfloat16", "float16", "float32"):
         for value_dim in (64, 128):
             block_s, block_dv = _combine_blocks(16384, value_dim)
             yield (f"combine-fwd-{dtype_name}-d{value_dim}", lsh_combine_fwd_kernel, dtype_name,
-                   dict(DV=value_dim, BLOCK_S=block_s, BLOCK_DV=block_dv), DATA_POINTERS, 4, 1)
+                   dict(DV=value_dim, BLOCK_S=block_s, BLOCK_DV=block_dv), DATA_POINTERS, 4, 1, dict(S=16384, NH=4))
             yield (f"combine-bwd-{dtype_name}-d{value_dim}", lsh_combine_bwd_kernel, dtype_name,
-                   dict(HAS_DLSE=True, DV=value_dim, BLOCK_S=block_s, BLOCK_DV=block_dv), DATA_POINTERS, 4, 1)
+                   dict(HAS_DLSE=True, DV=value_dim, BLOCK_S=block_s, BLOCK_DV=block_dv), DATA_POINTERS, 4, 1,
+                   dict(S=16384, NH=4))

@@ -461,11 +461,26 @@ def pack_mask_from_scores(scores, threshold):
 DATA_POINTERS = frozenset({"x_ptr", "w_ptr", "b_ptr", "y_ptr", "grad_ptr", "dx_ptr"})
 
 
+def _launch_values(kind: str, rows: int, out_features: int, in_features: int) -> dict:
+    """The integer arguments a launch on contiguous x [rows, K], weight [N, K], packed mask, y [rows, N]
+    passes (compile_check's hints; stride_wk = 1 becomes a constant as Triton specialises it). The row
+    count M is left out (any token count); m_bucket is the autotuning key the launch passes."""
+    values = {"N": out_features, "K": in_features, "stride_wn": in_features, "stride_wk": 1,
+              "m_bucket": _m_bucket(rows)}
+    if kind == "fwd":
+        values.update(KB=(in_features + 7) // 8, stride_xm=in_features, stride_ym=out_features)
+    elif kind == "grad_input":
+        values.update(KB=(in_features + 7) // 8, stride_gm=out_features, stride_dxm=in_features)
+    else:
+        values.update(stride_gm=out_features, stride_xm=in_features)
+    return values
+
+
 def compile_variants(out_features: int = 4096, in_features: int = 4096):
     """The launch configurations kernels/compile_check.py compiles for a GPU target: the three GEMMs
     in every dtype at the heuristic tile sizes for a [4096, 4096] weight and 4096 rows, the forward
     also at 16 rows (the narrowest tile), and the pack kernel per scores dtype. Yields
-    (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages)."""
+    (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages, launch values)."""
     for dtype in ("bfloat16", "float16", "float32"):
         dot_fp32 = dtype == "float32"
         for kind, kernel, rows in (("fwd", masked_linear_fwd_kernel, 4096), ("fwd", masked_linear_fwd_kernel, 16),
@@ -478,6 +493,9 @@ def compile_variants(out_features: int = 4096, in_features: int = 4096):
                               BLOCK_K=block_k)
             if kind == "fwd":
                 constexprs["HAS_BIAS"] = True
-            yield f"{kind}-{dtype}-m{rows}", kernel, dtype, constexprs, DATA_POINTERS, warps, stages
+            yield (f"{kind}-{dtype}-m{rows}", kernel, dtype, constexprs, DATA_POINTERS, warps, stages,
+                   _launch_values(kind, rows, out_features, in_features))
         yield (f"pack-{dtype}", pack_mask_kernel, dtype, dict(BLOCK_ROWS=_PACK_ROWS, BLOCK_BYTES=_PACK_BYTES),
-               frozenset({"scores_ptr", "threshold_ptr"}), _PACK_WARPS, 1)
+               frozenset({"scores_ptr", "threshold_ptr"}), _PACK_WARPS, 1,
+               {"N": out_features, "K": in_features, "KB": (in_features + 7) // 8, "stride_sn": in_features,
+                "stride_sk": 1})

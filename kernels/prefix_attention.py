@@ -375,11 +375,45 @@ MASK_VARIANTS = (("nomask", False, NO_MASK, False, False), ("causal-padding", Tr
 DATA_POINTERS = ("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "out_ptr", "dout_ptr", "dq_ptr")
 
 
+def _launch_values(kind: str, head_dim: int, mask_kind: int, mask_rows: bool, batch: int = 4, heads: int = 16,
+                   seq: int = 2048, prefix: int = 200) -> dict:
+    """The integer arguments of a launch at the headline sizes (bench/headline.py: B 4, H 16, S 2048,
+    P 200, one KV head per query head) for compile_check's hints: contiguous [B, H, S, D] q/k/v/out,
+    a [H, P, D] prefix shared by the batch (batch stride 0), and the mask as transformers passes it:
+    padding [B, 1, 1, S] or per-query-row [B, 1, S, S], unit key stride (Triton specialises the 1s:
+    GROUP, stride_mn). kind: fwd | dq | dkdv (sequence keys) | dkdv-prefix | delta."""
+    row = dict(D=head_dim, b=heads * seq * head_dim, h=seq * head_dim, m=head_dim)
+    prefix_strides = (0, prefix * head_dim, head_dim)
+    if mask_kind == NO_MASK:
+        mask = (0, 0, 0, 0)
+    elif mask_rows:
+        mask = (seq * seq, 0, seq, 1)
+    else:
+        mask = (seq, 0, 0, 1)
+    if kind == "delta":
+        return dict(Sq=seq, Dv=head_dim, stride_ob=row["b"], stride_oh=row["h"], stride_om=row["m"])
+    values = dict(Sq=seq, Sk=seq, P=prefix, D=head_dim, Dv=head_dim, GROUP=1,
+                  **dict(zip(("stride_qb", "stride_qh", "stride_qm"), (row["b"], row["h"], row["m"]))),
+                  **dict(zip(("stride_mb", "stride_mh", "stride_mm", "stride_mn"), mask)))
+    keys = prefix_strides if kind == "dkdv-prefix" else (row["b"], row["h"], row["m"])
+    for name in ("k", "v"):
+        values.update(zip((f"stride_{name}b", f"stride_{name}h", f"stride_{name}n"), keys))
+    if kind.startswith("dkdv"):
+        values["N"] = prefix if kind == "dkdv-prefix" else seq
+        return values
+    for name in ("pk", "pv"):
+        values.update(zip((f"stride_{name}b", f"stride_{name}h", f"stride_{name}n"), prefix_strides))
+    if kind == "fwd":
+        values.update(stride_ob=row["b"], stride_oh=row["h"], stride_om=row["m"])
+    return values
+
+
 def compile_variants():
     """The launch configurations kernels/compile_check.py compiles for a GPU target: every dtype,
     head sizes 64/128/256, the no-mask / causal / bool-mask / additive-mask variants at the heuristic
     tiles; dK/dV of the sequence write in the input dtype, the prefix's partials in fp32. Yields
-    (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages)."""
+    (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages, launch values at the
+    headline sizes)."""
     from .prefix_attention_bwd import (  # imported here: that module imports this one
         prefix_attention_bwd_delta_kernel,
         prefix_attention_bwd_dkdv_kernel,
@@ -395,20 +429,24 @@ def compile_variants():
                 block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "forward",
                                                          causal or mask_kind != NO_MASK, mask_rows, dropout)
                 yield (f"fwd-{dtype}-d{head_dim}-{label}", prefix_attention_fwd_kernel, dtype,
-                       dict(common, BLOCK_M=block_m, BLOCK_N=block_n), DATA_POINTERS, warps, stages)
+                       dict(common, BLOCK_M=block_m, BLOCK_N=block_n), DATA_POINTERS, warps, stages,
+                       _launch_values("fwd", head_dim, mask_kind, mask_rows))
                 block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dkdv")
                 yield (f"bwd-dkdv-{dtype}-d{head_dim}-{label}", prefix_attention_bwd_dkdv_kernel, dtype,
                        dict(common, IS_SEQUENCE=True, BLOCK_M=block_m, BLOCK_N=block_n),
-                       DATA_POINTERS + ("dk_ptr", "dv_ptr"), warps, stages)
+                       DATA_POINTERS + ("dk_ptr", "dv_ptr"), warps, stages,
+                       _launch_values("dkdv", head_dim, mask_kind, mask_rows))
                 block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dq", dropout=dropout)
                 yield (f"bwd-dq-{dtype}-d{head_dim}-{label}", prefix_attention_bwd_dq_kernel, dtype,
-                       dict(common, BLOCK_M=block_m, BLOCK_N=block_n), DATA_POINTERS, warps, stages)
+                       dict(common, BLOCK_M=block_m, BLOCK_N=block_n), DATA_POINTERS, warps, stages,
+                       _launch_values("dq", head_dim, mask_kind, mask_rows))
             # dK/dV over the prefix: no masks, fp32 partial outputs
             block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dkdv")
             yield (f"bwd-dkdv-prefix-{dtype}-d{head_dim}", prefix_attention_bwd_dkdv_kernel, dtype,
                    dict(CAUSAL=True, MASK_KIND=BOOL_MASK, MASK_ROWS=False, DOT_FP32=fp32, DOT_PRECISION="ieee",
                         DROPOUT=False, BLOCK_D=head_dim, BLOCK_DV=head_dim, IS_SEQUENCE=False, BLOCK_M=block_m,
                         BLOCK_N=block_n),
-                   DATA_POINTERS, warps, stages)
+                   DATA_POINTERS, warps, stages, _launch_values("dkdv-prefix", head_dim, BOOL_MASK, False))
         yield (f"bwd-delta-{dtype}", prefix_attention_bwd_delta_kernel, dtype,
-               dict(BLOCK_M=64, BLOCK_DV=64), ("out_ptr", "dout_ptr"), DELTA_WARPS, 1)
+               dict(BLOCK_M=64, BLOCK_DV=64), ("out_ptr", "dout_ptr"), DELTA_WARPS, 1,
+               _launch_values("delta", 64, NO_MASK, False))

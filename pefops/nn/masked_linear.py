@@ -25,7 +25,9 @@ MERGE_ENV = "PEFOPS_MASKED_MERGE"
 
 
 def merging_enabled() -> bool:
-    """PEFOPS_MASKED_MERGE=0 turns the merged-weight inference path off everywhere."""
+    """PEFOPS_MASKED_MERGE=0 turns the merged-weight inference path off everywhere. Read when a frozen
+    layer's call would build its merged weight (the first call after freeze / set_mask / a weight or
+    mask change), not on every call: the per-call check of an existing merge costs no environment read."""
     value = os.environ.get(MERGE_ENV)
     return value is None or value.strip().lower() not in ("0", "off", "false", "no")
 
@@ -44,6 +46,9 @@ class MaskedLinear(nn.Module):
     W ⊙ M is materialised once per (mask, weight) version and the call is a dense F.linear; GPU
     decode (≤ 16 rows) and training keep the fused kernels. Memory: one dense copy of the weight,
     out·in elements in its dtype (33.6 MB for a 4096² bf16 layer), held while the layer is frozen.
+    Per call, an existing merge is checked by identity and version of the mask and weight tensors read
+    straight from the module's parameter/buffer tables (no nn.Module.__getattr__, no environment read,
+    no backend selection), so a 1-row CPU call costs about what an nn.Linear call does.
     """
 
     merge_weight: bool = True
@@ -55,7 +60,7 @@ class MaskedLinear(nn.Module):
             raise ValueError(f"init_sparsity must be in (0, 1); got {init_sparsity}")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.weight.requires_grad_(False)
-        self.bias = None
+        self.register_parameter("bias", None)  # always in _parameters (as nn.Linear), read from there per call
         if bias is not None:
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
             self.bias.requires_grad_(train_bias)
@@ -142,22 +147,32 @@ class MaskedLinear(nn.Module):
         row_task = row_task.detach().to(device=self.weight.device, dtype=torch.long, copy=True)
         self._row_masks = (packed_masks.to(self.weight.device).contiguous(), row_task)
 
+    def _current_merge(self) -> Optional[torch.Tensor]:
+        """The cached W ⊙ M if it was made from the layer's present mask and weight tensors, at their
+        present versions and storage; else None. A few dict reads and integer compares (per call)."""
+        cached = self.__dict__.get("_merged")
+        if cached is None:
+            return None
+        mask, weight = self._buffers["mask"], self._parameters["weight"]
+        if (cached[0] is mask and cached[1] is weight
+                and cached[2] == (mask._version, weight._version, mask.data_ptr(), weight.data_ptr())):
+            return cached[3]
+        return None
+
     def merged_weight(self) -> torch.Tensor:
         """W ⊙ M [out, in] (contiguous, the weight's dtype) of a frozen layer, made once and reused
-        while the mask and the weight are the same tensors with the same data and version. (On the
-        per-call path: no grad-mode decorator, the check is a few attribute reads.)"""
-        mask, weight = self.mask, self.weight
-        cached = self.__dict__.get("_merged")
-        if (cached is not None and cached[0] is mask and cached[1] is weight and cached[2] == mask._version
-                and cached[3] == weight._version and cached[4] == weight.data_ptr()
-                and cached[5] == mask.data_ptr()):
-            return cached[6]
+        while the mask and the weight are the same tensors with the same data and version (an in-place
+        update, `.data` reassignment, set_mask or a new weight parameter makes it again)."""
+        merged = self._current_merge()
+        if merged is not None:
+            return merged
         if not self.frozen:
             raise RuntimeError("merged_weight is for a frozen layer (call freeze() or set_mask() first)")
+        mask, weight = self._buffers["mask"], self._parameters["weight"]
         with torch.no_grad():
             # where, not a product: a masked inf/NaN weight is dropped, as the kernels drop it
             merged = torch.where(unpack_mask(mask, self.in_features), self._weight_out_in(), 0).contiguous()
-        self.__dict__["_merged"] = (mask, weight, mask._version, weight._version, weight.data_ptr(), mask.data_ptr(),
+        self.__dict__["_merged"] = (mask, weight, (mask._version, weight._version, mask.data_ptr(), weight.data_ptr()),
                                     merged)
         return merged
 
@@ -166,11 +181,15 @@ class MaskedLinear(nn.Module):
         return unpack_mask(self.packed_mask(), self.in_features).float().mean().item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scores is None and self.merge_weight and self.__dict__.get("_row_masks") is None:
+        params = self._parameters
+        if (params["scores"] is None and self.merge_weight and self.__dict__.get("_row_masks") is None
+                and (x.is_cpu or x.numel() > MAX_DECODE_ROWS * x.shape[-1])):
             # frozen inference at prefill sizes (every size on CPU): the merged weight, a dense GEMM
-            if (x.device.type == "cpu" or x.numel() > MAX_DECODE_ROWS * x.shape[-1]) and merging_enabled():
+            merged = self._current_merge()
+            if merged is None and merging_enabled():
                 merged = self.merged_weight()
-                return F.linear(x if x.dtype == merged.dtype else x.to(merged.dtype), merged, self.bias)
+            if merged is not None:
+                return F.linear(x if x.dtype == merged.dtype else x.to(merged.dtype), merged, params["bias"])
         weight = self._weight_out_in()
         if x.dtype != weight.dtype:
             x = x.to(weight.dtype)
