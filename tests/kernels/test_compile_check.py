@@ -44,6 +44,9 @@ SPILLS_TRITON_3_8 = {
 # triton < 3.8 (3.6: the GPU machine's stack)
 SPILLS_BEFORE_TRITON_3_8 = {
     "lsh_attention:fwd-float32-d128-c128": 192,
+    # the 16-bit dq with dropout at D 128 stores its last round in the gradient's dtype (#13): 4 bytes on 3.6
+    "lsh_attention:bwd-dq-bfloat16-d128-c64-dropout": 4,
+    "lsh_attention:bwd-dq-float16-d128-c64-dropout": 4,
     "lsh_attention:fwd-float32-d128-c64": 192,
     "prefix_attention:bwd-dkdv-bfloat16-d256-bool4d": 8,
     "prefix_attention:bwd-dkdv-bfloat16-d256-causal-additive4d": 4,
