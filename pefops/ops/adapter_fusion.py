@@ -128,8 +128,10 @@ def _check_operands(x, hidden, down_weight, down_bias, up_weight, up_bias_scaled
     named = {"down_weight": down_weight, "down_bias": down_bias, "up_weight": up_weight,
              "up_bias_scaled": up_bias_scaled, "query_weight": projections[0], "query_bias": projections[1],
              "key_weight": projections[2], "key_bias": projections[3], "value_weight": projections[4]}
+    # under autocast the products cast their operands: mixed dtypes are how autocast is used
+    check_dtype = not torch.is_autocast_enabled(x.device.type)
     for name, tensor in named.items():
-        if tensor is not None and (tensor.dtype != x.dtype or tensor.device != x.device):
+        if tensor is not None and ((check_dtype and tensor.dtype != x.dtype) or tensor.device != x.device):
             raise ValueError(f"{name} must match x's dtype and device ({str(x.dtype).removeprefix('torch.')}, "
                              f"{x.device}); got {describe(tensor)}")
     if segment.device != x.device:

@@ -194,6 +194,9 @@ def test_projection_shapes_and_dtypes_are_named_not_mat1_mat2():
         adapter_fusion(x, x, x, *stacked[:3], stacked[3][:, :5], stacked[4])
     with pytest.raises(ValueError, match="up_weight must match x's dtype"):
         adapter_fusion(x, x, x, stacked[0], stacked[1], stacked[2].double(), *stacked[3:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 weights, bfloat16 activations: allowed
+        out = adapter_fusion(x.bfloat16(), x.bfloat16(), x.bfloat16(), *stacked, value_weight=torch.eye(24))
+    assert out.shape == x.shape and torch.isfinite(out).all()
 
 
 def test_fused_op_rejects_bad_inputs():
