@@ -30,8 +30,6 @@ IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, LEAKY_RELU = range(7)
 # Scaling modes: a Python float, one learnable scalar, or one value per hidden channel.
 SCALE_FLOAT, SCALE_SCALAR, SCALE_CHANNEL = range(3)
 
-MAX_RANK = 1024
-
 
 @triton.jit
 def _tanh(v):
