@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 
 from .launch import autotuning, dot_settings, limit_configs, multiprocessors, token_bucket
+from .shared import GELU
 from .bottleneck_adapter import (
-    GELU,
     SCALE_CHANNEL,
     SCALE_FLOAT,
     SCALE_SCALAR,

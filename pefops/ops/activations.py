@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-# Kernel codes; the Triton and CUDA kernels switch on these.
-IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, LEAKY_RELU = range(7)
+# The kernel codes: the Triton and CUDA kernels switch on these (defined once, in kernels/shared.py).
+from pefops.kernels.shared import GELU, GELU_TANH, IDENTITY, LEAKY_RELU, RELU, SILU, TANH
 
 _CODES = {
     "identity": IDENTITY,
