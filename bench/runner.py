@@ -267,14 +267,6 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], timing: Timing, roun
     return {name: (_quantiles_ms(samples[name]), len(samples[name])) for name in fns}, failed
 
 
-def time_cpu(fn: Callable[[], Any], timing: Timing) -> tuple[list[float], int]:
-    """Median, p20, p80 in ms of single calls after a warm-up; and the number of repeats."""
-    timings, failed = time_cpu_interleaved({"fn": fn}, timing)
-    if failed:
-        raise failed["fn"]
-    return timings["fn"]
-
-
 def time_cuda(fn: Callable[[], Any], timing: Timing) -> tuple[list[float], int | None]:
     try:
         from triton.testing import do_bench

@@ -62,7 +62,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxTokens = 16;
-constexpr int kMaxRank = 1024;
 
 // Down projection: rows of Wd per warp, and per block.
 constexpr int kDownRowsPerWarp = 4;
@@ -76,17 +75,6 @@ constexpr int kUpRowsPerGroup = 4;
 constexpr int kUpMinGroup = 4;
 
 constexpr int kLnThreads = 512;
-
-enum Activation : int {
-  kIdentity = 0,
-  kRelu = 1,
-  kGelu = 2,      // exact, erf
-  kGeluTanh = 3,  // tanh approximation ("gelu_new")
-  kSilu = 4,
-  kTanh = 5,
-  kLeakyRelu = 6,
-};
-constexpr int kNumActivations = 7;
 
 __device__ __forceinline__ float apply_activation(float z, int act, float slope) {
   switch (act) {

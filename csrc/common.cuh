@@ -21,6 +21,21 @@ namespace pefops {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Constants the Python side defines in kernels/shared.py (tests/csrc/test_shared_constants.py checks
+// that the two agree): the activation codes the adapter kernels switch on, and the largest bottleneck
+// size r the adapter decode kernels serve.
+enum Activation : int {
+  kIdentity = 0,
+  kRelu = 1,
+  kGelu = 2,      // exact, erf
+  kGeluTanh = 3,  // tanh approximation ("gelu_new")
+  kSilu = 4,
+  kTanh = 5,
+  kLeakyRelu = 6,
+};
+constexpr int kNumActivations = 7;
+constexpr int kMaxRank = 1024;
+
 // at:: scalar type -> CUDA scalar type used in device code.
 template <typename T>
 struct CudaType {

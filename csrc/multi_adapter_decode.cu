@@ -50,30 +50,28 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxTokens = 16;
-constexpr int kMaxRank = 1024;
 constexpr int kDownRowsPerWarp = 4;
 constexpr int kDownRowsPerBlock = kWarps * kDownRowsPerWarp;  // 32
 constexpr int kSliceQuantum = 256;  // 32 lanes x one 16-byte vector of a 2-byte type
 constexpr int kUpRowsPerGroup = 4;
 constexpr int kUpMinGroup = 4;
 constexpr int kLnThreads = 512;
-constexpr int kNumActivations = 7;
 
 __device__ __forceinline__ float activation_fn(float z, int act, float slope) {
   switch (act) {
-    case 1:  // relu (keeps NaN, like torch.relu)
+    case kRelu:  // keeps NaN, like torch.relu
       return z < 0.0f ? 0.0f : z;
-    case 2:  // gelu, erf
+    case kGelu:  // erf
       return 0.5f * z * (1.0f + erff(z * 0.70710678118654752440f));
-    case 3: {  // gelu, tanh approximation
+    case kGeluTanh: {  // tanh approximation
       const float inner = 0.79788456080286535588f * (z + 0.044715f * z * z * z);
       return 0.5f * z * (1.0f + tanhf(inner));
     }
-    case 4:  // silu
+    case kSilu:
       return z / (1.0f + expf(-z));
-    case 5:
+    case kTanh:
       return tanhf(z);
-    case 6:  // leaky relu
+    case kLeakyRelu:
       return z > 0.0f ? z : z * slope;
     default:
       return z;

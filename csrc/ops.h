@@ -11,8 +11,8 @@ namespace pefops {
 // csrc/bottleneck_adapter_decode.cu. Decode shapes (T = x.size(0) <= 16).
 // Returns (out [T, H] in x's dtype, z [T, r] fp32 pre-activation, mean [T] fp32, rstd [T] fp32);
 // mean / rstd are empty [0] tensors when ln_weight is empty. down_bias, up_bias and ln_bias may be
-// empty tensors (no bias). activation: 0 identity, 1 relu, 2 gelu (erf), 3 gelu tanh approximation,
-// 4 silu, 5 tanh, 6 leaky_relu(negative_slope).
+// empty tensors (no bias). activation: a code of the Activation enum in common.cuh (leaky relu takes
+// negative_slope).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_decode_forward(
     const at::Tensor& x, const at::Tensor& down_weight, const at::Tensor& down_bias,
     const at::Tensor& up_weight, const at::Tensor& up_bias, const at::Tensor& scaling,

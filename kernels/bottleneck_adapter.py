@@ -22,15 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
+from . import shared
 from .launch import autotuning, dot_settings, fill_the_device, interpreting, limit_configs, token_bucket
+from .shared import GELU
 
-# Activation codes (pefops.ops.activations)
-IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, LEAKY_RELU = range(7)
+# The activation codes (kernels/shared.py) as constexpr globals, the kind @triton.jit functions may read.
+_RELU = tl.constexpr(shared.RELU)
+_GELU = tl.constexpr(shared.GELU)
+_GELU_TANH = tl.constexpr(shared.GELU_TANH)
+_SILU = tl.constexpr(shared.SILU)
+_TANH = tl.constexpr(shared.TANH)
+_LEAKY_RELU = tl.constexpr(shared.LEAKY_RELU)
 
 # Scaling modes: a Python float, one learnable scalar, or one value per hidden channel.
 SCALE_FLOAT, SCALE_SCALAR, SCALE_CHANNEL = range(3)
-
-MAX_RANK = 1024
 
 
 @triton.jit
@@ -41,18 +46,18 @@ def _tanh(v):
 
 @triton.jit
 def _activation(z, ACTIVATION: tl.constexpr, negative_slope):
-    if ACTIVATION == 1:
+    if ACTIVATION == _RELU:
         # torch.relu keeps NaN; a GPU max.f32 (tl.maximum) returns the other operand: 0
         a = tl.where(z < 0, 0.0, z)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == _GELU:
         a = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACTIVATION == 3:
+    elif ACTIVATION == _GELU_TANH:
         a = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-    elif ACTIVATION == 4:
+    elif ACTIVATION == _SILU:
         a = z * tl.sigmoid(z)
-    elif ACTIVATION == 5:
+    elif ACTIVATION == _TANH:
         a = _tanh(z)
-    elif ACTIVATION == 6:
+    elif ACTIVATION == _LEAKY_RELU:
         a = tl.where(z > 0, z, z * negative_slope)
     else:
         a = z
@@ -61,22 +66,22 @@ def _activation(z, ACTIVATION: tl.constexpr, negative_slope):
 
 @triton.jit
 def _activation_derivative(z, ACTIVATION: tl.constexpr, negative_slope):
-    if ACTIVATION == 1:
+    if ACTIVATION == _RELU:
         d = tl.where(z <= 0, 0.0, 1.0)  # threshold_backward's rule: a NaN z passes the gradient
-    elif ACTIVATION == 2:
+    elif ACTIVATION == _GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         d = cdf + z * pdf
-    elif ACTIVATION == 3:
+    elif ACTIVATION == _GELU_TANH:
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-    elif ACTIVATION == 4:
+    elif ACTIVATION == _SILU:
         sig = tl.sigmoid(z)
         d = sig * (1.0 + z * (1.0 - sig))
-    elif ACTIVATION == 5:
+    elif ACTIVATION == _TANH:
         t = _tanh(z)
         d = 1.0 - t * t
-    elif ACTIVATION == 6:
+    elif ACTIVATION == _LEAKY_RELU:
         d = tl.where(z > 0, 1.0, negative_slope)
     else:
         d = tl.full(z.shape, 1.0, tl.float32)

@@ -46,9 +46,8 @@ import triton
 import triton.language as tl
 
 from .launch import autotuning, dot_settings, limit_configs, multiprocessors, token_bucket
+from .shared import GELU
 from .bottleneck_adapter import (
-    GELU,
-    MAX_RANK,
     SCALE_CHANNEL,
     SCALE_FLOAT,
     SCALE_SCALAR,
@@ -60,7 +59,7 @@ from .bottleneck_adapter import (
     _up_projection_chunk,
 )
 
-__all__ = ["MAX_RANK", "RowGroups", "group_rows", "multi_adapter_forward", "multi_adapter_backward", "compile_variants"]
+__all__ = ["RowGroups", "group_rows", "multi_adapter_forward", "multi_adapter_backward", "compile_variants"]
 
 # Scaling modes (per adapter): SCALE_FLOAT a Python float for all, SCALE_SCALAR ("per adapter") one
 # value per adapter [N], SCALE_CHANNEL one per adapter and channel [N, H].

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .launch import dot_settings
+from .shared import unit_stride_rows
 
 __all__ = ["MAX_HEAD_DIM", "prefix_attention_forward", "prefix_dropout_keep_mask", "compile_variants"]
 
@@ -258,11 +259,6 @@ def _block_dim(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The kernels index the last dimension with unit stride."""
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
-
-
 def _strides3(tensor: torch.Tensor) -> tuple[int, int, int]:
     """(batch, head, row) strides of a [B, H, N, X] tensor; a size-1 batch (a shared prefix) gets
     stride 0 so every row of the batch reads it."""
@@ -301,7 +297,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, sc
     probabilities dropped with the keep mask of (seed, dropout_p) (see prefix_dropout_keep_mask), the
     kept ones scaled by 1 / (1 - dropout_p); lse stays that of the un-dropped softmax. Returns (out
     [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32)."""
-    q, k, v, prefix_k, prefix_v = (_rows(t) for t in (q, k, v, prefix_k, prefix_v))
+    q, k, v, prefix_k, prefix_v = (unit_stride_rows(t) for t in (q, k, v, prefix_k, prefix_v))
     batch, q_heads, sq, dim = q.shape
     kv_heads, sk, value_dim = k.shape[1], k.shape[2], v.shape[3]
     prefix_len = prefix_k.shape[2]

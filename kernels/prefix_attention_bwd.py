@@ -25,13 +25,13 @@ import triton
 import triton.language as tl
 
 from .launch import dot_settings
+from .shared import unit_stride_rows
 from .prefix_attention import (
     DELTA_WARPS,
     _block_dim,
     _causal_key_range,
     _dropout_keep,
     _mask_arguments,
-    _rows,
     _sequence_scores,
     _strides3,
     _tiles,
@@ -304,7 +304,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, 
     "prefix_k", "prefix_v"} -> bool (default all); a kernel none of whose gradients is needed is not
     launched and its gradients come back as None."""
     need = {name: True for name in ("q", "k", "v", "prefix_k", "prefix_v")} | dict(need or {})
-    q, k, v, prefix_k, prefix_v, out = (_rows(t) for t in (q, k, v, prefix_k, prefix_v, out))
+    q, k, v, prefix_k, prefix_v, out = (unit_stride_rows(t) for t in (q, k, v, prefix_k, prefix_v, out))
     grad_out = grad_out.contiguous()
     batch, q_heads, sq, dim = q.shape
     kv_heads, sk, value_dim = k.shape[1], k.shape[2], v.shape[3]

@@ -94,7 +94,7 @@ def forced_backend(backend: str | None = None) -> str | None:
     if name in ("", "auto"):
         return None
     if name not in BACKEND_ORDER:
-        source = "backend=" if backend else ENV_VARIABLE
+        source = "backend=" if backend else f"{ENV_VARIABLE}="
         raise ValueError(f"{source}{name!r} is not a backend; expected one of {', '.join(BACKEND_ORDER)} or 'auto'")
     return name
 

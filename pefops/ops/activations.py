@@ -1,14 +1,12 @@
 """Activations shared by the ops: names, the integer codes the kernels take, and torch forward and
-derivative functions used by the references."""
+backward functions used by the references."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-# Kernel codes; the Triton and CUDA kernels switch on these.
-IDENTITY, RELU, GELU, GELU_TANH, SILU, TANH, LEAKY_RELU = range(7)
+# The kernel codes: the Triton and CUDA kernels switch on these (defined once, in kernels/shared.py).
+from pefops.kernels.shared import GELU, GELU_TANH, IDENTITY, LEAKY_RELU, RELU, SILU, TANH
 
 _CODES = {
     "identity": IDENTITY,
@@ -34,10 +32,6 @@ def activation_code(name: str) -> int:
         raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(NAMES)}") from None
 
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-
-
 def activation_forward(z: torch.Tensor, code: int, negative_slope: float = 0.01) -> torch.Tensor:
     if code == IDENTITY:
         return z
@@ -53,31 +47,6 @@ def activation_forward(z: torch.Tensor, code: int, negative_slope: float = 0.01)
         return torch.tanh(z)
     if code == LEAKY_RELU:
         return torch.nn.functional.leaky_relu(z, negative_slope)
-    raise ValueError(f"unknown activation code {code}")
-
-
-def activation_derivative(z: torch.Tensor, code: int, negative_slope: float = 0.01) -> torch.Tensor:
-    """d act(z) / dz, elementwise."""
-    if code == IDENTITY:
-        return torch.ones_like(z)
-    if code == RELU:
-        return (z > 0).to(z.dtype)
-    if code == GELU:
-        cdf = 0.5 * (1.0 + torch.erf(z * _INV_SQRT_2))
-        pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-        return cdf + z * pdf
-    if code == GELU_TANH:
-        inner = _SQRT_2_OVER_PI * (z + 0.044715 * z**3)
-        t = torch.tanh(inner)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
-    if code == SILU:
-        s = torch.sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
-    if code == TANH:
-        t = torch.tanh(z)
-        return 1.0 - t * t
-    if code == LEAKY_RELU:
-        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, negative_slope))
     raise ValueError(f"unknown activation code {code}")
 
 

@@ -19,10 +19,10 @@ import torch
 from pefops import backend as backends
 from pefops.ops.common import compute_dtype, constant, describe, flat_rows, once_differentiable
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
+from pefops.kernels.shared import MAX_RANK, unit_stride_rows
 
 OP = "bottleneck_adapter"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_TRITON_RANK = 1024
 MAX_DECODE_TOKENS = 16
 
 # order of the gradients the backward op returns (and of its grad mask)
@@ -187,13 +187,6 @@ def _normalise(x, down_weight, down_bias, up_weight, up_bias, activation, scalin
     return x2, residual2, scaling_tensor, scaling_value, ln_weight, ln_bias, float(ln_eps), has_ln, code
 
 
-def _rows(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A [T, H] tensor with unit column stride, as the kernels index rows by one stride."""
-    if tensor is None or tensor.stride(-1) == 1:
-        return tensor
-    return tensor.contiguous()
-
-
 def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor.contiguous()
 
@@ -343,9 +336,9 @@ def _triton_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, scal
                     ln_weight, ln_bias, ln_eps, layer_norm, activation, negative_slope):
     kernels = backends.import_kernels("bottleneck_adapter")
     return kernels.bottleneck_adapter_forward(
-        _rows(x), down_weight.contiguous(), _contiguous(down_bias), up_weight.contiguous(), _contiguous(up_bias),
-        scaling, scaling_value, _rows(residual), _contiguous(ln_weight), _contiguous(ln_bias), ln_eps, layer_norm,
-        activation, negative_slope,
+        unit_stride_rows(x), down_weight.contiguous(), _contiguous(down_bias), up_weight.contiguous(),
+        _contiguous(up_bias), scaling, scaling_value, unit_stride_rows(residual), _contiguous(ln_weight),
+        _contiguous(ln_bias), ln_eps, layer_norm, activation, negative_slope,
     )
 
 
@@ -357,7 +350,7 @@ def _triton_backward(grad_out, x, down_weight, down_bias, up_weight, up_bias, sc
     need = dict(zip(GRAD_NAMES, grad_mask))
     dtype = x.dtype
     dy, dz, d_up_bias, d_scaling, d_ln_weight, d_ln_bias = kernels.bottleneck_adapter_backward_rows(
-        _rows(grad_out), _rows(x if residual is None else residual),
+        unit_stride_rows(grad_out), unit_stride_rows(x if residual is None else residual),
         up_weight.contiguous(), _contiguous(up_bias), scaling, scaling_value, _contiguous(ln_weight), z, mean, rstd,
         layer_norm, activation, negative_slope, need["up_bias"], need["scaling"], need["ln_weight"], need["ln_bias"],
     )
@@ -407,20 +400,20 @@ def _cuda_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, scalin
 
 def _triton_limits(problem: backends.Problem) -> list[str]:
     rank = problem.sizes.get("rank", 0)
-    return [f"rank {rank} exceeds the Triton kernel's limit of {MAX_TRITON_RANK}"] if rank > MAX_TRITON_RANK else []
+    return [f"rank {rank} exceeds the Triton kernel's limit of {MAX_RANK}"] if rank > MAX_RANK else []
 
 
 def cuda_decode_limits(symbol: str, unit: str = "tokens"):
-    """The limits of a CUDA decode kernel of the adapter family (≤ 16 tokens, rank ≤ 1024), which
-    builds the extension on first use; `symbol` is its binding, `unit` names its rows in messages."""
+    """The limits of a CUDA decode kernel of the adapter family (≤ MAX_DECODE_TOKENS tokens, rank ≤ MAX_RANK),
+    which builds the extension on first use; `symbol` is its binding, `unit` names its rows in messages."""
 
     def limits(problem: backends.Problem) -> list[str]:
         reasons = []
         tokens, rank = problem.sizes.get("tokens", 0), problem.sizes.get("rank", 0)
         if tokens > MAX_DECODE_TOKENS:
             reasons.append(f"the CUDA decode kernel serves at most {MAX_DECODE_TOKENS} {unit}; got {tokens}")
-        if rank > MAX_TRITON_RANK:
-            reasons.append(f"rank {rank} exceeds the CUDA kernel's limit of {MAX_TRITON_RANK}")
+        if rank > MAX_RANK:
+            reasons.append(f"rank {rank} exceeds the CUDA kernel's limit of {MAX_RANK}")
         if not reasons:
             reasons += backends.cuda_extension_load_reasons(symbol)
         return reasons

@@ -36,8 +36,6 @@ Backends of the core (pefops.backend):
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 from typing import Optional
 
@@ -333,21 +331,6 @@ def _triton_kernels():
     return backends.import_kernels("lsh_attention")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_environment_reasons() -> list[str]:
-    reasons = backends.triton_environment_reasons()
-    if reasons:
-        return reasons
-    if importlib.util.find_spec("pefops.kernels.lsh_attention") is None:
-        return ["kernels/lsh_attention.py is not there (the Triton LSH kernels are not written yet)"]
-    try:
-        kernels = _triton_kernels()
-    except Exception as error:  # a broken kernel file only removes the backend
-        return [f"kernels/lsh_attention.py does not import: {error}"]
-    missing = [name for name in ("lsh_chunked_forward", "lsh_chunked_backward") if not hasattr(kernels, name)]
-    return [f"kernels/lsh_attention.py lacks {', '.join(missing)}"] if missing else []
-
-
 def _triton_limits(problem: backends.Problem) -> list[str]:
     reasons = []
     for name in ("head_dim", "value_dim"):
@@ -403,5 +386,5 @@ backends.register(backends.Implementation(
 backends.register(backends.Implementation(
     op=OP, backend="triton", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=True,
     functions={"forward": _triton_forward, "backward": _triton_backward},
-    environment_reasons=_triton_environment_reasons, limits=_triton_limits,
+    environment_reasons=backends.triton_environment_reasons, limits=_triton_limits,
 ))

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
+from pefops.kernels.shared import unit_stride_rows
 from pefops.ops.common import check_index_tensor, describe, flat_rows, host_to_device, once_differentiable
 
 OP = "masked_linear"
@@ -260,11 +261,6 @@ _masked_linear_scores_fwd.register_autograd(_backward_scores, setup_context=_set
 # ------------------------------------------------------------------------------------ public ops
 
 
-def _rows(x2: torch.Tensor) -> torch.Tensor:
-    """[rows, in] with unit column stride, as the kernels index rows by one stride."""
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def _eager_torch_path(x2, weight, backend) -> bool:
     """Eager calls the torch backend serves run the differentiable reference directly (the same ATen
     calls eager PyTorch makes, without the custom op's Python dispatch)."""
@@ -281,7 +277,7 @@ def masked_linear(x, weight, packed_mask, bias=None, *, backend=None):
     _check_packed(packed_mask, out_features, in_features)
     if packed_mask.device != x.device:
         raise ValueError(f"packed_mask must be on x's device {x.device}; got {packed_mask.device}")
-    x2 = _rows(flat_rows(x, in_features))
+    x2 = unit_stride_rows(flat_rows(x, in_features))
     if x2.numel() == 0 or out_features == 0 or _eager_torch_path(x2, weight, backend):
         # (an empty problem, no rows or no features, launches nothing whatever the backend: the
         # reference under autograd gives the empty or zero output and gradients)
@@ -301,7 +297,7 @@ def masked_linear_scores(x, weight, scores, threshold, bias=None, *, backend=Non
         raise ValueError(f"scores must be floating point on x's device {x.device}; got {describe(scores)}")
     if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
         raise ValueError(f"threshold must be a float; got {type(threshold).__name__}")
-    x2 = _rows(flat_rows(x, in_features))
+    x2 = unit_stride_rows(flat_rows(x, in_features))
     if x2.numel() == 0 or out_features == 0 or _eager_torch_path(x2, weight, backend):  # empty: as masked_linear
         out = masked_linear_scores_ref(x2, weight, scores, threshold, bias)
     else:

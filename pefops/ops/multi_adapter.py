@@ -51,6 +51,7 @@ from pefops import backend as backends
 from pefops.ops.common import (check_index_tensor, compute_dtype, constant, describe, flat_rows, host_to_device,
                                once_differentiable)
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
+from pefops.kernels.shared import unit_stride_rows
 from pefops.ops.bottleneck_adapter import _triton_limits, cuda_decode_limits
 
 OP = "multi_adapter"
@@ -493,13 +494,6 @@ def _groups_of(index: torch.Tensor, adapters: int):
     return plan.groups() if plan is not None and plan.adapters == adapters else None
 
 
-def _rows(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A [T, H] tensor with unit column stride, as the kernels index rows by one stride."""
-    if tensor is None or tensor.stride(-1) == 1:
-        return tensor
-    return tensor.contiguous()
-
-
 def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor.contiguous()
 
@@ -667,9 +661,9 @@ def _triton_forward(x, index, down_weight, down_bias, up_weight, up_bias, scalin
                     ln_weight, ln_bias, ln_eps, layer_norm, activation, negative_slope):
     kernels = backends.import_kernels("multi_adapter")
     return kernels.multi_adapter_forward(
-        _rows(x), index.contiguous(), down_weight.contiguous(), _contiguous(down_bias), up_weight.contiguous(),
-        _contiguous(up_bias), scaling, scaling_value, _rows(residual), _contiguous(ln_weight), _contiguous(ln_bias),
-        ln_eps, layer_norm, activation, negative_slope, groups=_groups_of(index, down_weight.shape[0]),
+        unit_stride_rows(x), index.contiguous(), down_weight.contiguous(), _contiguous(down_bias),
+        up_weight.contiguous(), _contiguous(up_bias), scaling, scaling_value, unit_stride_rows(residual),
+        _contiguous(ln_weight), _contiguous(ln_bias), ln_eps, layer_norm, activation, negative_slope, groups=_groups_of(index, down_weight.shape[0]),
     )
 
 
@@ -680,9 +674,9 @@ def _triton_backward(grad_out, x, index, down_weight, down_bias, up_weight, up_b
     kernels = backends.import_kernels("multi_adapter")
     need = dict(zip(GRAD_NAMES, grad_mask))
     grads = kernels.multi_adapter_backward(
-        _rows(grad_out), _rows(x), index.contiguous(), down_weight.contiguous(), up_weight.contiguous(),
-        _contiguous(up_bias), scaling, scaling_value, _rows(residual), _contiguous(ln_weight), z, mean, rstd,
-        layer_norm, activation, negative_slope, need, groups=_groups_of(index, down_weight.shape[0]),
+        unit_stride_rows(grad_out), unit_stride_rows(x), index.contiguous(), down_weight.contiguous(),
+        up_weight.contiguous(), _contiguous(up_bias), scaling, scaling_value, unit_stride_rows(residual),
+        _contiguous(ln_weight), z, mean, rstd, layer_norm, activation, negative_slope, need, groups=_groups_of(index, down_weight.shape[0]),
     )
     return tuple(grads.get(name) if need[name] else None for name in GRAD_NAMES)
 

@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pefops.kernels import masked_linear as kernels
+from tests.tolerances import TOLERANCE  # relative to max(1, max|expected|)
 
 pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # relative to max(1, max|expected|)
 
 
 # ------------------------------------------------------------------------------------ reference

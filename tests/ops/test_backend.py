@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pefops import backend as backends
-from pefops.ops import bottleneck_adapter
+from pefops.ops import bottleneck_adapter, bottleneck_adapter_ref
 
 CPU_PROBLEM = backends.Problem(torch.device("cpu"), torch.float32, "forward", {"tokens": 8, "hidden": 32, "rank": 4})
 
@@ -48,14 +48,18 @@ def test_environment_variable_forces_backend(monkeypatch):
     monkeypatch.setenv("PEFOPS_BACKEND", "torch")
     bottleneck_adapter(x, wd, None, wu, None)
     monkeypatch.setenv("PEFOPS_BACKEND", "fastest")
-    with pytest.raises(ValueError, match="PEFOPS_BACKEND'fastest' is not a backend"):
+    with pytest.raises(ValueError, match="PEFOPS_BACKEND='fastest' is not a backend"):
         bottleneck_adapter(x, wd, None, wu, None)
 
 
 def test_argument_overrides_environment(monkeypatch):
     monkeypatch.setenv("PEFOPS_BACKEND", "cuda")
+    assert backends.forced_backend() == "cuda"
+    assert backends.forced_backend("torch") == "torch"
+    assert backends.select("bottleneck_adapter", CPU_PROBLEM, "torch").backend == "torch"
     x, wd, wu = torch.randn(2, 8), torch.randn(2, 8), torch.randn(8, 2)
-    bottleneck_adapter(x, wd, None, wu, None, backend="torch")
+    out = bottleneck_adapter(x, wd, None, wu, None, backend="torch")
+    torch.testing.assert_close(out, bottleneck_adapter_ref(x, wd, None, wu, None))
 
 
 def test_triton_on_cpu_only_when_forced_under_interpreter():

@@ -89,9 +89,8 @@ WIDE_WINDOW_CASES = [
 @pytest.mark.parametrize("path", ["reference", "eager", "torch", "triton"])
 @pytest.mark.parametrize("case", WIDE_WINDOW_CASES, ids=str)
 def test_window_longer_than_sequence_matches_transformers(case, path):
-    if path == "triton" and not (_triton_file_present() and (backends.triton_interpreter_enabled()
-                                                               or torch.cuda.is_available())):
-        pytest.skip("needs kernels/lsh_attention.py and TRITON_INTERPRET=1 or CUDA")
+    if path == "triton" and not (backends.triton_interpreter_enabled() or torch.cuda.is_available()):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
     op, options = (lsh_attention_ref, {}) if path == "reference" else (lsh_attention, {})
     if path in ("torch", "triton"):
         options = dict(backend=path)
@@ -109,8 +108,8 @@ def test_window_longer_than_sequence_qkv_and_dropout():
                    causal=True, hash_seed=9)
     expected = lsh_attention_ref(q, v, k=k, **options)
     expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
-    backends_to_check = ["torch"] + (["triton"] if _triton_file_present() and (
-        backends.triton_interpreter_enabled() or torch.cuda.is_available()) else [])
+    backends_to_check = ["torch"] + (["triton"] if backends.triton_interpreter_enabled() or torch.cuda.is_available()
+                                     else [])
     for backend in backends_to_check:
         out = lsh_attention_qkv(q, k, v, backend=backend, **options)
         grads = torch.autograd.grad(out.square().sum(), (q, k, v))
@@ -308,17 +307,13 @@ def test_torch_compile_inductor_cpu():
 # ------------------------------------------------------------------------------------ backends
 
 
-def _triton_file_present():
-    return importlib.util.find_spec("pefops.kernels.lsh_attention") is not None
-
-
 def test_forced_triton_on_cpu_says_why():
     qk, v = torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
     options = dict(num_hashes=1, num_buckets=4, chunk_length=16)
-    if not backends.triton_interpreter_enabled() or not _triton_file_present():
+    if not backends.triton_interpreter_enabled():
         with pytest.raises(backends.BackendNotSupportedError):
             lsh_attention(qk, v, backend="triton", **options)
-    if backends.triton_interpreter_enabled() and _triton_file_present():
+    else:
         # dropout runs in the kernels (tests below); here only: it no longer refuses
         assert torch.isfinite(lsh_attention(qk, v, backend="triton", dropout_p=0.1, **options)).all()
     with pytest.raises(ValueError, match="not a backend"):
@@ -326,7 +321,6 @@ def test_forced_triton_on_cpu_says_why():
 
 
 @pytest.mark.triton
-@pytest.mark.skipif(not _triton_file_present(), reason="kernels/lsh_attention.py not written yet")
 @pytest.mark.parametrize("case", [LshCase(seq=64, chunk=16, num_hashes=2, num_buckets=4, causal=True, batch=1,
                                           padding="tail", head_dim=16),
                                   LshCase(seq=16, chunk=16, num_hashes=1, batch=1, head_dim=16),
@@ -346,8 +340,6 @@ def test_torch_backend_of_the_op_refuses_dropout():
 
 
 def _needs_triton():
-    if not _triton_file_present():
-        pytest.skip("kernels/lsh_attention.py not written yet")
     if not backends.triton_interpreter_enabled() and not torch.cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
     return "cuda" if torch.cuda.is_available() else "cpu"
