@@ -67,10 +67,10 @@ def test_compiled_relu_has_no_nan_dropping_max():
     import sys
 
     code = (
-        "from pefops.kernels import bottleneck_adapter as ba\n"
+        "from pefops.kernels import bottleneck_adapter as ba, shared\n"
         "from pefops.kernels.compile_check import compile_for_target\n"
         "v = next(v for v in ba.compile_variants() if v[0] == 'fwd-bfloat16-r64-noln')\n"
-        "ptx = compile_for_target(v[1], v[2], {**v[3], 'ACTIVATION': ba.RELU}, set(v[4]), v[5], v[6]).asm['ptx']\n"
+        "ptx = compile_for_target(v[1], v[2], {**v[3], 'ACTIVATION': shared.RELU}, set(v[4]), v[5], v[6]).asm['ptx']\n"
         "print('MAXF32' if 'max.f32' in ptx else 'CLEAN')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
