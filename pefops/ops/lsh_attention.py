@@ -140,8 +140,6 @@ _lsh_chunked_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _chunked_attention(q, k, v, q_idx, k_idx, key_mask, config, dropout_p, backend):
     """The core through the eager autograd function (automatic torch choice, torch's dropout) or
     the custom op (compiled graphs, forced or non-torch backends, the kernels' dropout)."""
-    forced = backends.forced_backend(backend)
-    compiling = backends.compiling()
     if dropout_p > 0.0:
         if backends.select(OP, _problem(q, v, "forward", dropout_p), backend).backend == "torch":
             # torch's dropout mask cannot be redrawn by the custom op's backward: plain autograd serves it
@@ -150,7 +148,7 @@ def _chunked_attention(q, k, v, q_idx, k_idx, key_mask, config, dropout_p, backe
         # generator, so torch.manual_seed makes a run reproducible
         seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
         return _lsh_chunked_fwd(q, k, v, q_idx, k_idx, key_mask, *config, dropout_p, seed, backend or "")
-    if forced is None and not compiling and backends.select(OP, _problem(q, v, "forward")).backend == "torch":
+    if backends.eager_torch(OP, _problem(q, v, "forward"), backend):
         return _EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, 0.0)
     return _lsh_chunked_fwd(q, k, v, q_idx, k_idx, key_mask, *config, 0.0, None, backend or "")
 
@@ -379,12 +377,7 @@ def _torch_op_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, 
                                    lse_rounds, **config)
 
 
-backends.register(backends.Implementation(
-    op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
-    functions={"forward": _torch_op_forward, "backward": _torch_op_backward},
-))
-backends.register(backends.Implementation(
-    op=OP, backend="triton", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=True,
-    functions={"forward": _triton_forward, "backward": _triton_backward},
-    environment_reasons=backends.triton_environment_reasons, limits=_triton_limits,
-))
+backends.register_torch_and_triton(
+    OP, dtypes=FLOAT_DTYPES, torch_functions={"forward": _torch_op_forward, "backward": _torch_op_backward},
+    triton_functions={"forward": _triton_forward, "backward": _triton_backward}, triton_limits=_triton_limits,
+)

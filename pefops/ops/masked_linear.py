@@ -261,14 +261,6 @@ _masked_linear_scores_fwd.register_autograd(_backward_scores, setup_context=_set
 # ------------------------------------------------------------------------------------ public ops
 
 
-def _eager_torch_path(x2, weight, backend) -> bool:
-    """Eager calls the torch backend serves run the differentiable reference directly (the same ATen
-    calls eager PyTorch makes, without the custom op's Python dispatch)."""
-    if backends.forced_backend(backend) is not None or backends.compiling():
-        return False
-    return backends.select(OP, _problem(x2, weight, "forward")).backend == "torch"
-
-
 def masked_linear(x, weight, packed_mask, bias=None, *, backend=None):
     """Inference form: x @ (weight ⊙ unpack(packed_mask)).T + bias. x [..., in]; weight [out, in]
     (frozen; any strides, e.g. a transposed Conv1D weight); packed_mask uint8 [out, ceil(in/8)];
@@ -278,7 +270,7 @@ def masked_linear(x, weight, packed_mask, bias=None, *, backend=None):
     if packed_mask.device != x.device:
         raise ValueError(f"packed_mask must be on x's device {x.device}; got {packed_mask.device}")
     x2 = unit_stride_rows(flat_rows(x, in_features))
-    if x2.numel() == 0 or out_features == 0 or _eager_torch_path(x2, weight, backend):
+    if x2.numel() == 0 or out_features == 0 or backends.eager_torch(OP, _problem(x2, weight, "forward"), backend):
         # (an empty problem, no rows or no features, launches nothing whatever the backend: the
         # reference under autograd gives the empty or zero output and gradients)
         out = masked_linear_ref(x2, weight, packed_mask, bias)
@@ -298,7 +290,8 @@ def masked_linear_scores(x, weight, scores, threshold, bias=None, *, backend=Non
     if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
         raise ValueError(f"threshold must be a float; got {type(threshold).__name__}")
     x2 = unit_stride_rows(flat_rows(x, in_features))
-    if x2.numel() == 0 or out_features == 0 or _eager_torch_path(x2, weight, backend):  # empty: as masked_linear
+    # an empty problem as in masked_linear
+    if x2.numel() == 0 or out_features == 0 or backends.eager_torch(OP, _problem(x2, weight, "forward"), backend):
         out = masked_linear_scores_ref(x2, weight, scores, threshold, bias)
     else:
         out = _masked_linear_scores_fwd(x2, weight, scores, float(threshold), bias, backend or "")[0]
