@@ -26,10 +26,9 @@ import torch
 
 from pefops import backend as backends
 from pefops.kernels.shared import MAX_RANK
-from pefops.ops.common import compute_dtype, once_differentiable
+from pefops.ops.common import FLOAT_DTYPES, compute_dtype, once_differentiable
 
 MAX_DECODE_TOKENS = 16
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # (name, schema type) of the forward and backward custom ops' parameters, in order (bottleneck_adapter_fwd
 # / _bwd); the routed ops (multi_adapter_fwd / _bwd) take `index` after `x`. Written out rather than
@@ -165,6 +164,32 @@ def check_layer_norm(layer_norm, x: torch.Tensor) -> tuple:
         raise ValueError("layer_norm over hidden size 0 has no meaning (no values to normalise); x has shape "
                          f"{tuple(x.shape)}: pass layer_norm=None or a hidden size >= 1")
     return ln_weight, ln_bias, float(ln_eps)
+
+
+def check_adapter_operands(x: torch.Tensor, down_weight: torch.Tensor, down_bias, up_weight, up_bias, residual,
+                           layer_norm, adapters: Optional[int] = None) -> tuple:
+    """The operands of an adapter (of a stack of `adapters`, each weight and bias with a leading
+    [adapters]) against x [..., hidden] and down_weight's rank: shapes, x's dtype and device
+    (ValueError). Returns (ln_weight, ln_bias, ln_eps) of the layer_norm argument (check_layer_norm)."""
+    hidden, rank = x.shape[-1], down_weight.shape[-2]
+    stack = () if adapters is None else (adapters,)
+    if up_weight is None:
+        sizes = ("" if adapters is None else f"adapters={adapters}, ") + f"hidden={hidden}, rank={rank}"
+        raise ValueError(f"up_weight must be a tensor [{sizes}]; got None")
+    expected = {
+        "down_weight": (down_weight, (*stack, rank, hidden)),
+        "down_bias": (down_bias, (*stack, rank)),
+        "up_weight": (up_weight, (*stack, hidden, rank)),
+        "up_bias": (up_bias, (*stack, hidden)),
+    }
+    if residual is not None:
+        expected["residual"] = (residual, tuple(x.shape))
+    ln_weight, ln_bias, ln_eps = check_layer_norm(layer_norm, x)
+    if layer_norm is not None:
+        expected["layer_norm weight"] = (ln_weight, (hidden,))
+        expected["layer_norm bias"] = (ln_bias, (hidden,))
+    check_operands(expected, x, f"rank {rank}" if adapters is None else f"{adapters} adapters of rank {rank}")
+    return ln_weight, ln_bias, ln_eps
 
 
 def check_operands(expected: Mapping[str, tuple], x: torch.Tensor, sizes: str) -> None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 from pefops import backend as backends
-from pefops.ops.adapter_call import (FLOAT_DTYPES, GRAD_NAMES, AdapterCall, check_layer_norm, check_operands,
+from pefops.ops.adapter_call import (GRAD_NAMES, AdapterCall, check_adapter_operands,
                                      check_scaling_tensor, check_scaling_value, contiguous, define_custom_ops,
                                      layer_norm_backward, layer_norm_forward, register_backends)
-from pefops.ops.common import compute_dtype, constant, describe, flat_rows
+from pefops.ops.common import check_float_dtype, compute_dtype, constant, describe, flat_rows
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 from pefops.kernels.shared import unit_stride_rows
 
@@ -107,8 +107,7 @@ def _validate(x, down_weight, down_bias, up_weight, up_bias, activation, scaling
     as [tokens, hidden]."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"x must be a tensor [..., hidden]; got {type(x).__name__ if not isinstance(x, torch.Tensor) else describe(x)}")
-    if x.dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise ValueError(f"x must be float32, float16 or bfloat16 (float64 for gradcheck); got {x.dtype}")
+    check_float_dtype("x", x.dtype)
     hidden = x.shape[-1]
     if not isinstance(down_weight, torch.Tensor) or down_weight.dim() != 2 or down_weight.shape[1] != hidden:
         got = describe(down_weight) if isinstance(down_weight, torch.Tensor) else type(down_weight).__name__
@@ -116,21 +115,8 @@ def _validate(x, down_weight, down_bias, up_weight, up_bias, activation, scaling
     rank = down_weight.shape[0]
     if rank < 1:
         raise ValueError("down_weight must have at least one row (rank >= 1)")
-    expected = {
-        "down_weight": (down_weight, (rank, hidden)),
-        "down_bias": (down_bias, (rank,)),
-        "up_weight": (up_weight, (hidden, rank)),
-        "up_bias": (up_bias, (hidden,)),
-    }
-    if residual is not None:
-        expected["residual"] = (residual, tuple(x.shape))
-    ln_weight, ln_bias, ln_eps = check_layer_norm(layer_norm, x)
-    if layer_norm is not None:
-        expected["layer_norm weight"] = (ln_weight, (hidden,))
-        expected["layer_norm bias"] = (ln_bias, (hidden,))
-    if up_weight is None:
-        raise ValueError(f"up_weight must be a tensor [hidden={hidden}, rank={rank}]; got None")
-    check_operands(expected, x, f"rank {rank}")
+    ln_weight, ln_bias, ln_eps = check_adapter_operands(x, down_weight, down_bias, up_weight, up_bias, residual,
+                                                        layer_norm)
     scaling_tensor, scaling_value = None, 1.0
     if isinstance(scaling, torch.Tensor):
         check_scaling_tensor(scaling, x.device)

@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, once_differentiable
+from pefops.ops.common import FLOAT_DTYPES, compute_dtype, once_differentiable
 
 OP = "fusion_mix"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The Triton kernels keep a [rows, adapters] score tile in registers (kernels/fusion_mix.py).
 TRITON_MAX_ADAPTERS = 64
 

@@ -16,10 +16,9 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import flat_rows, once_differentiable
+from pefops.ops.common import FLOAT_DTYPES, flat_rows, once_differentiable
 
 OP = "gated_blend"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------ reference

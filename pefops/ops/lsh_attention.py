@@ -42,14 +42,13 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import describe, once_differentiable
+from pefops.ops.common import FLOAT_DTYPES, check_float_dtype, check_like, describe, once_differentiable
 from pefops.ops.lsh_hashing import bucket_factors, lsh_hash, lsh_rotations, lsh_sort, stable_sort_indices
 from pefops.ops.lsh_chunked import _EagerChunkedAttention, _chunked_backward_torch, _chunked_forward_torch
 from pefops.ops.lsh_rounds import combine_rounds
 from pefops.ops.lsh_reference import len_and_dim_norm, lsh_attention_ref, mask_constants
 
 OP = "lsh_attention"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["lsh_rotations", "lsh_hash", "lsh_sort", "lsh_attention", "lsh_attention_qkv", "lsh_attention_ref"]
 
@@ -168,12 +167,8 @@ def _check_inputs(names, tensors, v, *, num_hashes, num_buckets, chunk_length, n
     for name, tensor in zip(names + ("v",), tensors + (v,)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
             raise ValueError(f"{name} must be a tensor [batch, heads, seq, head_dim]; got {describe(tensor)}")
-        if tensor.dtype not in FLOAT_DTYPES + (torch.float64,):
-            raise ValueError(f"{name} must be float32, float16 or bfloat16 (float64 for gradcheck); got {tensor.dtype}")
-        if tensor.dtype != first.dtype:
-            raise ValueError(f"{name} has dtype {tensor.dtype} but {names[0]} has {first.dtype}: they must match")
-        if tensor.device != first.device:
-            raise ValueError(f"{name} is on {tensor.device} but {names[0]} on {first.device}: they must match")
+        check_float_dtype(name, tensor.dtype)
+        check_like(name, tensor, names[0], first)
         if tuple(tensor.shape[:3]) != tuple(first.shape[:3]):
             raise ValueError(f"{name} must have [batch, heads, seq] = {tuple(first.shape[:3])} like {names[0]}; "
                              f"got {tuple(tensor.shape)}")

@@ -47,10 +47,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from pefops import backend as backends
-from pefops.ops.adapter_call import (FLOAT_DTYPES, GRAD_NAMES, AdapterCall, check_layer_norm, check_operands,
+from pefops.ops.adapter_call import (GRAD_NAMES, AdapterCall, check_adapter_operands,
                                      check_scaling_tensor, check_scaling_value, contiguous, define_custom_ops,
                                      layer_norm_backward, layer_norm_forward, register_backends)
-from pefops.ops.common import check_index_tensor, compute_dtype, constant, describe, flat_rows, host_to_device
+from pefops.ops.common import (check_float_dtype, check_index_tensor, compute_dtype, constant, describe, flat_rows,
+                               host_to_device)
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 from pefops.kernels.shared import unit_stride_rows
 
@@ -258,8 +259,7 @@ def _validate(x, adapter_index, down_weight, down_bias, up_weight, up_bias, acti
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor [batch, ..., hidden] (at least 2-D); got {describe(x)}")
     dtype, device = x.dtype, x.device
-    if dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise ValueError(f"x must be float32, float16 or bfloat16 (float64 for gradcheck); got {dtype}")
+    check_float_dtype("x", dtype)
     hidden = x.shape[-1]
     check_index_tensor(adapter_index, "adapter_index", "(int64)")
     leading = tuple(x.shape[:-1])
@@ -273,21 +273,8 @@ def _validate(x, adapter_index, down_weight, down_bias, up_weight, up_bias, acti
     adapters, rank = down_weight.shape[0], down_weight.shape[1]
     if adapters < 1 or rank < 1:
         raise ValueError(f"down_weight must hold at least one adapter of rank >= 1; got shape {tuple(down_weight.shape)}")
-    if up_weight is None:
-        raise ValueError(f"up_weight must be a tensor [adapters={adapters}, hidden={hidden}, rank={rank}]; got None")
-    expected = {
-        "down_weight": (down_weight, (adapters, rank, hidden)),
-        "down_bias": (down_bias, (adapters, rank)),
-        "up_weight": (up_weight, (adapters, hidden, rank)),
-        "up_bias": (up_bias, (adapters, hidden)),
-    }
-    if residual is not None:
-        expected["residual"] = (residual, tuple(x.shape))
-    ln_weight, ln_bias, ln_eps = check_layer_norm(layer_norm, x)
-    if layer_norm is not None:
-        expected["layer_norm weight"] = (ln_weight, (hidden,))
-        expected["layer_norm bias"] = (ln_bias, (hidden,))
-    check_operands(expected, x, f"{adapters} adapters of rank {rank}")
+    ln_weight, ln_bias, ln_eps = check_adapter_operands(x, down_weight, down_bias, up_weight, up_bias, residual,
+                                                        layer_norm, adapters)
     scaling_tensor, scaling_value = None, 1.0
     if isinstance(scaling, torch.Tensor):
         check_scaling_tensor(scaling, device)

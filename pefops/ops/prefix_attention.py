@@ -44,10 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, describe, once_differentiable
+from pefops.ops.common import FLOAT_DTYPES, check_float_dtype, compute_dtype, describe, once_differentiable
 
 OP = "prefix_attention"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_HEAD_DIM = 256
 
 # order of the gradients the backward op returns (and of its grad mask)
@@ -249,8 +248,7 @@ def _normalise(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, dropo
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a tensor [batch, q_heads, queries, head_dim]; got {describe(q)}")
     dtype, device = q.dtype, q.device
-    if dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise ValueError(f"q must be float32, float16 or bfloat16 (float64 for gradcheck); got {dtype}")
+    check_float_dtype("q", dtype)
     batch, q_heads, sq, dim = q.shape
     for tensor, name in ((k, "k"), (v, "v")):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
