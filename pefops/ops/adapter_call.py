@@ -1,9 +1,11 @@
 """One validated call of the bottleneck-adapter family (bottleneck_adapter, multi_adapter), by name.
 
 `AdapterCall` carries a call from validation to the backends: the public ops build one, the torch,
-Triton and CUDA backends receive it, and it is flattened to (and rebuilt from) the torch.library
-custom ops' parameters in one place, `schema_arguments`. The custom-op schemas stay flat (tensors,
-floats, ints, bools) so that torch.compile and fake tensors see ordinary operator arguments.
+Triton and CUDA backends receive it. It is flattened to the torch.library custom ops' parameters by
+name in one method (`schema_arguments`; `forward_arguments` for the forward op) and rebuilt from
+them by name (`from_schema_arguments`). The custom-op schemas stay flat (tensors, floats, ints,
+bools) so that torch.compile and fake tensors see ordinary operator arguments; the kernel launchers
+take the fields by position (their `scale` is the call's `scaling`).
 
 Names, one per concept: `scaling` a learnable scaling tensor (None: the float `scaling_value`
 serves); `layer_norm` whether a LayerNorm follows the sum, with `ln_weight`, `ln_bias` (each
@@ -201,9 +203,11 @@ def check_operands(expected: Mapping[str, tuple], x: torch.Tensor, sizes: str) -
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a tensor of shape {shape}; got {type(tensor).__name__}")
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (x is {tuple(x.shape)}, {sizes}); got {tuple(tensor.shape)}")
+            raise ValueError(f"{name} must have shape {shape} (x is {tuple(x.shape)}, {sizes}); "
+                             f"got {tuple(tensor.shape)}")
         if tensor.dtype != x.dtype:
-            raise ValueError(f"{name} must have x's dtype {x.dtype}; got {tensor.dtype} (cast the adapter or the input)")
+            raise ValueError(f"{name} must have x's dtype {x.dtype}; got {tensor.dtype} "
+                             "(cast the adapter or the input)")
         if tensor.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}; got {tensor.device}")
 

@@ -65,7 +65,8 @@ def _torch_backward(grad_out, call: AdapterCall, z, mean, rstd, grad_mask):
     scale = _scale_of(call, cdt)
     u = None
     if call.layer_norm or need["scaling"]:
-        u = torch.nn.functional.linear(a, call.up_weight.to(cdt), None if call.up_bias is None else call.up_bias.to(cdt))
+        up_bias = None if call.up_bias is None else call.up_bias.to(cdt)
+        u = torch.nn.functional.linear(a, call.up_weight.to(cdt), up_bias)
     d_ln_weight = d_ln_bias = None
     if call.layer_norm:
         y = _scaled_sum(call.residual_or_x().to(cdt), u, scale)
@@ -200,7 +201,8 @@ def _triton_backward(grad_out, call: AdapterCall, z, mean, rstd, grad_mask):
         a = activation_forward(z, call.activation, call.negative_slope).to(x.dtype)
         d_up_weight = dy.t().mm(a)
         if scaling is not None:
-            d_up_weight = d_up_weight * (scaling.to(x.dtype).reshape(-1, 1) if scaling.numel() > 1 else scaling.to(x.dtype))
+            scale = scaling.to(x.dtype)
+            d_up_weight = d_up_weight * (scale.reshape(-1, 1) if scaling.numel() > 1 else scale)
         elif call.scaling_value != 1.0:
             d_up_weight.mul_(call.scaling_value)
     d_down_weight = dz_low.t().mm(x) if need["down_weight"] else None

@@ -44,7 +44,7 @@ import torch
 from pefops import backend as backends
 from pefops.ops.common import FLOAT_DTYPES, check_float_dtype, check_like, describe, once_differentiable
 from pefops.ops.lsh_hashing import bucket_factors, lsh_hash, lsh_rotations, lsh_sort, stable_sort_indices
-from pefops.ops.lsh_chunked import _EagerChunkedAttention, _chunked_backward_torch, _chunked_forward_torch
+from pefops.ops.lsh_chunked import EagerChunkedAttention, chunked_backward_torch, chunked_forward_torch
 from pefops.ops.lsh_rounds import combine_rounds
 from pefops.ops.lsh_reference import len_and_dim_norm, lsh_attention_ref, mask_constants
 
@@ -142,13 +142,13 @@ def _chunked_attention(q, k, v, q_idx, k_idx, key_mask, config, dropout_p, backe
     if dropout_p > 0.0:
         if backends.select(OP, _problem(q, v, "forward", dropout_p), backend).backend == "torch":
             # torch's dropout mask cannot be redrawn by the custom op's backward: plain autograd serves it
-            return _EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, dropout_p)
+            return EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, dropout_p)
         # the kernels redraw their mask from this seed in the backward; drawn from torch's default CPU
         # generator, so torch.manual_seed makes a run reproducible
         seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
         return _lsh_chunked_fwd(q, k, v, q_idx, k_idx, key_mask, *config, dropout_p, seed, backend or "")
     if backends.eager_torch(OP, _problem(q, v, "forward"), backend):
-        return _EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, 0.0)
+        return EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, 0.0)
     return _lsh_chunked_fwd(q, k, v, q_idx, k_idx, key_mask, *config, 0.0, None, backend or "")
 
 
@@ -362,13 +362,13 @@ def _refuse_torch_dropout(dropout_p):
 
 def _torch_op_forward(q, k, v, q_idx, k_idx, key_mask, *, dropout_p=0.0, seed=None, **config):
     _refuse_torch_dropout(dropout_p)
-    return _chunked_forward_torch(q, k, v, q_idx, k_idx, key_mask, **config)
+    return chunked_forward_torch(q, k, v, q_idx, k_idx, key_mask, **config)
 
 
 def _torch_op_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds, *,
                        dropout_p=0.0, seed=None, **config):
     _refuse_torch_dropout(dropout_p)
-    return _chunked_backward_torch(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds,
+    return chunked_backward_torch(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds,
                                    lse_rounds, **config)
 
 

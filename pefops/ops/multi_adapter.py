@@ -527,7 +527,8 @@ def _cuda_forward(call: AdapterCall):
     # absent biases are empty tensors here (the kernel tests their size); an absent LayerNorm weight is ones
     ln_weight = empty
     if call.layer_norm:
-        ln_weight = contiguous(call.ln_weight) if call.ln_weight is not None else constant(1.0, (hidden,), x.dtype, x.device)
+        ln_weight = (contiguous(call.ln_weight) if call.ln_weight is not None
+                     else constant(1.0, (hidden,), x.dtype, x.device))
     return tuple(csrc.load().multi_adapter_decode_forward(
         x.contiguous(), call.index.contiguous(), call.down_weight.contiguous(),
         contiguous(call.down_bias) if call.down_bias is not None else empty,
