@@ -95,8 +95,7 @@ class AdapterCall:
     def from_schema_arguments(cls, arguments: Mapping[str, object]) -> "AdapterCall":
         """The call named by a custom op's arguments (`arguments` by parameter name); names that are
         not fields (backend, grad_out, z, ...) are passed over."""
-        return cls(**{field.name: arguments[field.name] for field in dataclasses.fields(cls)
-                      if field.name in arguments})
+        return cls(**{name: arguments[name] for name in FIELD_NAMES if name in arguments})
 
     def schema_arguments(self, schema: tuple, **others) -> tuple:
         """This call flattened to a custom op's parameters named `schema`, in order; `others` gives
@@ -133,6 +132,11 @@ class AdapterCall:
 
     def residual_or_x(self) -> torch.Tensor:
         return self.x if self.residual is None else self.residual
+
+
+# looked up once: dataclasses.fields() per call costs more than the rest of the flattening
+FIELD_NAMES = tuple(field.name for field in dataclasses.fields(AdapterCall))
+SETTINGS_FIELDS = tuple(name for name in FIELD_NAMES if name not in TENSOR_FIELDS)  # what ctx keeps besides tensors
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -243,7 +247,10 @@ def contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _named(names: tuple, args: tuple, kwargs: Mapping) -> dict:
-    return {**dict(zip(names, args)), **kwargs}
+    arguments = dict(zip(names, args))
+    if kwargs:  # the dispatcher passes positional arguments; a direct call may name them
+        arguments.update(kwargs)
+    return arguments
 
 
 def _fake_forward(*, x, call: AdapterCall, **_):
@@ -304,17 +311,18 @@ def define_custom_ops(op: str, routed: bool):
     backward_op.register_fake(_by_name(op, backward_names, _fake_backward))
 
     def setup_context(ctx, inputs, output):
+        # by name from the op's arguments (no call is built here: this runs on every forward); the
+        # single-adapter ops have no index, which is then saved as None
         arguments = dict(zip(forward_names, inputs))
-        call = AdapterCall.from_schema_arguments(arguments)
         _, z, mean, rstd = output
-        ctx.save_for_backward(*(getattr(call, name) for name in TENSOR_FIELDS), z, mean, rstd)
-        ctx.call = dataclasses.replace(call, **dict.fromkeys(TENSOR_FIELDS))  # the tensors are saved above
+        ctx.save_for_backward(*(arguments.get(name) for name in TENSOR_FIELDS), z, mean, rstd)
+        ctx.settings = {name: arguments[name] for name in SETTINGS_FIELDS}  # the tensors are saved above
         ctx.backend = arguments["backend"]
 
     @once_differentiable(op)
     def backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
         *tensors, z, mean, rstd = ctx.saved_tensors
-        call = dataclasses.replace(ctx.call, **dict(zip(TENSOR_FIELDS, tensors)))
+        call = AdapterCall(**ctx.settings, **dict(zip(TENSOR_FIELDS, tensors)))
         needs = dict(zip(forward_names, ctx.needs_input_grad))
         grad_mask = [needs[name] for name in GRAD_NAMES]
         # without LayerNorm the residual's gradient is grad_out itself: no backward launch for it
