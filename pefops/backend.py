@@ -77,6 +77,21 @@ def register(implementation: Implementation) -> Implementation:
     return implementation
 
 
+def register_torch_and_triton(op: str, *, dtypes: tuple, torch_functions: Mapping[str, Callable],
+                              triton_functions: Mapping[str, Callable],
+                              triton_limits: Callable[[Problem], list[str]] = lambda problem: []) -> None:
+    """The pair most op families register: the torch reference on CPU and CUDA in `dtypes` and float64
+    (for gradcheck), and Triton kernels on CUDA in `dtypes`, both with a backward."""
+    register(Implementation(
+        op=op, backend="torch", devices=("cpu", "cuda"), dtypes=tuple(dtypes) + (torch.float64,), has_backward=True,
+        functions=torch_functions,
+    ))
+    register(Implementation(
+        op=op, backend="triton", devices=("cuda",), dtypes=tuple(dtypes), has_backward=True,
+        functions=triton_functions, environment_reasons=triton_environment_reasons, limits=triton_limits,
+    ))
+
+
 def registered_ops() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -132,6 +147,17 @@ def select(op: str, problem: Problem, backend: str | None = None) -> Implementat
         _SELECTION_CACHE.clear()
     _SELECTION_CACHE[key] = implementation
     return implementation
+
+
+def eager_torch(op: str, problem: Problem, backend: str | None = None) -> bool:
+    """True for an eager call (not traced by torch.compile, no backend forced by `backend=` or
+    PEFOPS_BACKEND) that the torch backend serves. Ops run their differentiable reference directly under
+    autograd then: the same ATen calls eager PyTorch makes, without the custom op's Python dispatch
+    (tens of µs a call) or recomputation in backward. Compiled graphs and forced backends go through
+    the custom op."""
+    if forced_backend(backend) is not None or compiling():
+        return False
+    return select(op, problem).backend == "torch"
 
 
 def clear_selection_cache() -> None:

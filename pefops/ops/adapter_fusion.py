@@ -31,10 +31,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from pefops import backend as backends
 from pefops.ops.activations import activation_code, activation_forward
-from pefops.ops.common import check_index_tensor, describe
+from pefops.ops.common import FLOAT_DTYPES, check_index_tensor, describe
 
 OP = "adapter_fusion"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # segment tensors whose layout is known ({segment: (its _version, N adapters)}): made by stack_adapters

@@ -8,6 +8,10 @@ import math
 import torch
 
 
+# the float dtypes the kernels take (the torch references also take float64, for gradcheck)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype references and torch paths compute in: float32, or float64 for float64 inputs
     (gradcheck)."""
@@ -25,6 +29,20 @@ def describe(value) -> str:
     if not isinstance(value, torch.Tensor):
         return type(value).__name__
     return f"shape {tuple(value.shape)}, {str(value.dtype).removeprefix('torch.')}, {value.device}"
+
+
+def check_float_dtype(name: str, dtype: torch.dtype) -> None:
+    """ValueError unless `dtype` is one of FLOAT_DTYPES or float64 (which the torch references take)."""
+    if dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise ValueError(f"{name} must be float32, float16 or bfloat16 (float64 for gradcheck); got {dtype}")
+
+
+def check_like(name: str, tensor: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
+    """ValueError unless `tensor` has `reference`'s dtype and device."""
+    if tensor.dtype != reference.dtype:
+        raise ValueError(f"{name} must have {reference_name}'s dtype {reference.dtype}; got {tensor.dtype}")
+    if tensor.device != reference.device:
+        raise ValueError(f"{name} must be on {reference_name}'s device {reference.device}; got {tensor.device}")
 
 
 def check_index_tensor(index, name: str, expected: str) -> None:

@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, once_differentiable
+from pefops.ops.common import FLOAT_DTYPES, compute_dtype, once_differentiable
 
 OP = "fusion_mix"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The Triton kernels keep a [rows, adapters] score tile in registers (kernels/fusion_mix.py).
 TRITON_MAX_ADAPTERS = 64
 
@@ -198,11 +197,11 @@ def fusion_mix(t_, a, bias_scores, segment_offsets, temperature: float = 1.0, dr
     and bias_scores.
     """
     _check(t_, a, bias_scores, segment_offsets, temperature, dropout_mask)
-    forced = backends.forced_backend(backend)
+    backends.forced_backend(backend)  # rejects a misspelt backend before any work
     units, adapters = a.shape[-1], bias_scores.shape[-1]
     offsets = segment_offsets.to(a.device, non_blocking=True)
     problem = _problem(a, adapters, "forward")
-    if forced is None and not backends.compiling() and backends.select(OP, problem).backend == "torch":
+    if backends.eager_torch(OP, problem, backend):
         return fusion_mix_ref(t_, a, bias_scores, offsets, float(temperature), dropout_mask)  # eager, under autograd
 
     leading = math.prod(a.shape[:-1])
@@ -237,12 +236,7 @@ def _triton_limits(problem):
     return []
 
 
-backends.register(backends.Implementation(
-    op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
-    functions={"forward": _torch_forward, "backward": _torch_backward},
-))
-backends.register(backends.Implementation(
-    op=OP, backend="triton", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=True,
-    functions={"forward": _triton_forward, "backward": _triton_backward},
-    environment_reasons=backends.triton_environment_reasons, limits=_triton_limits,
-))
+backends.register_torch_and_triton(
+    OP, dtypes=FLOAT_DTYPES, torch_functions={"forward": _torch_forward, "backward": _torch_backward},
+    triton_functions={"forward": _triton_forward, "backward": _triton_backward}, triton_limits=_triton_limits,
+)

@@ -16,10 +16,9 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import flat_rows, once_differentiable
+from pefops.ops.common import FLOAT_DTYPES, flat_rows, once_differentiable
 
 OP = "gated_blend"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -130,7 +129,7 @@ def _check(a, b, alpha, temperature):
 def gated_blend(a, b, alpha, temperature: float = 1.0, *, backend: Optional[str] = None):
     """sigmoid(alpha / temperature) * a + (1 - sigmoid(alpha / temperature)) * b, gradients to all three."""
     _check(a, b, alpha, temperature)
-    forced = backends.forced_backend(backend)
+    backends.forced_backend(backend)  # rejects a misspelt backend before any work
     channels = a.shape[-1]
     a2 = flat_rows(a, channels)
     b2 = flat_rows(b, channels)
@@ -138,7 +137,7 @@ def gated_blend(a, b, alpha, temperature: float = 1.0, *, backend: Optional[str]
         # empty (no rows or no channels): nothing to launch, whatever the backend; the reference
         # under autograd gives the empty output and empty / zero gradients
         return gated_blend_ref(a, b, alpha, float(temperature))
-    if forced is None and not backends.compiling() and backends.select(OP, _problem(a2, "forward")).backend == "torch":
+    if backends.eager_torch(OP, _problem(a2, "forward"), backend):
         return gated_blend_ref(a, b, alpha, float(temperature))  # eager reference under autograd
     a2 = a2 if a2.stride(-1) == 1 else a2.contiguous()
     b2 = b2 if b2.stride(-1) == 1 else b2.contiguous()
@@ -169,12 +168,7 @@ def _triton_backward(grad, a, b, alpha, temperature, need_a, need_b, need_alpha)
     return kernels.gated_blend_backward(grad, a, b, alpha.float(), temperature, need_a, need_b, need_alpha)
 
 
-backends.register(backends.Implementation(
-    op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
-    functions={"forward": _torch_forward, "backward": _torch_backward},
-))
-backends.register(backends.Implementation(
-    op=OP, backend="triton", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=True,
-    functions={"forward": _triton_forward, "backward": _triton_backward},
-    environment_reasons=backends.triton_environment_reasons,
-))
+backends.register_torch_and_triton(
+    OP, dtypes=FLOAT_DTYPES, torch_functions={"forward": _torch_forward, "backward": _torch_backward},
+    triton_functions={"forward": _triton_forward, "backward": _triton_backward},
+)

@@ -42,14 +42,13 @@ from typing import Optional
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import describe, once_differentiable
+from pefops.ops.common import FLOAT_DTYPES, check_float_dtype, check_like, describe, once_differentiable
 from pefops.ops.lsh_hashing import bucket_factors, lsh_hash, lsh_rotations, lsh_sort, stable_sort_indices
-from pefops.ops.lsh_chunked import _EagerChunkedAttention, _chunked_backward_torch, _chunked_forward_torch
+from pefops.ops.lsh_chunked import EagerChunkedAttention, chunked_backward_torch, chunked_forward_torch
 from pefops.ops.lsh_rounds import combine_rounds
 from pefops.ops.lsh_reference import len_and_dim_norm, lsh_attention_ref, mask_constants
 
 OP = "lsh_attention"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["lsh_rotations", "lsh_hash", "lsh_sort", "lsh_attention", "lsh_attention_qkv", "lsh_attention_ref"]
 
@@ -140,18 +139,16 @@ _lsh_chunked_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _chunked_attention(q, k, v, q_idx, k_idx, key_mask, config, dropout_p, backend):
     """The core through the eager autograd function (automatic torch choice, torch's dropout) or
     the custom op (compiled graphs, forced or non-torch backends, the kernels' dropout)."""
-    forced = backends.forced_backend(backend)
-    compiling = backends.compiling()
     if dropout_p > 0.0:
         if backends.select(OP, _problem(q, v, "forward", dropout_p), backend).backend == "torch":
             # torch's dropout mask cannot be redrawn by the custom op's backward: plain autograd serves it
-            return _EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, dropout_p)
+            return EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, dropout_p)
         # the kernels redraw their mask from this seed in the backward; drawn from torch's default CPU
         # generator, so torch.manual_seed makes a run reproducible
         seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
         return _lsh_chunked_fwd(q, k, v, q_idx, k_idx, key_mask, *config, dropout_p, seed, backend or "")
-    if forced is None and not compiling and backends.select(OP, _problem(q, v, "forward")).backend == "torch":
-        return _EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, 0.0)
+    if backends.eager_torch(OP, _problem(q, v, "forward"), backend):
+        return EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, key_mask, config, 0.0)
     return _lsh_chunked_fwd(q, k, v, q_idx, k_idx, key_mask, *config, 0.0, None, backend or "")
 
 
@@ -170,12 +167,8 @@ def _check_inputs(names, tensors, v, *, num_hashes, num_buckets, chunk_length, n
     for name, tensor in zip(names + ("v",), tensors + (v,)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
             raise ValueError(f"{name} must be a tensor [batch, heads, seq, head_dim]; got {describe(tensor)}")
-        if tensor.dtype not in FLOAT_DTYPES + (torch.float64,):
-            raise ValueError(f"{name} must be float32, float16 or bfloat16 (float64 for gradcheck); got {tensor.dtype}")
-        if tensor.dtype != first.dtype:
-            raise ValueError(f"{name} has dtype {tensor.dtype} but {names[0]} has {first.dtype}: they must match")
-        if tensor.device != first.device:
-            raise ValueError(f"{name} is on {tensor.device} but {names[0]} on {first.device}: they must match")
+        check_float_dtype(name, tensor.dtype)
+        check_like(name, tensor, names[0], first)
         if tuple(tensor.shape[:3]) != tuple(first.shape[:3]):
             raise ValueError(f"{name} must have [batch, heads, seq] = {tuple(first.shape[:3])} like {names[0]}; "
                              f"got {tuple(tensor.shape)}")
@@ -369,22 +362,17 @@ def _refuse_torch_dropout(dropout_p):
 
 def _torch_op_forward(q, k, v, q_idx, k_idx, key_mask, *, dropout_p=0.0, seed=None, **config):
     _refuse_torch_dropout(dropout_p)
-    return _chunked_forward_torch(q, k, v, q_idx, k_idx, key_mask, **config)
+    return chunked_forward_torch(q, k, v, q_idx, k_idx, key_mask, **config)
 
 
 def _torch_op_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds, *,
                        dropout_p=0.0, seed=None, **config):
     _refuse_torch_dropout(dropout_p)
-    return _chunked_backward_torch(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds,
+    return chunked_backward_torch(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds,
                                    lse_rounds, **config)
 
 
-backends.register(backends.Implementation(
-    op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
-    functions={"forward": _torch_op_forward, "backward": _torch_op_backward},
-))
-backends.register(backends.Implementation(
-    op=OP, backend="triton", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=True,
-    functions={"forward": _triton_forward, "backward": _triton_backward},
-    environment_reasons=backends.triton_environment_reasons, limits=_triton_limits,
-))
+backends.register_torch_and_triton(
+    OP, dtypes=FLOAT_DTYPES, torch_functions={"forward": _torch_op_forward, "backward": _torch_op_backward},
+    triton_functions={"forward": _triton_forward, "backward": _triton_backward}, triton_limits=_triton_limits,
+)

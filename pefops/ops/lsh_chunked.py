@@ -223,7 +223,7 @@ def _place(padded_rows, layout, rounds, out_dtype):
     return flat.view(batch, heads, rounds, seq, width).to(out_dtype)
 
 
-def _chunked_forward_torch(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks_before, chunks_after, causal,
+def chunked_forward_torch(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks_before, chunks_after, causal,
                            self_mask, scale, mask_value, self_mask_value):
     """The core (spec): -> out_rounds [B,H,nh,S,Dv] (v's dtype), lse_rounds [B,H,nh,S] float32."""
     if _irregular(q, q_idx, chunk_length, chunks_before, chunks_after):
@@ -255,7 +255,7 @@ def _forward_impl(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, 
     return out_rounds, lse_rounds, saved
 
 
-def _chunked_backward_torch(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds,
+def chunked_backward_torch(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, key_mask, out_rounds, lse_rounds,
                             *, chunk_length, chunks_before, chunks_after, causal, self_mask, scale, mask_value,
                             self_mask_value):
     """The core's backward (spec), recomputing the probabilities: -> (dq, dk, dv) float32."""
@@ -457,7 +457,7 @@ def _irregular(q, q_idx, chunk_length, chunks_before, chunks_after) -> bool:
     return window_repeats_own_chunk(q_idx.shape[-1] // chunk_length, chunks_before, chunks_after)
 
 
-class _EagerChunkedAttention(torch.autograd.Function):
+class EagerChunkedAttention(torch.autograd.Function):
     """The torch core under plain autograd for eager calls: saves the probabilities (no recompute);
     the only path with dropout."""
 

@@ -18,11 +18,10 @@ from typing import Optional, Sequence
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, once_differentiable
+from pefops.ops.common import FLOAT_DTYPES, compute_dtype, once_differentiable
 
 BUCKET_OP = "lsh_bucket_ids"
 COMBINE_OP = "lsh_combine"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------ bucket ids

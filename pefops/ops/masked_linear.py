@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from pefops import backend as backends
 from pefops.kernels.shared import unit_stride_rows
-from pefops.ops.common import check_index_tensor, describe, flat_rows, host_to_device, once_differentiable
+from pefops.ops.common import (FLOAT_DTYPES, check_float_dtype, check_index_tensor, check_like, compute_dtype, describe,
+                               flat_rows, host_to_device, once_differentiable)
 
 OP = "masked_linear"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DECODE_ROWS = 16
 _BIT_TABLES = {}
 
@@ -140,12 +140,8 @@ def _check_common(x, weight, bias):
     out_features, in_features = weight.shape
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must be [..., in_features={in_features}]; got {describe(x)}")
-    if x.dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight must have x's dtype {x.dtype}; got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight must be on x's device {x.device}; got {weight.device}")
+    check_float_dtype("x", x.dtype)
+    check_like("weight", weight, "x", x)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must be [out_features={out_features}]; got {describe(bias)}")
@@ -196,26 +192,30 @@ def _(x, weight, scores, threshold, bias, backend):
             x.new_empty((weight.shape[0], packed_columns(weight.shape[1])), dtype=torch.uint8))
 
 
-@torch.library.custom_op("pefops::masked_linear_grad_input", mutates_args=())
-def _masked_linear_grad_input(grad: torch.Tensor, weight: torch.Tensor, packed_mask: torch.Tensor,
-                              backend: str) -> torch.Tensor:
-    return _serve(grad, weight, "backward", backend, "grad_input", grad, weight, packed_mask)
+def _define_backward_op(role: str, schema: str, rows_and_weight: Callable, fake_output: Callable):
+    """The backward custom op pefops::masked_linear_<role> with `schema` (three tensors, then the
+    backend): the selected backend's `role` function of the three tensors, chosen on the rows operand
+    and the weight that `rows_and_weight` picks from them; `fake_output` makes the fake's result."""
+
+    def kernel(first, second, third, backend):
+        rows, weight = rows_and_weight(first, second, third)
+        return _serve(rows, weight, "backward", backend, role, first, second, third)
+
+    op = torch.library.custom_op(f"pefops::masked_linear_{role}", kernel, mutates_args=(), schema=schema)
+    op.register_fake(lambda first, second, third, backend: fake_output(first, second, third))
+    return op
 
 
-@_masked_linear_grad_input.register_fake
-def _(grad, weight, packed_mask, backend):
-    return grad.new_empty((grad.shape[0], weight.shape[1]))
-
-
-@torch.library.custom_op("pefops::masked_linear_grad_scores", mutates_args=())
-def _masked_linear_grad_scores(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                               backend: str) -> torch.Tensor:
-    return _serve(x, weight, "backward", backend, "grad_scores", grad, x, weight)
-
-
-@_masked_linear_grad_scores.register_fake
-def _(grad, x, weight, backend):
-    return x.new_empty(tuple(weight.shape), dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
+_masked_linear_grad_input = _define_backward_op(
+    "grad_input", "(Tensor grad, Tensor weight, Tensor packed_mask, str backend) -> Tensor",
+    rows_and_weight=lambda grad, weight, packed_mask: (grad, weight),
+    fake_output=lambda grad, weight, packed_mask: grad.new_empty((grad.shape[0], weight.shape[1])),
+)
+_masked_linear_grad_scores = _define_backward_op(
+    "grad_scores", "(Tensor grad, Tensor x, Tensor weight, str backend) -> Tensor",
+    rows_and_weight=lambda grad, x, weight: (x, weight),
+    fake_output=lambda grad, x, weight: x.new_empty(tuple(weight.shape), dtype=compute_dtype(x.dtype)),
+)
 
 
 def _input_and_bias_grads(ctx, grad, weight, packed):
@@ -261,14 +261,6 @@ _masked_linear_scores_fwd.register_autograd(_backward_scores, setup_context=_set
 # ------------------------------------------------------------------------------------ public ops
 
 
-def _eager_torch_path(x2, weight, backend) -> bool:
-    """Eager calls the torch backend serves run the differentiable reference directly (the same ATen
-    calls eager PyTorch makes, without the custom op's Python dispatch)."""
-    if backends.forced_backend(backend) is not None or backends.compiling():
-        return False
-    return backends.select(OP, _problem(x2, weight, "forward")).backend == "torch"
-
-
 def masked_linear(x, weight, packed_mask, bias=None, *, backend=None):
     """Inference form: x @ (weight ⊙ unpack(packed_mask)).T + bias. x [..., in]; weight [out, in]
     (frozen; any strides, e.g. a transposed Conv1D weight); packed_mask uint8 [out, ceil(in/8)];
@@ -278,7 +270,7 @@ def masked_linear(x, weight, packed_mask, bias=None, *, backend=None):
     if packed_mask.device != x.device:
         raise ValueError(f"packed_mask must be on x's device {x.device}; got {packed_mask.device}")
     x2 = unit_stride_rows(flat_rows(x, in_features))
-    if x2.numel() == 0 or out_features == 0 or _eager_torch_path(x2, weight, backend):
+    if x2.numel() == 0 or out_features == 0 or backends.eager_torch(OP, _problem(x2, weight, "forward"), backend):
         # (an empty problem, no rows or no features, launches nothing whatever the backend: the
         # reference under autograd gives the empty or zero output and gradients)
         out = masked_linear_ref(x2, weight, packed_mask, bias)
@@ -298,7 +290,8 @@ def masked_linear_scores(x, weight, scores, threshold, bias=None, *, backend=Non
     if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
         raise ValueError(f"threshold must be a float; got {type(threshold).__name__}")
     x2 = unit_stride_rows(flat_rows(x, in_features))
-    if x2.numel() == 0 or out_features == 0 or _eager_torch_path(x2, weight, backend):  # empty: as masked_linear
+    # an empty problem as in masked_linear
+    if x2.numel() == 0 or out_features == 0 or backends.eager_torch(OP, _problem(x2, weight, "forward"), backend):
         out = masked_linear_scores_ref(x2, weight, scores, threshold, bias)
     else:
         out = _masked_linear_scores_fwd(x2, weight, scores, float(threshold), bias, backend or "")[0]
@@ -317,7 +310,7 @@ def _torch_grad_input(grad, weight, packed):
 
 
 def _torch_grad_scores(grad, x, weight):
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x.dtype)
     return (grad.to(cdt).t() @ x.to(cdt)) * weight.to(cdt)
 
 

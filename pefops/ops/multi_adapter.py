@@ -41,24 +41,21 @@ stacked weights and never reach a weight gradient.
 from __future__ import annotations
 
 import collections
-import numbers
 import weakref
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 
 from pefops import backend as backends
-from pefops.ops.common import (check_index_tensor, compute_dtype, constant, describe, flat_rows, host_to_device,
-                               once_differentiable)
+from pefops.ops.adapter_call import (GRAD_NAMES, AdapterCall, check_adapter_operands,
+                                     check_scaling_tensor, check_scaling_value, contiguous, define_custom_ops,
+                                     layer_norm_backward, layer_norm_forward, register_backends)
+from pefops.ops.common import (check_float_dtype, check_index_tensor, compute_dtype, constant, describe, flat_rows,
+                               host_to_device)
 from pefops.ops.activations import activation_backward, activation_code, activation_forward
 from pefops.kernels.shared import unit_stride_rows
-from pefops.ops.bottleneck_adapter import _triton_limits, cuda_decode_limits
 
 OP = "multi_adapter"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# order of the gradients the backward op returns (and of its grad mask)
-GRAD_NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "scaling", "residual", "ln_weight", "ln_bias")
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -158,11 +155,11 @@ def _grouped_linear(rows_padded, weight, bias, padding, cdt):
     return torch.baddbmm(_gather(bias, padding, cdt).unsqueeze(1), rows_padded, gathered)
 
 
-def _chunk_scale(scaling, scaling_value, padding, cdt):
+def _chunk_scale(call: AdapterCall, padding, cdt):
     """The scale of each chunk's rows: a float, [chunks, 1, 1] (per adapter) or [chunks, 1, H]."""
-    if scaling is None:
-        return scaling_value
-    scale = _gather(scaling, padding, cdt)
+    if call.scaling is None:
+        return call.scaling_value
+    scale = _gather(call.scaling, padding, cdt)
     return scale.view(-1, 1, 1) if scale.dim() == 1 else scale.unsqueeze(1)
 
 
@@ -172,65 +169,52 @@ def _per_adapter(values, padding, adapters):
     return out.index_add_(0, padding.chunk_adapter, values)
 
 
-def _torch_forward(x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual,
-                   ln_weight, ln_bias, ln_eps, layer_norm, activation, negative_slope):
+def _torch_forward(call: AdapterCall):
     """The reference forward, vectorised over adapters, in fp32 (fp64 for fp64 inputs): rows padded
     by adapter, batched GEMMs, rows back in order. Differentiable, so `multi_adapter_ref` is this
-    function with plain autograd. x: [T, H], index [T] int64. Returns (out, z, mean, rstd)."""
+    function with plain autograd. call.x: [T, H], call.index [T] int64. Returns (out, z, mean, rstd)."""
+    x = call.x
     cdt = compute_dtype(x.dtype)
-    padding = _padding_of(index, down_weight.shape[0])
-    z_padded = _grouped_linear(_pad(x.to(cdt), padding), down_weight, down_bias, padding, cdt)
-    u_padded = _grouped_linear(activation_forward(z_padded, activation, negative_slope), up_weight, up_bias,
-                               padding, cdt)
-    scale = _chunk_scale(scaling, scaling_value, padding, cdt)
-    base = (x if residual is None else residual).to(cdt)
+    padding = _padding_of(call.index, call.adapters)
+    z_padded = _grouped_linear(_pad(x.to(cdt), padding), call.down_weight, call.down_bias, padding, cdt)
+    u_padded = _grouped_linear(activation_forward(z_padded, call.activation, call.negative_slope), call.up_weight,
+                               call.up_bias, padding, cdt)
+    scale = _chunk_scale(call, padding, cdt)
+    base = call.residual_or_x().to(cdt)
     if isinstance(scale, float):
         y = torch.add(base, _unpad(u_padded, padding), alpha=scale)
     else:
         y = base + _unpad(u_padded * scale, padding)
-    if layer_norm:
-        weight = None if ln_weight is None else ln_weight.to(cdt)
-        bias = None if ln_bias is None else ln_bias.to(cdt)
-        out, mean, rstd = torch.native_layer_norm(y, [y.shape[-1]], weight, bias, ln_eps)
-        mean, rstd = mean.reshape(-1), rstd.reshape(-1)
-    else:
-        out = y
-        mean, rstd = y.new_empty(0), y.new_empty(0)
+    out, mean, rstd = layer_norm_forward(y, call)
     return out.to(x.dtype), _unpad(z_padded, padding), mean, rstd
 
 
-def _torch_backward(grad_out, x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value,
-                    residual, ln_weight, ln_bias, layer_norm, z, mean, rstd, activation, negative_slope, grad_mask):
+def _torch_backward(grad_out, call: AdapterCall, z, mean, rstd, grad_mask):
     """Explicit backward in the compute dtype, in the padded layout of the forward: batched GEMMs
     over the chunks, per-chunk sums index_add-ed into the stacked gradients (a few rows per
     adapter, never one per token). Returns grads in GRAD_NAMES order, None where grad_mask says not
     needed."""
     cdt = z.dtype
     need = dict(zip(GRAD_NAMES, grad_mask))
-    adapters, rank, hidden = down_weight.shape
-    padding = _padding_of(index, adapters)
+    adapters = call.adapters
+    padding = _padding_of(call.index, adapters)
     z_padded = _pad(z, padding)
-    a_padded = activation_forward(z_padded, activation, negative_slope)
-    scale = _chunk_scale(scaling, scaling_value, padding, cdt)
+    a_padded = activation_forward(z_padded, call.activation, call.negative_slope)
+    scale = _chunk_scale(call, padding, cdt)
     u_padded = None
-    if layer_norm or need["scaling"]:
-        u_padded = _grouped_linear(a_padded, up_weight, up_bias, padding, cdt)
+    if call.layer_norm or need["scaling"]:
+        u_padded = _grouped_linear(a_padded, call.up_weight, call.up_bias, padding, cdt)
     d_ln_weight = d_ln_bias = None
-    if layer_norm:
-        y = (x if residual is None else residual).to(cdt) + _unpad(u_padded * scale, padding)
-        weight = None if ln_weight is None else ln_weight.to(cdt)
-        bias = None if ln_bias is None else ln_bias.to(cdt)
-        dy, d_ln_weight, d_ln_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_out.to(cdt), y, [hidden], mean.reshape(-1, 1), rstd.reshape(-1, 1), weight, bias,
-            [True, need["ln_weight"] and weight is not None, need["ln_bias"] and bias is not None],
-        )
+    if call.layer_norm:
+        y = call.residual_or_x().to(cdt) + _unpad(u_padded * scale, padding)
+        dy, d_ln_weight, d_ln_bias = layer_norm_backward(grad_out.to(cdt), y, call, mean, rstd, need)
     else:
         dy = grad_out.to(cdt)
     dy_padded = _pad(dy, padding)
     d_scaling = None
     if need["scaling"]:
         product = (dy_padded * u_padded).sum(1)  # [chunks, H]
-        d_scaling = _per_adapter(product.sum(1) if scaling.dim() == 1 else product, padding, adapters)
+        d_scaling = _per_adapter(product.sum(1) if call.scaling.dim() == 1 else product, padding, adapters)
     du_padded = dy_padded * scale
     d_up_weight = d_up_bias = d_down_weight = d_down_bias = dx = None
     if need["up_weight"]:
@@ -238,17 +222,17 @@ def _torch_backward(grad_out, x, index, down_weight, down_bias, up_weight, up_bi
     if need["up_bias"]:
         d_up_bias = _per_adapter(du_padded.sum(1), padding, adapters)
     if need["x"] or need["down_weight"] or need["down_bias"]:
-        da_padded = torch.bmm(du_padded, _gather(up_weight, padding, cdt))
+        da_padded = torch.bmm(du_padded, _gather(call.up_weight, padding, cdt))
         # the padding's rows of da are zero, so are those of dz whatever z holds there
-        dz_padded = activation_backward(da_padded, z_padded, activation, negative_slope)
+        dz_padded = activation_backward(da_padded, z_padded, call.activation, call.negative_slope)
         if need["down_weight"]:
-            x_padded = _pad(x.to(cdt), padding)
+            x_padded = _pad(call.x.to(cdt), padding)
             d_down_weight = _per_adapter(torch.bmm(dz_padded.transpose(1, 2), x_padded), padding, adapters)
         if need["down_bias"]:
             d_down_bias = _per_adapter(dz_padded.sum(1), padding, adapters)
         if need["x"]:
-            dx = _unpad(torch.bmm(dz_padded, _gather(down_weight, padding, cdt)), padding)
-            if residual is None:
+            dx = _unpad(torch.bmm(dz_padded, _gather(call.down_weight, padding, cdt)), padding)
+            if call.residual is None:
                 dx = dx + dy
     d_residual = dy if need["residual"] else None
     return (dx, d_down_weight, d_down_bias, d_up_weight, d_up_bias, d_scaling, d_residual, d_ln_weight, d_ln_bias)
@@ -258,30 +242,24 @@ def multi_adapter_ref(x, adapter_index, down_weight, down_bias, up_weight, up_bi
                       scaling=1.0, residual=None, layer_norm=None, negative_slope=0.01):
     """The reference: same arguments as `multi_adapter`, plain autograd, fp32 (fp64 for fp64
     inputs) math, output in x's dtype. The CPU baseline."""
-    args = _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual,
-                      layer_norm)
-    x2, index, residual2, scaling_tensor, scaling_value, ln_weight, ln_bias, ln_eps, has_ln, code = args
-    out = _torch_forward(x2, index.to(x2.device), down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value,
-                         residual2, ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope))[0]
-    return out.reshape(x.shape)
+    call = _validate(x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual,
+                     layer_norm, negative_slope)
+    index = _flat_index(call.index, tuple(x.shape[:-1])).to(call.x.device)
+    return _torch_forward(call.with_index(index))[0].reshape(x.shape)
 
 
 # ------------------------------------------------------------------------------------ validation
 
 
-def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual,
-               layer_norm, flatten_index=True):
-    """Check every argument (ValueError saying what was expected) and bring x and the residual to
-    [tokens, hidden], the index to one int64 per token (on its own device: x's or the CPU; with
-    flatten_index=False the checked adapter_index itself, for the routing plan's lookup) and the
-    scaling to None, [N] or [N, H].
-    Returns (x2d, index, residual2d, scaling_tensor, scaling_value, ln_weight, ln_bias, ln_eps,
-    has_ln, activation_code)."""
+def _validate(x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual,
+              layer_norm, negative_slope) -> AdapterCall:
+    """Check every argument (ValueError saying what was expected); the call with x and the residual
+    as [tokens, hidden], the scaling as None, [N] or [N, H], and the checked adapter_index itself as
+    its index (flattened by the caller: the routing plan looks the caller's tensor up)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor [batch, ..., hidden] (at least 2-D); got {describe(x)}")
     dtype, device = x.dtype, x.device
-    if dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise ValueError(f"x must be float32, float16 or bfloat16 (float64 for gradcheck); got {dtype}")
+    check_float_dtype("x", dtype)
     hidden = x.shape[-1]
     check_index_tensor(adapter_index, "adapter_index", "(int64)")
     leading = tuple(x.shape[:-1])
@@ -295,48 +273,11 @@ def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, act
     adapters, rank = down_weight.shape[0], down_weight.shape[1]
     if adapters < 1 or rank < 1:
         raise ValueError(f"down_weight must hold at least one adapter of rank >= 1; got shape {tuple(down_weight.shape)}")
-    if up_weight is None:
-        raise ValueError(f"up_weight must be a tensor [adapters={adapters}, hidden={hidden}, rank={rank}]; got None")
-    expected = {
-        "down_weight": (down_weight, (adapters, rank, hidden)),
-        "down_bias": (down_bias, (adapters, rank)),
-        "up_weight": (up_weight, (adapters, hidden, rank)),
-        "up_bias": (up_bias, (adapters, hidden)),
-    }
-    if residual is not None:
-        expected["residual"] = (residual, tuple(x.shape))
-    has_ln = layer_norm is not None
-    ln_weight = ln_bias = None
-    ln_eps = 1e-5
-    if has_ln:
-        if not isinstance(layer_norm, (tuple, list)) or len(layer_norm) != 3:
-            raise ValueError("layer_norm must be a tuple (weight or None, bias or None, eps)")
-        ln_weight, ln_bias, ln_eps = layer_norm
-        if not isinstance(ln_eps, numbers.Real) or ln_eps <= 0:
-            raise ValueError(f"layer_norm eps must be a positive float; got {ln_eps!r}")
-        if hidden == 0:
-            raise ValueError("layer_norm over hidden size 0 has no meaning (no values to normalise); x has shape "
-                             f"{tuple(x.shape)}: pass layer_norm=None or a hidden size >= 1")
-        expected["layer_norm weight"] = (ln_weight, (hidden,))
-        expected["layer_norm bias"] = (ln_bias, (hidden,))
-    for name, (tensor, shape) in expected.items():
-        if tensor is None:
-            continue
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor of shape {shape}; got {type(tensor).__name__}")
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (x is {tuple(x.shape)}, {adapters} adapters of rank "
-                             f"{rank}); got {tuple(tensor.shape)}")
-        if tensor.dtype != dtype:
-            raise ValueError(f"{name} must have x's dtype {dtype}; got {tensor.dtype} (cast the adapters or the input)")
-        if tensor.device != device:
-            raise ValueError(f"{name} must be on x's device {device}; got {tensor.device}")
+    ln_weight, ln_bias, ln_eps = check_adapter_operands(x, down_weight, down_bias, up_weight, up_bias, residual,
+                                                        layer_norm, adapters)
     scaling_tensor, scaling_value = None, 1.0
     if isinstance(scaling, torch.Tensor):
-        if not scaling.is_floating_point():
-            raise ValueError(f"scaling tensor must be floating point; got {scaling.dtype}")
-        if scaling.device != device:
-            raise ValueError(f"scaling must be on x's device {device}; got {scaling.device}")
+        check_scaling_tensor(scaling, device)
         shape = tuple(scaling.shape)
         if scaling.numel() == 1 and scaling.dim() <= 1:
             scaling_tensor = scaling.reshape(1).expand(adapters)  # one value shared by every adapter
@@ -347,15 +288,15 @@ def _normalise(x, adapter_index, down_weight, down_bias, up_weight, up_bias, act
         else:
             raise ValueError(f"scaling must be a float, a one-element tensor, a tensor [adapters={adapters}] or "
                              f"[adapters={adapters}, hidden={hidden}]; got shape {shape}")
-    elif isinstance(scaling, numbers.Real) and not isinstance(scaling, bool):
-        scaling_value = float(scaling)
     else:
-        raise ValueError(f"scaling must be a float or a tensor; got {type(scaling).__name__}")
-    code = activation_code(activation)
-    index = _flat_index(adapter_index, leading) if flatten_index else adapter_index
-    x2 = flat_rows(x, hidden)
-    residual2 = None if residual is None else flat_rows(residual, hidden)
-    return x2, index, residual2, scaling_tensor, scaling_value, ln_weight, ln_bias, float(ln_eps), has_ln, code
+        scaling_value = check_scaling_value(scaling)
+    return AdapterCall(
+        x=flat_rows(x, hidden), index=adapter_index, down_weight=down_weight, down_bias=down_bias,
+        up_weight=up_weight, up_bias=up_bias, scaling=scaling_tensor, scaling_value=scaling_value,
+        residual=None if residual is None else flat_rows(residual, hidden),
+        ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps, layer_norm=layer_norm is not None,
+        activation=activation_code(activation), negative_slope=float(negative_slope),
+    )
 
 
 def _flat_index(adapter_index: torch.Tensor, leading: tuple) -> torch.Tensor:
@@ -494,110 +435,10 @@ def _groups_of(index: torch.Tensor, adapters: int):
     return plan.groups() if plan is not None and plan.adapters == adapters else None
 
 
-def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if tensor is None else tensor.contiguous()
-
-
-def _problem(x, down_weight, mode):
-    tokens, hidden = x.shape
-    sizes = {"tokens": tokens, "hidden": hidden, "rank": down_weight.shape[1], "adapters": down_weight.shape[0]}
-    return backends.Problem(x.device, x.dtype, mode, sizes)
-
-
 # ------------------------------------------------------------------------------------ custom ops
+# pefops::multi_adapter_fwd / _bwd: flat schemas (adapter_call's parameter tables), the call rebuilt by name
 
-
-@torch.library.custom_op("pefops::multi_adapter_fwd", mutates_args=())
-def _multi_adapter_fwd(
-    x: torch.Tensor, index: torch.Tensor, down_weight: torch.Tensor, down_bias: Optional[torch.Tensor],
-    up_weight: torch.Tensor, up_bias: Optional[torch.Tensor], scaling: Optional[torch.Tensor], scaling_value: float,
-    residual: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
-    ln_eps: float, layer_norm: bool, activation: int, negative_slope: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    implementation = backends.select(OP, _problem(x, down_weight, "forward"), backend or None)
-    return implementation.functions["forward"](
-        x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual,
-        ln_weight, ln_bias, ln_eps, layer_norm, activation, negative_slope,
-    )
-
-
-@_multi_adapter_fwd.register_fake
-def _(x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual, ln_weight, ln_bias,
-      ln_eps, layer_norm, activation, negative_slope, backend):
-    tokens, rank = x.shape[0], down_weight.shape[1]
-    cdt = compute_dtype(x.dtype)
-    stats = tokens if layer_norm else 0
-    return (x.new_empty(x.shape), x.new_empty((tokens, rank), dtype=cdt),
-            x.new_empty((stats,), dtype=cdt), x.new_empty((stats,), dtype=cdt))
-
-
-@torch.library.custom_op("pefops::multi_adapter_bwd", mutates_args=())
-def _multi_adapter_bwd(
-    grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, down_weight: torch.Tensor,
-    down_bias: Optional[torch.Tensor], up_weight: torch.Tensor, up_bias: Optional[torch.Tensor],
-    scaling: Optional[torch.Tensor], scaling_value: float, residual: Optional[torch.Tensor],
-    ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], layer_norm: bool, z: torch.Tensor,
-    mean: torch.Tensor, rstd: torch.Tensor, activation: int, negative_slope: float, grad_mask: Sequence[bool],
-    backend: str,
-) -> list[torch.Tensor]:
-    implementation = backends.select(OP, _problem(x, down_weight, "backward"), backend or None)
-    grads = implementation.functions["backward"](
-        grad_out, x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual,
-        ln_weight, ln_bias, layer_norm, z, mean, rstd, activation, negative_slope, list(grad_mask),
-    )
-    # custom ops return tensors only: an empty tensor stands for "not needed"
-    inputs = (x, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias)
-    return [
-        grad.to(reference.dtype).reshape(reference.shape) if grad is not None else x.new_empty(0)
-        for grad, reference in zip(grads, inputs)
-    ]
-
-
-@_multi_adapter_bwd.register_fake
-def _(grad_out, x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual, ln_weight,
-      ln_bias, layer_norm, z, mean, rstd, activation, negative_slope, grad_mask, backend):
-    inputs = (x, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias)
-    return [
-        x.new_empty(reference.shape, dtype=reference.dtype) if needed and reference is not None else x.new_empty(0)
-        for needed, reference in zip(grad_mask, inputs)
-    ]
-
-
-def _setup_context(ctx, inputs, output):
-    (x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual, ln_weight, ln_bias,
-     ln_eps, layer_norm, activation, negative_slope, backend) = inputs
-    _, z, mean, rstd = output
-    ctx.save_for_backward(x, index, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias,
-                          z, mean, rstd)
-    ctx.config = (scaling_value, layer_norm, activation, negative_slope, backend)
-
-
-@once_differentiable("multi_adapter")
-def _backward(ctx, grad_out, _grad_z, _grad_mean, _grad_rstd):
-    (x, index, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias,
-     z, mean, rstd) = ctx.saved_tensors
-    scaling_value, layer_norm, activation, negative_slope, backend = ctx.config
-    needs = list(ctx.needs_input_grad)
-    # inputs order: x, index, dw, db, uw, ub, scaling, scaling_value, residual, lnw, lnb, ...
-    grad_mask = [needs[0], needs[2], needs[3], needs[4], needs[5], needs[6], needs[8], needs[9], needs[10]]
-    residual_passthrough = grad_mask[6] and not layer_norm
-    if residual_passthrough:
-        grad_mask[6] = False  # without LayerNorm the residual's gradient is grad_out itself
-    grads = [None] * 9
-    if any(grad_mask):
-        outputs = _multi_adapter_bwd(
-            grad_out.contiguous(), x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value,
-            residual, ln_weight, ln_bias, layer_norm, z, mean, rstd, activation, negative_slope, grad_mask, backend,
-        )
-        grads = [grad if needed else None for grad, needed in zip(outputs, grad_mask)]
-    if residual_passthrough:
-        grads[6] = grad_out
-    dx, d_dw, d_db, d_uw, d_ub, d_scaling, d_residual, d_lnw, d_lnb = grads
-    return (dx, None, d_dw, d_db, d_uw, d_ub, d_scaling, None, d_residual, d_lnw, d_lnb,
-            None, None, None, None, None)
-
-
-_multi_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+_multi_adapter_fwd, _multi_adapter_bwd = define_custom_ops(OP, routed=True)
 
 
 # ------------------------------------------------------------------------------------ public op
@@ -620,102 +461,85 @@ def multi_adapter(x, adapter_index, down_weight, down_bias, up_weight, up_bias, 
     Out-of-range indices raise ValueError for a CPU index; see the module docstring for CUDA.
     Returns a tensor like x.
     """
-    x2, index, residual2, scaling_tensor, scaling_value, ln_weight, ln_bias, ln_eps, has_ln, code = _normalise(
-        x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, layer_norm,
-        flatten_index=False,
-    )
-    forced = backends.forced_backend(backend)  # rejects a misspelt backend before any work
-    compiling = backends.compiling()
-    if compiling:
+    call = _validate(x, adapter_index, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual,
+                     layer_norm, negative_slope)
+    backends.forced_backend(backend)  # rejects a misspelt backend before any work
+    leading = tuple(x.shape[:-1])
+    if backends.compiling():
         # traced graphs get no plan (no cache across traces): the backends group the index themselves
-        index = _flat_index(index, tuple(x.shape[:-1])).to(x2.device)
+        index = _flat_index(call.index, leading).to(call.x.device)
     else:
         # once per routing index (range-checked there when it is a CPU index); plan.index is the
         # plan's own copy, so the custom op may save it for the backward as it is
-        index = _routing_plan(index, tuple(x.shape[:-1]), down_weight.shape[0], x2.device).index
-    # Eager calls the torch backend serves run its differentiable reference directly under autograd
-    # (no custom-op dispatch, no recomputation in backward); so do empty problems (no rows, or hidden
-    # size 0: nothing to launch, whatever the backend; empty output, zero or empty gradients).
-    # Compiled graphs and forced backends go through the custom op.
-    eager_torch = (forced is None and not compiling
-                   and backends.select(OP, _problem(x2, down_weight, "forward")).backend == "torch")
-    if x2.numel() == 0 or eager_torch:
-        out = _torch_forward(x2, index, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value,
-                             residual2, ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope))[0]
-        return out.reshape(x.shape)
-    if compiling:
+        index = _routing_plan(call.index, leading, call.adapters, call.x.device).index
+    call = call.with_index(index)
+    # An empty problem (no rows, or hidden size 0) launches nothing whatever the backend: the
+    # reference under autograd gives the empty output and zero (or empty) gradients; so do eager
+    # calls the torch backend serves (see backends.eager_torch).
+    if call.x.numel() == 0 or backends.eager_torch(OP, call.problem("forward"), backend):
+        return _torch_forward(call)[0].reshape(x.shape)
+    if backends.compiling():
         # the custom op saves the index for its backward: its own copy, so that the caller editing
         # its index tensor in place after the call cannot change (or break) the gradient's routing
-        index = index.clone()
-    out = _multi_adapter_fwd(
-        x2, index, down_weight, down_bias, up_weight, up_bias, scaling_tensor, scaling_value, residual2,
-        ln_weight, ln_bias, ln_eps, has_ln, code, float(negative_slope), backend or "",
-    )[0]
+        call = call.with_index(call.index.clone())
+    out = _multi_adapter_fwd(*call.forward_arguments(backend or ""))[0]
     return out.reshape(x.shape)
 
 
 # ------------------------------------------------------------------------------------ backends
+# The kernel launchers take the call's fields by position (their `scale` is the call's `scaling`).
 
 
-def _triton_forward(x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual,
-                    ln_weight, ln_bias, ln_eps, layer_norm, activation, negative_slope):
+def _triton_forward(call: AdapterCall):
     kernels = backends.import_kernels("multi_adapter")
     return kernels.multi_adapter_forward(
-        unit_stride_rows(x), index.contiguous(), down_weight.contiguous(), _contiguous(down_bias),
-        up_weight.contiguous(), _contiguous(up_bias), scaling, scaling_value, unit_stride_rows(residual),
-        _contiguous(ln_weight), _contiguous(ln_bias), ln_eps, layer_norm, activation, negative_slope, groups=_groups_of(index, down_weight.shape[0]),
+        unit_stride_rows(call.x), call.index.contiguous(), call.down_weight.contiguous(), contiguous(call.down_bias),
+        call.up_weight.contiguous(), contiguous(call.up_bias), call.scaling, call.scaling_value,
+        unit_stride_rows(call.residual), contiguous(call.ln_weight), contiguous(call.ln_bias), call.ln_eps,
+        call.layer_norm, call.activation, call.negative_slope, groups=_groups_of(call.index, call.adapters),
     )
 
 
-def _triton_backward(grad_out, x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value,
-                     residual, ln_weight, ln_bias, layer_norm, z, mean, rstd, activation, negative_slope, grad_mask):
+def _triton_backward(grad_out, call: AdapterCall, z, mean, rstd, grad_mask):
     """Two kernels: rows (dy, dz, dx and per-block scaling / LayerNorm sums) and weights (per-adapter
     dWd, dbd, dWu, dbu over each adapter's gathered rows)."""
     kernels = backends.import_kernels("multi_adapter")
     need = dict(zip(GRAD_NAMES, grad_mask))
     grads = kernels.multi_adapter_backward(
-        unit_stride_rows(grad_out), unit_stride_rows(x), index.contiguous(), down_weight.contiguous(),
-        up_weight.contiguous(), _contiguous(up_bias), scaling, scaling_value, unit_stride_rows(residual),
-        _contiguous(ln_weight), z, mean, rstd, layer_norm, activation, negative_slope, need, groups=_groups_of(index, down_weight.shape[0]),
+        unit_stride_rows(grad_out), unit_stride_rows(call.x), call.index.contiguous(), call.down_weight.contiguous(),
+        call.up_weight.contiguous(), contiguous(call.up_bias), call.scaling, call.scaling_value,
+        unit_stride_rows(call.residual), contiguous(call.ln_weight), z, mean, rstd, call.layer_norm, call.activation,
+        call.negative_slope, need, groups=_groups_of(call.index, call.adapters),
     )
     return tuple(grads.get(name) if need[name] else None for name in GRAD_NAMES)
 
 
-def _cuda_forward(x, index, down_weight, down_bias, up_weight, up_bias, scaling, scaling_value, residual,
-                  ln_weight, ln_bias, ln_eps, layer_norm, activation, negative_slope):
+def _cuda_forward(call: AdapterCall):
     from pefops import csrc
 
-    adapters, _, hidden = down_weight.shape
-    if scaling is None:
-        scale = constant(scaling_value, (adapters, hidden), torch.float32, x.device)
+    x = call.x
+    adapters, hidden = call.adapters, x.shape[1]
+    if call.scaling is None:
+        scale = constant(call.scaling_value, (adapters, hidden), torch.float32, x.device)
     else:
-        scale = scaling.detach().to(torch.float32).reshape(adapters, -1).expand(adapters, hidden).contiguous()
+        scale = call.scaling.detach().to(torch.float32).reshape(adapters, -1).expand(adapters, hidden).contiguous()
     empty = x.new_empty(0)
+    # absent biases are empty tensors here (the kernel tests their size); an absent LayerNorm weight is ones
+    ln_weight = empty
+    if call.layer_norm:
+        ln_weight = (contiguous(call.ln_weight) if call.ln_weight is not None
+                     else constant(1.0, (hidden,), x.dtype, x.device))
     return tuple(csrc.load().multi_adapter_decode_forward(
-        x.contiguous(), index.contiguous(), down_weight.contiguous(),
-        down_bias.contiguous() if down_bias is not None else empty,
-        up_weight.contiguous(), up_bias.contiguous() if up_bias is not None else empty,
-        scale, (x if residual is None else residual).contiguous(),
-        _contiguous(ln_weight) if layer_norm and ln_weight is not None else (constant(1.0, (hidden,), x.dtype, x.device) if layer_norm else empty),
-        _contiguous(ln_bias) if layer_norm and ln_bias is not None else empty,
-        float(ln_eps), int(activation), float(negative_slope),
+        x.contiguous(), call.index.contiguous(), call.down_weight.contiguous(),
+        contiguous(call.down_bias) if call.down_bias is not None else empty,
+        call.up_weight.contiguous(), contiguous(call.up_bias) if call.up_bias is not None else empty,
+        scale, call.residual_or_x().contiguous(),
+        ln_weight,
+        contiguous(call.ln_bias) if call.layer_norm and call.ln_bias is not None else empty,
+        float(call.ln_eps), int(call.activation), float(call.negative_slope),
     ))
 
 
-_cuda_limits = cuda_decode_limits("multi_adapter_decode_forward", unit="rows")
-
-backends.register(backends.Implementation(
-    op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
-    functions={"forward": _torch_forward, "backward": _torch_backward},
-))
-backends.register(backends.Implementation(
-    op=OP, backend="triton", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=True,
-    functions={"forward": _triton_forward, "backward": _triton_backward},
-    environment_reasons=backends.triton_environment_reasons, limits=_triton_limits,
-))
-backends.register(backends.Implementation(
-    op=OP, backend="cuda", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=False,
-    functions={"forward": _cuda_forward},
-    environment_reasons=backends.cuda_extension_environment_reasons,
-    limits=_cuda_limits,
-))
+register_backends(OP, torch_functions={"forward": _torch_forward, "backward": _torch_backward},
+                  triton_functions={"forward": _triton_forward, "backward": _triton_backward},
+                  cuda_forward=_cuda_forward, cuda_symbol="multi_adapter_decode_forward", cuda_unit="rows")

@@ -44,10 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from pefops import backend as backends
-from pefops.ops.common import compute_dtype, describe, once_differentiable
+from pefops.ops.common import FLOAT_DTYPES, check_float_dtype, compute_dtype, describe, once_differentiable
 
 OP = "prefix_attention"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_HEAD_DIM = 256
 
 # order of the gradients the backward op returns (and of its grad mask)
@@ -249,8 +248,7 @@ def _normalise(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, dropo
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a tensor [batch, q_heads, queries, head_dim]; got {describe(q)}")
     dtype, device = q.dtype, q.device
-    if dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise ValueError(f"q must be float32, float16 or bfloat16 (float64 for gradcheck); got {dtype}")
+    check_float_dtype("q", dtype)
     batch, q_heads, sq, dim = q.shape
     for tensor, name in ((k, "k"), (v, "v")):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
@@ -392,7 +390,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attention_mask=None, causal
     """
     q, k, v, prefix_k, prefix_v, mask, scale = _normalise(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale,
                                                           dropout_p)
-    forced = backends.forced_backend(backend)  # rejects a misspelt backend before any work
+    backends.forced_backend(backend)  # rejects a misspelt backend before any work
     if dropout_p > 0.0:
         implementation = backends.select(OP, _problem(q, v, "forward", dropout=True), backend)
         if implementation.backend == "torch":
@@ -403,12 +401,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attention_mask=None, causal
         seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
         return _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale, float(dropout_p), seed,
                                      implementation.backend)[0]
-    if forced is None and not backends.compiling():
-        if backends.select(OP, _problem(q, v, "forward")).backend == "torch":
-            # Eager calls the torch backend serves run the differentiable reference directly under
-            # autograd (no custom-op dispatch, no recomputation in backward). Compiled graphs and
-            # forced backends go through the custom op.
-            return _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale)[0]
+    if backends.eager_torch(OP, _problem(q, v, "forward"), backend):
+        return _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale)[0]  # the reference under autograd
     return _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale, 0.0, None, backend or "")[0]
 
 
@@ -436,12 +430,7 @@ def _triton_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, caus
     return tuple(grad if needed else None for grad, needed in zip(grads, grad_mask))
 
 
-backends.register(backends.Implementation(
-    op=OP, backend="torch", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES + (torch.float64,), has_backward=True,
-    functions={"forward": _torch_op_forward, "backward": _torch_op_backward},
-))
-backends.register(backends.Implementation(
-    op=OP, backend="triton", devices=("cuda",), dtypes=FLOAT_DTYPES, has_backward=True,
-    functions={"forward": _triton_forward, "backward": _triton_backward},
-    environment_reasons=backends.triton_environment_reasons, limits=_triton_limits,
-))
+backends.register_torch_and_triton(
+    OP, dtypes=FLOAT_DTYPES, torch_functions={"forward": _torch_op_forward, "backward": _torch_op_backward},
+    triton_functions={"forward": _triton_forward, "backward": _triton_backward}, triton_limits=_triton_limits,
+)

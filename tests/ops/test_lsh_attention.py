@@ -249,16 +249,16 @@ def test_opcheck(self_mask):
 
 
 def test_core_torch_functions_match_eager_autograd():
-    # the spec's _chunked_forward_torch / _chunked_backward_torch (recomputing) against the saving
+    # the spec's chunked_forward_torch / chunked_backward_torch (recomputing) against the saving
     # eager autograd path
     q, k, v, q_idx, k_idx, mask, *config, _dropout_p, _seed, _backend = _core_args()
     names = ("chunk_length", "chunks_before", "chunks_after", "causal", "self_mask", "scale", "mask_value",
              "self_mask_value")
     kwargs = dict(zip(names, config))
-    out, lse = lsh_module._chunked_forward_torch(q, k, v, q_idx, k_idx, mask, **kwargs)
+    out, lse = lsh_module.chunked_forward_torch(q, k, v, q_idx, k_idx, mask, **kwargs)
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    grads = lsh_module._chunked_backward_torch(grad_out, grad_lse, q, k, v, q_idx, k_idx, mask, out, lse, **kwargs)
-    eager_out, eager_lse = lsh_module._EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, mask, tuple(config), 0.0)
+    grads = lsh_module.chunked_backward_torch(grad_out, grad_lse, q, k, v, q_idx, k_idx, mask, out, lse, **kwargs)
+    eager_out, eager_lse = lsh_module.EagerChunkedAttention.apply(q, k, v, q_idx, k_idx, mask, tuple(config), 0.0)
     eager_grads = torch.autograd.grad((eager_out * grad_out).sum() + (eager_lse * grad_lse).sum(), (q, k, v))
     assert_close(out, eager_out, torch.float32, "out")
     assert_close(lse, eager_lse, torch.float32, "lse")

@@ -13,6 +13,7 @@ from hypothesis import assume, given, settings, strategies as st
 from pefops import backend as backends
 from pefops.ops import bottleneck_adapter_ref, multi_adapter, multi_adapter_ref
 from tests.tolerances import assert_close
+from pefops.ops import adapter_call
 
 multi_adapter_module = importlib.import_module("pefops.ops.multi_adapter")  # the module, not the function
 
@@ -392,9 +393,9 @@ def test_torch_backend_checks_the_index_range_itself():
 def test_backend_limits():
     problem = lambda tokens, rank: backends.Problem(torch.device("cuda"), torch.float16, "forward",  # noqa: E731
                                                     {"tokens": tokens, "hidden": 64, "rank": rank, "adapters": 4})
-    assert "at most 16 rows" in " ".join(multi_adapter_module._cuda_limits(problem(17, 8)))
-    assert "rank 2048 exceeds" in " ".join(multi_adapter_module._triton_limits(problem(4, 2048)))
-    assert multi_adapter_module._triton_limits(problem(4, 1024)) == []
+    assert "at most 16 rows" in " ".join(backends.implementations("multi_adapter")["cuda"].limits(problem(17, 8)))
+    assert "rank 2048 exceeds" in " ".join(adapter_call.triton_limits(problem(4, 2048)))
+    assert adapter_call.triton_limits(problem(4, 1024)) == []
     cuda = backends.implementations("multi_adapter")["cuda"]
     assert not cuda.has_backward
     # on CPU, automatic selection is the torch reference
