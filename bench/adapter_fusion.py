@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.interface import NotApplicable, OpBenchmark, ProviderUnavailable, Work
 
 OP = "adapter_fusion"
 PROVIDERS = ("eager", "compile", "pefops", "nofusion")

@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.interface import NotApplicable, OpBenchmark, ProviderUnavailable, Work
 
 OP = "masked_linear"
 # frozen: pefops.nn.MaskedLinear after freeze (inference): W ⊙ M merged once per mask version and a

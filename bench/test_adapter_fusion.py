@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.adapter_fusion import setup_adapter_fusion  # noqa: E402
-from bench.runner import max_rel_err  # noqa: E402
+from bench.agreement import max_rel_err  # noqa: E402
 from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [

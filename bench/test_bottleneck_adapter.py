@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("pytest_benchmark")
 
 from bench.bottleneck_adapter import setup_bottleneck_adapter  # noqa: E402
-from bench.runner import max_rel_err  # noqa: E402
+from bench.agreement import max_rel_err  # noqa: E402
 from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [

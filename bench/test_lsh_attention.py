@@ -20,10 +20,12 @@ import torch
 pytest.importorskip("pytest_benchmark")
 pytest.importorskip("transformers")
 
-from bench import runner  # noqa: E402
 from bench.lsh_attention import BENCHMARK, configs, default_num_buckets, setup_lsh_attention  # noqa: E402
-from bench.runner import max_rel_err  # noqa: E402
+from bench.agreement import max_rel_err  # noqa: E402
+from bench.running import RunOptions, run  # noqa: E402
+from bench.tables import summary_tables  # noqa: E402
 from bench.testing import CpuCases  # noqa: E402
+from bench.timing import Timing  # noqa: E402
 
 SHAPES = [
     {"batch": 2, "seq": 256, "heads": 2, "head_dim": 32, "num_hashes": 2},
@@ -131,8 +133,8 @@ def test_work_counts():
 def test_runner_rows():
     bench = dataclasses.replace(BENCHMARK, configs=lambda device, dtype, quick: [
         {**SHAPES[0], "device": "cpu", "dtype": torch.float32}])
-    timing = runner.Timing(warmup_ms=0.0, rep_ms=0.0, min_reps=1)
-    result = runner.run([bench], runner.RunOptions(device="cpu", quick=True, timing=timing))
+    timing = Timing(warmup_ms=0.0, rep_ms=0.0, min_reps=1)
+    result = run([bench], RunOptions(device="cpu", quick=True, timing=timing))
     assert not result.skipped, result.skipped
     rows = {(r["provider"], r["mode"]): r for r in result.rows}
     assert set(rows) == {(p, m) for p in PROVIDERS for m in MODES}
@@ -142,5 +144,5 @@ def test_runner_rows():
             assert r.get(key) is not None, (provider, mode, key)
         if provider == "pefops":
             assert r["max_rel_err_vs_transformers"] < TOL
-    table = runner.summary_tables(result.rows, result.meta)
+    table = summary_tables(result.rows, result.meta)
     assert "transformers peak MiB" in table and "pefops ms (× transformers)" in table

@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.masked_linear import setup_masked_linear  # noqa: E402
-from bench.runner import ProviderUnavailable, max_rel_err  # noqa: E402
+from bench.agreement import max_rel_err  # noqa: E402
+from bench.interface import ProviderUnavailable  # noqa: E402
 from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [

@@ -11,7 +11,7 @@ from typing import Callable
 import pytest
 import torch
 
-from bench.runner import NotApplicable, ProviderUnavailable
+from bench.interface import NotApplicable, ProviderUnavailable
 
 
 class CpuCases:
