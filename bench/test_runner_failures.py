@@ -54,8 +54,8 @@ def run_main(monkeypatch, tmp_path, benchmark, capsys):
 @pytest.mark.parametrize("case", ["unavailable", "raises", "setup"])
 def test_a_lost_provider_or_configuration_fails_the_run(monkeypatch, tmp_path, capsys, case):
     if case == "unavailable":
-        benchmark = toy_benchmark(["eager", "pefops"],
-                                  unavailable={"pefops": interface.ProviderUnavailable("transformers is not importable")})
+        lost = interface.ProviderUnavailable("transformers is not importable")
+        benchmark = toy_benchmark(["eager", "pefops"], unavailable={"pefops": lost})
     elif case == "raises":
         benchmark = toy_benchmark(["eager", "broken"])
     else:
