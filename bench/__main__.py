@@ -18,14 +18,20 @@ from pathlib import Path
 
 import torch
 
-from bench import runner
+from bench import interface
+from bench.environment import device_name, device_slug, file_stamp, parse_dtype
+from bench.plots import write_plots
+from bench.results import RESULTS_DIR, RunResult, jsonable, write_json
+from bench.running import RunOptions, run
+from bench.tables import markdown_report, provenance_line, summary_tables
+from bench.timing import Timing
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=None,
-                   help=f"comma-separated op families (default: all: {', '.join(runner.REGISTRY)})")
+                   help=f"comma-separated op families (default: all: {', '.join(interface.REGISTRY)})")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
@@ -35,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--full", action="store_true", help="the full shape set (the default on cuda)")
     p.add_argument("--modes", default=None, help="comma-separated subset of fwd, bwd, fwd+bwd (default: fwd,fwd+bwd)")
     p.add_argument("--providers", default=None, help="comma-separated subset of providers (default: all)")
-    p.add_argument("--out", default=str(runner.RESULTS_DIR), help="output folder (default: bench/results)")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default: bench/results)")
     p.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per case")
     p.add_argument("--rep-ms", type=float, default=None, help="measurement time per case")
     p.add_argument("--threads", type=int, default=None,
@@ -58,52 +64,51 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     quick = args.quick or (device == "cpu" and not args.full)
-    names = [n.strip() for n in args.ops.split(",") if n.strip()] if args.ops else list(runner.REGISTRY)
-    benchmarks = [runner.get_benchmark(n) for n in names]
-    dtype = runner.parse_dtype(args.dtype)
+    names = [n.strip() for n in args.ops.split(",") if n.strip()] if args.ops else list(interface.REGISTRY)
+    benchmarks = [interface.get_benchmark(n) for n in names]
+    dtype = parse_dtype(args.dtype)
     modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else None
-    if modes and any(m not in runner.MODES for m in modes):
-        print(f"--modes: expected a subset of {', '.join(runner.MODES)}", file=sys.stderr)
+    if modes and any(m not in interface.MODES for m in modes):
+        print(f"--modes: expected a subset of {', '.join(interface.MODES)}", file=sys.stderr)
         return 2
     providers = tuple(p.strip() for p in args.providers.split(",")) if args.providers else None
 
     if args.list:
         for bench in benchmarks:
             for config in bench.configs(device, dtype, quick):
-                print(bench.name, runner._jsonable(config))
+                print(bench.name, jsonable(config))
         return 0
 
     if device == "cpu":
         threads = 1 if args.threads is None else args.threads
         if threads > 0:
             torch.set_num_threads(threads)
-    timing = runner.Timing.default(device)
+    timing = Timing.default(device)
     if args.warmup_ms is not None:
         timing.warmup_ms = args.warmup_ms
     if args.rep_ms is not None:
         timing.rep_ms = args.rep_ms
-    options = runner.RunOptions(device=device, dtype=dtype, quick=quick, modes=modes, providers=providers,
-                                timing=timing, budget_s=args.budget_s, strict=args.strict,
-                                check=not args.no_check)
+    options = RunOptions(device=device, dtype=dtype, quick=quick, modes=modes, providers=providers,
+                         timing=timing, budget_s=args.budget_s, strict=args.strict, check=not args.no_check)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = runner.device_slug(device)
-    stamp = runner.now_iso().replace(":", "").replace("-", "").replace("+0000", "Z")
+    slug = device_slug(device)
+    stamp = file_stamp()
     run_path = out_dir / f"{slug}-{stamp}.json"
     latest_path = out_dir / f"latest-{slug}.json"
 
-    def save(result: runner.RunResult) -> None:
-        runner.write_json(result, run_path)
-        runner.write_json(result, latest_path)
+    def save(result: RunResult) -> None:
+        write_json(result, run_path)
+        write_json(result, latest_path)
 
-    print(f"benchmarking {', '.join(names)} on {runner.device_name(device)} ({device}, "
+    print(f"benchmarking {', '.join(names)} on {device_name(device)} ({device}, "
           f"{'quick' if quick else 'full'} set); results in {out_dir}", file=sys.stderr)
-    result = runner.run(benchmarks, options, on_config_done=save)
+    result = run(benchmarks, options, on_config_done=save)
     save(result)
     md_path = out_dir / f"latest-{slug}.md"
-    md_path.write_text(runner.markdown_report(result))
-    plots = [] if args.no_plots else runner.write_plots(result, out_dir, f"latest-{slug}")
+    md_path.write_text(markdown_report(result))
+    plots = [] if args.no_plots else write_plots(result, out_dir, f"latest-{slug}")
 
     failures = result.failures
     print()
@@ -114,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             where = " ".join(str(failure[k]) for k in ("op", "provider", "mode") if k in failure)
             print(f"  {where}: {failure['reason']}")
         print()
-    print(runner.provenance_line(result.meta))
+    print(provenance_line(result.meta))
     print()
-    print(runner.summary_tables(result.rows, result.meta))
+    print(summary_tables(result.rows, result.meta))
     expected = len(result.skipped) - len(failures)
     if expected:
         print(f"{expected} case(s) skipped as expected here (time budget or a declared absence); "

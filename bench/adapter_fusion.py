@@ -42,14 +42,19 @@ fwd 2·T·H²·(2N + 1) + 4·T·H·R (+ 4·T·N·H for scores and context), see 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable
 
 import torch
 
-from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.interface import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.setup_helpers import (CompileGuard, backend_note, common_config, device_randn, measured_call, on_device,
+                                 required_ints)
 
 OP = "adapter_fusion"
 PROVIDERS = ("eager", "compile", "pefops", "nofusion")
+NOTES = {"compile": "torch.compile(eager function), default mode",  # fixed row notes
+         "nofusion": "adapters[0](x, residual): one adapter, no fusion (time floor)"}
 HEADLINE = {"tokens": 16384, "hidden": 1024, "adapters": 8, "r": 64}
 
 
@@ -68,17 +73,9 @@ def eager_fusion(x: torch.Tensor, query: torch.Tensor, residual: torch.Tensor, a
 
 
 def _full_config(config: dict) -> dict:
-    device = config.get("device", "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = config.get("dtype") or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    return {
-        "tokens": int(config["tokens"]),
-        "hidden": int(config["hidden"]),
-        "adapters": int(config["adapters"]),
-        "r": int(config.get("r", 64)),
-        "seed": int(config.get("seed", 0)),
-        "device": str(device),
-        "dtype": dtype,
-    }
+    # no backend setting: the fusion module and its adapters take pefops' own choice
+    return {**required_ints(OP, config, ("tokens", "hidden", "adapters")), "r": int(config.get("r", 64)),
+            **common_config(config)}
 
 
 class AdapterFusionSetup:
@@ -89,10 +86,8 @@ class AdapterFusionSetup:
             from pefops.nn import AdapterFusion, BottleneckAdapter
         except Exception as error:  # noqa: BLE001 - nothing can run without the modules
             raise RuntimeError(f"pefops.nn.AdapterFusion is not importable ({type(error).__name__}: {error})") from None
-        c = _full_config(config)
-        self.config = c
-        self.device = c["device"]
-        self.dtype = c["dtype"]
+        self.config = c = _full_config(config)
+        self.device, self.dtype = c["device"], c["dtype"]
         T, H, N, r = c["tokens"], c["hidden"], c["adapters"], c["r"]
         self.shape = {"tokens": T, "hidden": H, "adapters": N, "r": r}
 
@@ -124,16 +119,11 @@ class AdapterFusionSetup:
             fusion.value.weight.add_(randn(H, H, scale=0.02))
         self.fusion = fusion.to(device=self.device, dtype=self.dtype).eval()
 
-        # the [T, H] tensors are drawn on the device itself (fast at 16384 x 4096)
-        device_gen = torch.Generator(device=self.device).manual_seed(c["seed"] + 1)
-
-        def device_randn(*shape):
-            return torch.randn(*shape, generator=device_gen, device=self.device, dtype=self.dtype)
-
-        self.x = device_randn(T, H).requires_grad_(True)
-        self.query = device_randn(T, H).requires_grad_(True)
-        self.residual = device_randn(T, H).requires_grad_(True)
-        self.grad_out = device_randn(T, H)
+        randn_on_device = device_randn(self.device, self.dtype, c["seed"] + 1)
+        self.x = randn_on_device(T, H).requires_grad_(True)
+        self.query = randn_on_device(T, H).requires_grad_(True)
+        self.residual = randn_on_device(T, H).requires_grad_(True)
+        self.grad_out = randn_on_device(T, H)
         # key.bias is left out: q·b_k is added to every adapter's score alike and cancels in the
         # softmax, so its gradient is exactly zero and both paths return rounding noise (the
         # numerical check would compare noise with noise); its sum costs nothing either way
@@ -141,7 +131,7 @@ class AdapterFusionSetup:
                               if p.requires_grad and name != "key.bias"]
         self.grad_inputs = [self.x, self.query, self.residual] + self.fusion_params
         self._compiled = None
-        self._compile_error: str | None = None
+        self._compile_guard = CompileGuard()
 
     # ------------------------------------------------------------------ forwards per provider
 
@@ -151,8 +141,6 @@ class AdapterFusionSetup:
         if provider == "eager":
             return lambda: eager_fusion(x, query, residual, adapters, fusion)
         if provider == "compile":
-            if self._compile_error is not None:
-                raise ProviderUnavailable(self._compile_error)
             if self._compiled is None:
                 def site(x, query, residual):
                     return eager_fusion(x, query, residual, adapters, fusion)
@@ -172,40 +160,20 @@ class AdapterFusionSetup:
     def fn(self, provider: str, mode: str) -> Callable[[], Any]:
         if mode not in ("fwd", "fwd+bwd"):
             raise NotApplicable
-        forward = self._forward_fn(provider)
-        if mode == "fwd":
-            def call():
-                with torch.no_grad():
-                    return forward()
-        else:
-            inputs = [self.x, self.residual] if provider == "nofusion" else self.grad_inputs
-            grad_out = self.grad_out
-
-            def call():
-                return torch.autograd.grad(forward(), inputs, grad_out)
+        inputs = [self.x, self.residual] if provider == "nofusion" else self.grad_inputs
+        call = measured_call(self._forward_fn(provider), mode, inputs, self.grad_out)
         if provider == "nofusion":
             # another function than eager's: a dict hides it from the runner's numerical check
             plain = call
 
             def call():  # noqa: F811
                 return {"nofusion": plain()}
-        if provider == "compile":
-            self._trial(call)
-        return call
-
-    def _trial(self, fn: Callable[[], Any]) -> Any:
-        """Run once; a torch.compile failure becomes ProviderUnavailable (skipped with its message)."""
-        try:
-            return fn()
-        except Exception as error:  # noqa: BLE001
-            first = (str(error).strip().splitlines() or [""])[0][:300]
-            self._compile_error = f"torch.compile failed: {type(error).__name__}: {first}"
-            raise ProviderUnavailable(self._compile_error) from None
+        return self._compile_guard.checked(call) if provider == "compile" else call
 
     def work(self, provider: str, mode: str) -> Work:
         c = self.config
         T, H, N, r = c["tokens"], c["hidden"], c["adapters"], c["r"]
-        e = torch.empty((), dtype=self.dtype).element_size()
+        e = self.dtype.itemsize
         one_adapter = (2 * H * r + r + H) * e
         if provider == "nofusion":
             fwd_bytes = 3 * T * H * e + one_adapter
@@ -226,34 +194,21 @@ class AdapterFusionSetup:
         N = self.config["adapters"]
         if provider == "eager":
             return f"{N} x up_projection, stack [T, {N}, H], adapter_fusion_eager ({2 * N + 1} H×H GEMMs)"
-        if provider == "compile":
-            return "torch.compile(eager function), default mode"
-        if provider == "nofusion":
-            return "adapters[0](x, residual): one adapter, no fusion (time floor)"
         if provider == "pefops":
             c = self.config
-            try:
-                from pefops import backend as registry
-
-                problem = registry.Problem(torch.device(self.device), self.dtype, "forward",
-                                           {"tokens": c["tokens"], "hidden": c["hidden"], "adapters": N})
-                name = registry.select(OP, problem).backend
-            except Exception:  # noqa: BLE001 - informational only
-                name = "auto"
+            # the fused algebra's backend: what the forward selects
+            note = backend_note(OP, self.device, self.dtype, "fwd",
+                                {"tokens": c["tokens"], "hidden": c["hidden"], "adapters": N}, None)
             try:  # the scores / softmax / weighting step, where pefops has it as its own op
-                import pefops.ops.fusion_mix  # noqa: F401 - registers the op
-                from pefops import backend as registry
-
-                steps = ["forward"] if mode == "fwd" else ["forward", "backward"]
-                mix = "/".join(dict.fromkeys(
-                    registry.select("fusion_mix", registry.Problem(torch.device(self.device), self.dtype, step,
-                                                                   {"units": N * c["r"], "adapters": N})).backend
-                    for step in steps))
-                name += f", fusion_mix={mix}"
+                importlib.import_module("pefops.ops.fusion_mix")  # registers the op
             except Exception:  # noqa: BLE001 - informational only
                 pass
-            return f"AdapterFusion module, fused algebra, backend={name} (adapters stacked per call)"
-        return None
+            else:
+                mix = backend_note("fusion_mix", self.device, self.dtype, mode, {"units": N * c["r"], "adapters": N},
+                                   None)
+                note += ", fusion_mix=" + mix.removeprefix("backend=")
+            return f"AdapterFusion module, fused algebra, {note} (adapters stacked per call)"
+        return NOTES.get(provider)
 
 
 def setup_adapter_fusion(config: dict) -> AdapterFusionSetup:
@@ -268,9 +223,7 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
     torch.compile graph); --quick on GPU: the headline and N 16 at H 1024. CPU quick: N 2 and 8 at
     H 256, tokens 512 and 2048, and N 8 at H 768, tokens 512, fp32 (about a minute on one thread);
     CPU --full: H 512 and N 2/4/8 at tokens 2048 and 8192."""
-    cuda = device.startswith("cuda")
-    base = {"device": device, "dtype": dtype or (torch.bfloat16 if cuda else torch.float32)}
-    if cuda:
+    if device.startswith("cuda"):
         order = [(8, 1024), (2, 1024), (16, 1024), (8, 4096), (2, 4096), (8, 768), (4, 1024), (16, 4096),
                  (2, 768), (4, 768), (16, 768), (4, 4096)]
         if quick:
@@ -282,17 +235,10 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
         shapes += [{"tokens": 512, "hidden": 768, "adapters": 8, "r": 64}]
     else:
         shapes = [{"tokens": t, "hidden": 512, "adapters": n, "r": 64} for n in (2, 4, 8) for t in (2048, 8192)]
-    return [{**base, **s} for s in shapes]
+    return on_device(device, dtype, shapes)
 
 
-BENCHMARK = OpBenchmark(
-    name=OP,
-    configs=configs,
-    setup=setup_adapter_fusion,
-    providers=PROVIDERS,
-    modes=("fwd", "fwd+bwd"),
-    baseline="eager",
-    subject="pefops",
-    bandwidth_reference=None,
-    shape_columns=(("tokens", "T"), ("hidden", "H"), ("adapters", "N"), ("r", "r")),
-)
+# speed-ups against eager, GB/s and TFLOP/s of pefops (OpBenchmark's defaults); no copy reference
+BENCHMARK = OpBenchmark(name=OP, configs=configs, setup=setup_adapter_fusion, providers=PROVIDERS,
+                        bandwidth_reference=None,
+                        shape_columns=(("tokens", "T"), ("hidden", "H"), ("adapters", "N"), ("r", "r")))

@@ -32,10 +32,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.interface import OpBenchmark, ProviderUnavailable, Work
+from bench.setup_helpers import (CompileGuard, backend_kwargs, backend_note, common_config, copy_call, device_randn,
+                                 measured_call, on_device, provider_module, required_ints)
 
 OP = "bottleneck_adapter"
 PROVIDERS = ("eager", "compile", "pefops", "copy")
+NOTES = {"compile": "torch.compile(module), default mode", "copy": "dst.copy_(x), [T, H]"}  # fixed row notes
 HEADLINE = {"tokens": 16384, "hidden": 4096, "r": 64}
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -70,21 +73,14 @@ class EagerBottleneckAdapter(nn.Module):
 
 
 def _full_config(config: dict) -> dict:
-    device = config.get("device", "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = config.get("dtype") or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     return {
-        "tokens": int(config["tokens"]),
-        "hidden": int(config["hidden"]),
-        "r": int(config["r"]),
+        **required_ints(OP, config, ("tokens", "hidden", "r")),
         "layer_norm": bool(config.get("layer_norm", False)),
         "activation": config.get("activation", "relu"),
         "scaling": float(config.get("scaling", 1.0)),
         "residual": config.get("residual", "x"),  # "x" (residual is the input) or "separate"
         "eps": float(config.get("eps", 1e-5)),
-        "seed": int(config.get("seed", 0)),
-        "backend": config.get("backend"),  # forwarded to pefops as backend=
-        "device": str(device),
-        "dtype": dtype,
+        **common_config(config),
     }
 
 
@@ -96,8 +92,7 @@ class BottleneckAdapterSetup:
         if c["residual"] not in ("x", "separate"):
             raise ValueError(f"residual must be 'x' or 'separate', got {c['residual']!r}")
         self.config = c
-        self.device = c["device"]
-        self.dtype = c["dtype"]
+        self.device, self.dtype = c["device"], c["dtype"]
         T, H, r = c["tokens"], c["hidden"], c["r"]
         self.shape = {"tokens": T, "hidden": H, "r": r, "layer_norm": c["layer_norm"]}
         if c["activation"] != "relu":
@@ -118,13 +113,7 @@ class BottleneckAdapterSetup:
                 module.adapter_norm_after.weight.add_(1.0)
         self.module = module.to(device=self.device, dtype=self.dtype)
 
-        # the [T, H] tensors are drawn on the device itself: drawing 2 x 65536 x 4096 values on the
-        # host for every configuration would cost more time than measuring it
-        device_gen = torch.Generator(device=self.device).manual_seed(c["seed"] + 1)
-
-        def randn(*shape):
-            return torch.randn(*shape, generator=device_gen, device=self.device, dtype=self.dtype)
-
+        randn = device_randn(self.device, self.dtype, c["seed"] + 1)
         self.x = randn(T, H).requires_grad_(True)
         self.residual = randn(T, H).requires_grad_(True) if c["residual"] == "separate" else None
         # The pre-allocated upstream gradient. Random rather than ones: with LayerNorm, dy = 1 gives
@@ -133,7 +122,7 @@ class BottleneckAdapterSetup:
         self.params = [p for p in self.module.parameters()]
         self.grad_inputs = [self.x] + ([self.residual] if self.residual is not None else []) + self.params
         self._compiled = None
-        self._compile_error: str | None = None
+        self._compile_guard = CompileGuard()
 
     # ------------------------------------------------------------------ forwards per provider
 
@@ -146,20 +135,14 @@ class BottleneckAdapterSetup:
         return self._compiled(self.x, self.residual)
 
     def _pefops_forward_fn(self) -> Callable[[], torch.Tensor]:
-        try:
-            from pefops.ops import bottleneck_adapter
-        except Exception as error:  # noqa: BLE001 - any import failure means "cannot run here"
-            raise ProviderUnavailable(
-                f"pefops.ops.bottleneck_adapter is not importable ({type(error).__name__}: {error})") from None
+        bottleneck_adapter = provider_module("pefops.ops").bottleneck_adapter
         m = self.module
         down, up = m.adapter_down[0], m.adapter_up
         ln = m.adapter_norm_after
         layer_norm = (ln.weight, ln.bias, ln.eps) if ln is not None else None
         c = self.config
         kwargs = {"activation": c["activation"], "scaling": c["scaling"], "residual": self.residual,
-                  "layer_norm": layer_norm}
-        if c["backend"] is not None:
-            kwargs["backend"] = c["backend"]
+                  "layer_norm": layer_norm, **backend_kwargs(c["backend"])}
         x = self.x
 
         def forward() -> torch.Tensor:
@@ -180,51 +163,24 @@ class BottleneckAdapterSetup:
 
     def fn(self, provider: str, mode: str) -> Callable[[], Any]:
         if provider == "copy":
-            if mode != "fwd":
-                raise NotApplicable
-            src = self.x.detach()
-            dst = torch.empty_like(src)
-            return lambda: dst.copy_(src)
+            return copy_call(self.x, mode)
         forward = self._forward_fn(provider)
-        inputs, grad_out = self.grad_inputs, self.grad_out
-
-        if mode == "fwd":
-            def call():
-                with torch.no_grad():
-                    return forward()
-        elif mode == "fwd+bwd":
-            def call():
-                y = forward()
-                return torch.autograd.grad(y, inputs, grad_out)
-        elif mode == "bwd":
+        if mode == "bwd":
             # the graph the timed backward runs through, kept with retain_graph=True (the runner
             # turns off AOTAutograd's donated buffers when bwd is requested: they forbid it)
-            y = self._trial(provider, forward)
+            y = self._compile_guard.trial(forward) if provider == "compile" else forward()
+            inputs, grad_out = self.grad_inputs, self.grad_out
+
             def call():
                 return torch.autograd.grad(y, inputs, grad_out, retain_graph=True)
-        else:
-            raise NotApplicable
-        if provider == "compile" and mode != "bwd":
-            self._trial(provider, call)
-        return call
-
-    def _trial(self, provider: str, fn: Callable[[], Any]) -> Any:
-        """Run once; a torch.compile failure becomes ProviderUnavailable (skipped with its message)."""
-        if provider != "compile":
-            return fn()
-        if self._compile_error is not None:
-            raise ProviderUnavailable(self._compile_error)
-        try:
-            return fn()
-        except Exception as error:  # noqa: BLE001
-            first = (str(error).strip().splitlines() or [""])[0][:300]
-            self._compile_error = f"torch.compile failed: {type(error).__name__}: {first}"
-            raise ProviderUnavailable(self._compile_error) from None
+            return call
+        call = measured_call(forward, mode, self.grad_inputs, self.grad_out)
+        return self._compile_guard.checked(call) if provider == "compile" else call
 
     def work(self, provider: str, mode: str) -> Work:
         c = self.config
         T, H, r = c["tokens"], c["hidden"], c["r"]
-        e = torch.empty((), dtype=self.dtype).element_size()
+        e = self.dtype.itemsize
         if provider == "copy":
             return Work(bytes=2 * T * H * e)
         sep = 1 if c["residual"] == "separate" else 0
@@ -238,24 +194,11 @@ class BottleneckAdapterSetup:
         return Work(bytes=fwd_bytes + bwd_bytes, flops=12 * T * H * r)
 
     def describe(self, provider: str, mode: str = "fwd") -> str | None:
-        if provider == "compile":
-            return "torch.compile(module), default mode"
-        if provider == "copy":
-            return "dst.copy_(x), [T, H]"
         if provider == "pefops":
             c = self.config
-            names = []
-            try:
-                from pefops import backend as registry
-
-                for step in (["forward"] if mode == "fwd" else ["forward", "backward"]):
-                    problem = registry.Problem(torch.device(self.device), self.dtype, step,
-                                               {"tokens": c["tokens"], "hidden": c["hidden"], "rank": c["r"]})
-                    names.append(registry.select(OP, problem, c["backend"]).backend)
-            except Exception:  # noqa: BLE001 - informational only
-                return f"backend={c['backend'] or 'auto'}"
-            return "backend=" + "/".join(dict.fromkeys(names))
-        return None
+            sizes = {"tokens": c["tokens"], "hidden": c["hidden"], "rank": c["r"]}
+            return backend_note(OP, self.device, self.dtype, mode, sizes, c["backend"])
+        return NOTES.get(provider)
 
 
 def setup_bottleneck_adapter(config: dict) -> BottleneckAdapterSetup:
@@ -269,7 +212,6 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
     (with and without LayerNorm); --quick on GPU: the headline pair and one small shape. CPU: a small
     fp32 set (a few minutes on 2 cores) unless the caller passes quick=False explicitly via --full."""
     cuda = device.startswith("cuda")
-    base = {"device": device, "dtype": dtype or (torch.bfloat16 if cuda else torch.float32)}
     headline = [{**HEADLINE, "layer_norm": False}, {**HEADLINE, "layer_norm": True}]
     if cuda and quick:
         shapes = headline + [{"tokens": 4096, "hidden": 768, "r": 16}]
@@ -284,17 +226,9 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
         shapes = [{"tokens": t, "hidden": h, "r": r}
                   for h, r, t in itertools.product((768, 1024), (16, 64), (2048, 8192))]
         shapes += [{"tokens": 8192, "hidden": 1024, "r": 64, "layer_norm": True}]
-    return [{**base, **s} for s in shapes]
+    return on_device(device, dtype, shapes)
 
 
-BENCHMARK = OpBenchmark(
-    name=OP,
-    configs=configs,
-    setup=setup_bottleneck_adapter,
-    providers=PROVIDERS,
-    modes=("fwd", "fwd+bwd"),
-    baseline="eager",
-    subject="pefops",
-    bandwidth_reference="copy",
-    shape_columns=(("tokens", "T"), ("hidden", "H"), ("r", "r"), ("layer_norm", "LN")),
-)
+# speed-ups against eager, GB/s and TFLOP/s of pefops, "% of copy GB/s" (OpBenchmark's defaults)
+BENCHMARK = OpBenchmark(name=OP, configs=configs, setup=setup_bottleneck_adapter, providers=PROVIDERS,
+                        shape_columns=(("tokens", "T"), ("hidden", "H"), ("r", "r"), ("layer_norm", "LN")))

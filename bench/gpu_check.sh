@@ -145,7 +145,7 @@ run_tests() {  # name, limit, pytest arguments...
 run_tests headline "$HEADLINE_TEST_S" tests/ops/test_gpu_headline.py
 
 # ---- 5 headline benchmark rows: every op's --quick set (the headline shapes first), equal shares
-OPS="${BENCH_OPS:-$("$PY" -c 'from bench.runner import REGISTRY; print(" ".join(REGISTRY))')}"
+OPS="${BENCH_OPS:-$("$PY" -c 'from bench.interface import REGISTRY; print(" ".join(REGISTRY))')}"
 run_bench() {  # tag, total seconds, extra args...
   local tag=$1 total; total=$(limit "$2"); shift 2
   local ops=($OPS) n i=0 op start_step

@@ -223,7 +223,7 @@ def lsh_attention_padded(device, dtype, size, seed=0):
                 reference_dtype="same")
 
 
-# family -> cases, headline first. The families are the benchmark registry's (bench/runner.py).
+# family -> cases, headline first. The families are the benchmark registry's (bench/interface.py).
 CASES: dict[str, dict[str, Callable]] = {
     "bottleneck_adapter": {"bottleneck_adapter": bottleneck_adapter, "bottleneck_adapter_ln": bottleneck_adapter_ln},
     "multi_adapter": {"multi_adapter": multi_adapter},

@@ -57,7 +57,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.interface import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.setup_helpers import (backend_kwargs, backend_note, common_config, device_randn, measured_call, on_device,
+                                 provider_module, required_ints)
 
 OP = "lsh_attention"
 PROVIDERS = ("transformers", "pefops", "sdpa")
@@ -73,15 +75,12 @@ TRANSFORMERS_BYTES_PER_SCORE = {"fwd": (1, 6), "fwd+bwd": (3, 9)}
 MEMORY_FRACTION = 0.9  # of the device's memory that transformers may be expected to use
 
 
-def default_num_buckets(seq: int, chunk: int = CHUNK, max_positions: int | None = None) -> int | list[int]:
-    """transformers' `LSHSelfAttention._set_num_buckets` rule (max_position_embeddings = seq)."""
-    max_positions = seq if max_positions is None else max_positions
-    pow2 = (2 * (seq // chunk)).bit_length() - 1
-    num_buckets = 2 ** pow2
-    limit = 2 * max(int((max_positions // chunk) ** 0.5), chunk)
-    if num_buckets > limit:
-        return [2 ** (pow2 // 2), 2 ** (pow2 - pow2 // 2)]
-    return num_buckets
+def default_num_buckets(seq: int) -> int | list[int]:
+    """transformers' `LSHSelfAttention._set_num_buckets` rule for this benchmark's layer (chunk 64,
+    max_position_embeddings = seq), as pefops.nn implements it for its own default."""
+    from pefops.nn.lsh_attention import default_num_buckets as transformers_rule
+
+    return transformers_rule(seq, CHUNK, seq)
 
 
 def _factors(num_buckets: int | list[int]) -> list[int]:
@@ -89,52 +88,37 @@ def _factors(num_buckets: int | list[int]) -> list[int]:
 
 
 def _full_config(config: dict) -> dict:
-    device = config.get("device", "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = config.get("dtype") or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    seq = int(config["seq"])
+    sizes = required_ints(OP, config, ("batch", "seq", "heads", "head_dim", "num_hashes"))
     return {
-        "batch": int(config["batch"]),
-        "seq": seq,
-        "heads": int(config["heads"]),
-        "head_dim": int(config["head_dim"]),
-        "num_hashes": int(config["num_hashes"]),
-        "num_buckets": config.get("num_buckets") or default_num_buckets(seq),
+        **sizes,
+        "num_buckets": config.get("num_buckets") or default_num_buckets(sizes["seq"]),
         "causal": bool(config.get("causal", True)),
-        "seed": int(config.get("seed", 0)),
-        "backend": config.get("backend"),  # forwarded to pefops as backend=
-        "device": str(device),
-        "dtype": dtype,
+        **common_config(config),
     }
 
 
 def transformers_layer(c: dict):
     """transformers' LSHSelfAttention for the configuration (eval mode, no dropout), or raises
     ProviderUnavailable when transformers is not installed."""
-    try:
-        from transformers import ReformerConfig
-        from transformers.models.reformer.modeling_reformer import LSHSelfAttention
-    except Exception as error:  # noqa: BLE001 - any import failure means "cannot run here"
-        raise ProviderUnavailable(
-            f"transformers' LSHSelfAttention not importable: {type(error).__name__}: {error}") from None
+    transformers = provider_module("transformers")
+    reformer = provider_module("transformers.models.reformer.modeling_reformer")
     hidden = c["heads"] * c["head_dim"]
-    config = ReformerConfig(
+    config = transformers.ReformerConfig(
         hidden_size=hidden, num_attention_heads=c["heads"], attention_head_size=c["head_dim"],
         num_hashes=c["num_hashes"], num_buckets=c["num_buckets"], lsh_attn_chunk_length=CHUNK,
         lsh_num_chunks_before=CHUNKS_BEFORE, lsh_num_chunks_after=CHUNKS_AFTER, is_decoder=c["causal"],
         hash_seed=HASH_SEED, lsh_attention_probs_dropout_prob=0.0, max_position_embeddings=c["seq"],
         attn_layers=["lsh"],
     )
-    return LSHSelfAttention(config, layer_idx=0).eval()
+    return reformer.LSHSelfAttention(config, layer_idx=0).eval()
 
 
 class LshAttentionSetup:
     """Hidden states, the two projection weights and transformers' layer for one configuration."""
 
     def __init__(self, config: dict):
-        c = _full_config(config)
-        self.config = c
-        self.device = c["device"]
-        self.dtype = c["dtype"]
+        self.config = c = _full_config(config)
+        self.device, self.dtype = c["device"], c["dtype"]
         B, S, H, D, nh = c["batch"], c["seq"], c["heads"], c["head_dim"], c["num_hashes"]
         if S % CHUNK:
             raise ValueError(f"seq {S} must be a multiple of the chunk length {CHUNK} in this benchmark")
@@ -146,10 +130,9 @@ class LshAttentionSetup:
         # so that they can be transformers' layer's own weights (gradients land on the same tensors)
         self.wqk = torch.nn.Parameter((torch.randn(C, C, generator=gen) * C ** -0.5).to(self.device, self.dtype))
         self.wv = torch.nn.Parameter((torch.randn(C, C, generator=gen) * C ** -0.5).to(self.device, self.dtype))
-        device_gen = torch.Generator(device=self.device).manual_seed(c["seed"] + 1)
-        self.hidden = torch.randn(B, S, C, generator=device_gen, device=self.device,
-                                  dtype=self.dtype).requires_grad_(True)
-        self.grad_out = torch.randn(B, S, C, generator=device_gen, device=self.device, dtype=self.dtype)
+        randn = device_randn(self.device, self.dtype, c["seed"] + 1)
+        self.hidden = randn(B, S, C).requires_grad_(True)
+        self.grad_out = randn(B, S, C)
         self.grad_inputs = [self.hidden, self.wqk, self.wv]
         self._layer = None
 
@@ -161,7 +144,7 @@ class LshAttentionSetup:
         c = self.config
         scores = c["batch"] * c["heads"] * c["num_hashes"] * c["seq"] * CHUNK * (1 + CHUNKS_BEFORE + CHUNKS_AFTER)
         a, b = TRANSFORMERS_BYTES_PER_SCORE[mode]
-        need = scores * (a + b * torch.empty((), dtype=self.dtype).element_size())
+        need = scores * (a + b * self.dtype.itemsize)
         total = torch.cuda.get_device_properties(torch.device(self.device)).total_memory
         fits = need <= MEMORY_FRACTION * total
         why = f"transformers {mode} skipped: about {need / 2**30:.0f} GiB needed, device has {total / 2**30:.0f} GiB"
@@ -193,12 +176,8 @@ class LshAttentionSetup:
             return lambda: layer(h).hidden_states
         wqk, wv = self.wqk, self.wv
         if provider == "pefops":
-            try:
-                from pefops.ops.lsh_attention import lsh_attention
-            except Exception as error:  # noqa: BLE001 - any import failure means "cannot run here"
-                raise ProviderUnavailable(
-                    f"pefops.ops.lsh_attention not importable: {type(error).__name__}: {error}") from None
-            kwargs = {"backend": c["backend"]} if c["backend"] is not None else {}
+            lsh_attention = provider_module("pefops.ops.lsh_attention").lsh_attention
+            kwargs = backend_kwargs(c["backend"])
 
             def call():
                 qk, v = self._split(F.linear(h, wqk)), self._split(F.linear(h, wv))
@@ -222,22 +201,12 @@ class LshAttentionSetup:
             raise NotApplicable
         if provider == "transformers" and not self._transformers_fits(mode)[0]:
             raise NotApplicable
-        forward = self._forward_fn(provider)
-        if mode == "fwd":
-            def call():
-                with torch.no_grad():
-                    return forward()
-            return call
-        inputs, grad_out = self.grad_inputs, self.grad_out
-
-        def call():
-            return torch.autograd.grad(forward(), inputs, grad_out)
-        return call
+        return measured_call(self._forward_fn(provider), mode, self.grad_inputs, self.grad_out)
 
     def work(self, provider: str, mode: str) -> Work:
         c = self.config
         B, S, H, D, nh = c["batch"], c["seq"], c["heads"], c["head_dim"], c["num_hashes"]
-        e = torch.empty((), dtype=self.dtype).element_size()
+        e = self.dtype.itemsize
         T, C = B * S, H * D
         N = B * H * nh * S
         W = CHUNK * (1 + CHUNKS_BEFORE + CHUNKS_AFTER)
@@ -270,17 +239,8 @@ class LshAttentionSetup:
         if provider == "sdpa":
             return f"projections + scaled_dot_product_attention(qk, qk, v) over all {c['seq']} tokens{skipped}"
         if provider == "pefops":
-            try:
-                from pefops import backend as registry
-
-                sizes = {"head_dim": c["head_dim"], "value_dim": c["head_dim"], "dropout": 0}  # as the op asks
-                names = []
-                for step in (["forward"] if mode == "fwd" else ["forward", "backward"]):
-                    problem = registry.Problem(torch.device(self.device), self.dtype, step, sizes)
-                    names.append(registry.select(OP, problem, c["backend"]).backend)
-                chosen = "backend=" + "/".join(dict.fromkeys(names))
-            except Exception:  # noqa: BLE001 - informational only
-                chosen = f"backend={c['backend'] or 'auto'}"
+            sizes = {"head_dim": c["head_dim"], "value_dim": c["head_dim"], "dropout": 0}  # as the op asks
+            chosen = backend_note(OP, self.device, self.dtype, mode, sizes, c["backend"])
             return f"projections + pefops.ops.lsh_attention, {chosen}, {settings}{skipped}"
         return None
 
@@ -297,9 +257,7 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
     1k/4k/16k/64k. CPU (fp32, 4 heads × 64 = hidden 256, num_hashes 4, chunk 64, causal, batch 1):
     seq 4096 (the issue's CPU target) and seq 1024 in quick and full mode; full adds num_hashes 1
     and 8 at seq 4096."""
-    cuda = device.startswith("cuda")
-    base = {"device": device, "dtype": dtype or (torch.bfloat16 if cuda else torch.float32)}
-    if cuda:
+    if device.startswith("cuda"):
         if quick:
             shapes = [HEADLINE, {**HEADLINE, "seq": 4096}, {**HEADLINE, "batch": 8}]
         else:
@@ -310,17 +268,12 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
         shapes = [{**cpu, "seq": 1024}, cpu]
         if not quick:
             shapes += [{**cpu, "num_hashes": 1}, {**cpu, "num_hashes": 8}]
-    return [{**base, **s} for s in shapes]
+    return on_device(device, dtype, shapes)
 
 
+# fwd and fwd+bwd, GB/s and TFLOP/s of pefops (OpBenchmark's defaults); no copy reference
 BENCHMARK = OpBenchmark(
-    name=OP,
-    configs=configs,
-    setup=setup_lsh_attention,
-    providers=PROVIDERS,
-    modes=("fwd", "fwd+bwd"),
-    baseline="transformers",
-    subject="pefops",
+    name=OP, configs=configs, setup=setup_lsh_attention, providers=PROVIDERS, baseline="transformers",
     bandwidth_reference=None,
     shape_columns=(("batch", "B"), ("seq", "S"), ("heads", "H"), ("head_dim", "D"), ("num_hashes", "nh")),
     memory_columns=True,

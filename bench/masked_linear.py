@@ -47,12 +47,20 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.interface import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.setup_helpers import (CompileGuard, backend_kwargs, backend_note, common_config, copy_call, measured_call,
+                                 on_device, provider_module, required_ints)
 
 OP = "masked_linear"
 # frozen: pefops.nn.MaskedLinear after freeze (inference): W ⊙ M merged once per mask version and a
 # dense F.linear at prefill sizes (every size on CPU), the fused decode kernel for <= 16 rows on a GPU
 PROVIDERS = ("eager", "compile", "dense", "linear", "pefops", "frozen", "copy")
+NOTES = {  # the providers' row notes that depend on nothing but the provider
+    "compile": "torch.compile(eager function), default mode",
+    "dense": "F.linear(x, W_eff, b), mask merged once: the dense GEMM floor",
+    "linear": "nn.Linear module holding W_eff: the module-call floor",
+    "copy": "dst.copy_(W), [N, K]",
+}
 # (out_features N, in_features K): LLaMA-7B's attention projections, MLP up/gate and MLP down
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 GPU_ROWS = (1, 8192, 16, 2048, 8)  # the decode and prefill headlines first (decode is the cheaper one to tune)
@@ -89,18 +97,11 @@ def _threshold_for(density: float) -> float:
 
 
 def _full_config(config: dict) -> dict:
-    device = config.get("device", "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = config.get("dtype") or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     return {
-        "rows": int(config["rows"]),
-        "out_features": int(config["out_features"]),
-        "in_features": int(config["in_features"]),
+        **required_ints(OP, config, ("rows", "out_features", "in_features")),
         "density": float(config.get("density", 0.5)),  # fraction of the weight kept by the mask
         "bias": bool(config.get("bias", True)),
-        "seed": int(config.get("seed", 0)),
-        "backend": config.get("backend"),  # forwarded to pefops as backend=
-        "device": str(device),
-        "dtype": dtype,
+        **common_config(config),
     }
 
 
@@ -109,10 +110,8 @@ class MaskedLinearSetup:
     configuration, shared by every provider."""
 
     def __init__(self, config: dict):
-        c = _full_config(config)
-        self.config = c
-        self.device = c["device"]
-        self.dtype = c["dtype"]
+        self.config = c = _full_config(config)
+        self.device, self.dtype = c["device"], c["dtype"]
         rows, N, K = c["rows"], c["out_features"], c["in_features"]
         self.shape: dict[str, Any] = {"rows": rows, "out_features": N, "in_features": K}
         if c["density"] != 0.5:
@@ -139,19 +138,15 @@ class MaskedLinearSetup:
         self.packed = None  # built on first use by pefops (pack_mask), so a missing pefops only skips it
         self.grad_inputs = [self.x, self.scores] + ([self.bias] if self.bias is not None else [])
         self._compiled: dict[str, Callable] = {}
-        self._compile_error: str | None = None
+        self._compile_guard = CompileGuard()
 
     # ------------------------------------------------------------------ forwards per provider
 
     def _pefops(self):
-        try:
-            from pefops.ops import masked_linear, masked_linear_scores, pack_mask
-        except Exception as error:  # noqa: BLE001 - any import failure means "cannot run here"
-            raise ProviderUnavailable(
-                f"pefops.ops.masked_linear is not importable ({type(error).__name__}: {error})") from None
+        ops = provider_module("pefops.ops")
         if self.packed is None:
-            self.packed = pack_mask(self.mask)
-        return masked_linear, masked_linear_scores
+            self.packed = ops.pack_mask(self.mask)
+        return ops.masked_linear, ops.masked_linear_scores
 
     def _forward_fn(self, provider: str, mode: str) -> Callable[[], torch.Tensor]:
         x, w, b = self.x, self.weight, self.bias
@@ -177,8 +172,6 @@ class MaskedLinearSetup:
                 return lambda: eager_masked_linear(x, w, mask, b)
             return lambda: eager_masked_linear_scores(x, w, scores, threshold, b)
         if provider == "compile":
-            if self._compile_error is not None:
-                raise ProviderUnavailable(self._compile_error)
             if mode not in self._compiled:
                 self._compiled[mode] = torch.compile(eager_masked_linear if mode == "fwd"
                                                      else eager_masked_linear_scores)
@@ -188,7 +181,7 @@ class MaskedLinearSetup:
             return lambda: compiled(x, w, scores, threshold, b)
         if provider == "pefops":
             masked_linear, masked_linear_scores = self._pefops()
-            kwargs = {"backend": self.config["backend"]} if self.config["backend"] is not None else {}
+            kwargs = backend_kwargs(self.config["backend"])
             packed = self.packed
             if mode == "fwd":
                 return lambda: masked_linear(x, w, packed, b, **kwargs)
@@ -209,41 +202,16 @@ class MaskedLinearSetup:
 
     def fn(self, provider: str, mode: str) -> Callable[[], Any]:
         if provider == "copy":
-            if mode != "fwd":
-                raise NotApplicable
-            src = self.weight
-            dst = torch.empty_like(src)
-            return lambda: dst.copy_(src)
+            return copy_call(self.weight, mode)
         if mode not in ("fwd", "fwd+bwd"):
             raise NotApplicable
-        forward = self._forward_fn(provider, mode)
-        if mode == "fwd":
-            def call():
-                with torch.no_grad():
-                    return forward()
-        else:
-            inputs, grad_out = self.grad_inputs, self.grad_out
-
-            def call():
-                y = forward()
-                return torch.autograd.grad(y, inputs, grad_out)
-        if provider == "compile":
-            self._trial(call)
-        return call
-
-    def _trial(self, fn: Callable[[], Any]) -> Any:
-        """Run once; a torch.compile failure becomes ProviderUnavailable (skipped with its message)."""
-        try:
-            return fn()
-        except Exception as error:  # noqa: BLE001
-            first = (str(error).strip().splitlines() or [""])[0][:300]
-            self._compile_error = f"torch.compile failed: {type(error).__name__}: {first}"
-            raise ProviderUnavailable(self._compile_error) from None
+        call = measured_call(self._forward_fn(provider, mode), mode, self.grad_inputs, self.grad_out)
+        return self._compile_guard.checked(call) if provider == "compile" else call
 
     def work(self, provider: str, mode: str) -> Work:
         c = self.config
         rows, N, K = c["rows"], c["out_features"], c["in_features"]
-        e = torch.empty((), dtype=self.dtype).element_size()
+        e = self.dtype.itemsize
         weight, bits = N * K * e, N * ((K + 7) // 8)
         x_bytes, y_bytes = rows * K * e, rows * N * e
         if provider == "copy":
@@ -261,30 +229,13 @@ class MaskedLinearSetup:
         if provider == "eager":
             return ("F.linear(x, torch.where(mask, W, 0), b)" if mode == "fwd"
                     else "F.linear(x, W * (M + S - S.detach()), b), straight-through")
-        if provider == "compile":
-            return "torch.compile(eager function), default mode"
-        if provider == "dense":
-            return "F.linear(x, W_eff, b), mask merged once: the dense GEMM floor"
-        if provider == "linear":
-            return "nn.Linear module holding W_eff: the module-call floor"
-        if provider == "copy":
-            return "dst.copy_(W), [N, K]"
         if provider == "pefops":
             c = self.config
-            try:
-                from pefops import backend as registry
-
-                sizes = {"rows": c["rows"], "out_features": c["out_features"], "in_features": c["in_features"],
-                         "weight_contiguous": int(self.weight.is_contiguous())}
-                names = []
-                for step in (["forward"] if mode == "fwd" else ["forward", "backward"]):
-                    problem = registry.Problem(torch.device(self.device), self.dtype, step, sizes)
-                    names.append(registry.select(OP, problem, c["backend"]).backend)
-            except Exception:  # noqa: BLE001 - informational only
-                return f"backend={c['backend'] or 'auto'}"
-            note = "backend=" + "/".join(dict.fromkeys(names))
+            sizes = {"rows": c["rows"], "out_features": c["out_features"], "in_features": c["in_features"],
+                     "weight_contiguous": int(self.weight.is_contiguous())}
+            note = backend_note(OP, self.device, self.dtype, mode, sizes, c["backend"])
             return note + (" (packed mask)" if mode == "fwd" else " (mask packed from scores per call)")
-        return None
+        return NOTES.get(provider)
 
 
 def setup_masked_linear(config: dict) -> MaskedLinearSetup:
@@ -298,26 +249,16 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
     rows first, then shape by shape (15 configurations; the runner's time budget cuts the tail);
     --quick on GPU: the (4096, 4096) headline rows. CPU: a small fp32 set (under a minute on one
     thread) unless --full."""
-    cuda = device.startswith("cuda")
-    base = {"device": device, "dtype": dtype or (torch.bfloat16 if cuda else torch.float32)}
-    if cuda:
+    if device.startswith("cuda"):
         shapes = GPU_SHAPES[:1] if quick else GPU_SHAPES
         rows = GPU_ROWS[:3] if quick else GPU_ROWS
     elif quick:
         shapes, rows = CPU_SHAPES, CPU_ROWS
     else:
         shapes, rows = CPU_SHAPES + ((4096, 4096),), CPU_ROWS
-    return [{**base, "rows": r, "out_features": n, "in_features": k} for n, k in shapes for r in rows]
+    return on_device(device, dtype, [{"rows": r, "out_features": n, "in_features": k} for n, k in shapes for r in rows])
 
 
-BENCHMARK = OpBenchmark(
-    name=OP,
-    configs=configs,
-    setup=setup_masked_linear,
-    providers=PROVIDERS,
-    modes=("fwd", "fwd+bwd"),
-    baseline="eager",
-    subject="pefops",
-    bandwidth_reference="copy",
-    shape_columns=(("rows", "rows"), ("out_features", "N"), ("in_features", "K")),
-)
+# speed-ups against eager, GB/s and TFLOP/s of pefops, "% of copy GB/s" (OpBenchmark's defaults)
+BENCHMARK = OpBenchmark(name=OP, configs=configs, setup=setup_masked_linear, providers=PROVIDERS,
+                        shape_columns=(("rows", "rows"), ("out_features", "N"), ("in_features", "K")))

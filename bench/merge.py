@@ -12,11 +12,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench import runner
+from bench.environment import device_slug, file_stamp
+from bench.plots import write_plots
+from bench.results import RunResult, load_results, write_json
+from bench.tables import markdown_report
 
 
-def merge(paths: list[Path]) -> runner.RunResult:
-    results = [runner.load_results(path) for path in paths]
+def merge(paths: list[Path]) -> RunResult:
+    results = [load_results(path) for path in paths]
     if not results:
         raise SystemExit("no results to merge")
     latest_for_op = {}
@@ -33,7 +36,7 @@ def merge(paths: list[Path]) -> runner.RunResult:
         op_meta = dict(results[index].meta.get("ops", {}).get(op, {}))
         op_meta.setdefault("run_started", results[index].meta.get("run_started"))
         meta["ops"][op] = op_meta
-    merged = runner.RunResult(meta=meta, rows=[], skipped=[])
+    merged = RunResult(meta=meta, rows=[], skipped=[])
     for index, result in enumerate(results):
         merged.rows += [row for row in result.rows if latest_for_op[row["op"]] == index]
         merged.skipped += [s for s in result.skipped if latest_for_op.get(s.get("op"), index) == index]
@@ -47,12 +50,12 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
     merged = merge([Path(p) for p in argv[1:]])
-    slug = merged.meta.get("device_slug") or runner.device_slug(merged.meta.get("device", "cpu"))
-    stamp = runner.now_iso().replace(":", "").replace("-", "").replace("+0000", "Z")
-    runner.write_json(merged, out / f"{slug}-{stamp}.json")
-    runner.write_json(merged, out / f"latest-{slug}.json")
-    (out / f"latest-{slug}.md").write_text(runner.markdown_report(merged))
-    runner.write_plots(merged, out, f"latest-{slug}")
+    slug = merged.meta.get("device_slug") or device_slug(merged.meta.get("device", "cpu"))
+    stamp = file_stamp()
+    write_json(merged, out / f"{slug}-{stamp}.json")
+    write_json(merged, out / f"latest-{slug}.json")
+    (out / f"latest-{slug}.md").write_text(markdown_report(merged))
+    write_plots(merged, out, f"latest-{slug}")
     print(f"merged {len(merged.rows)} rows into {out}/latest-{slug}.json")
     return 0
 

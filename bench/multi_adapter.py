@@ -36,7 +36,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.interface import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.setup_helpers import (backend_kwargs, backend_note, common_config, copy_call, device_randn, measured_call,
+                                 on_device, provider_module, required_ints)
 
 OP = "multi_adapter"
 PROVIDERS = ("loop", "pefops", "copy")
@@ -58,29 +60,15 @@ def loop_multi_adapter(x: torch.Tensor, adapter_names: list[int], down_weight: t
 
 
 def _full_config(config: dict) -> dict:
-    device = config.get("device", "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = config.get("dtype") or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    return {
-        "batch": int(config["batch"]),
-        "seq": int(config["seq"]),
-        "hidden": int(config["hidden"]),
-        "r": int(config["r"]),
-        "adapters": int(config["adapters"]),
-        "seed": int(config.get("seed", 0)),
-        "backend": config.get("backend"),  # forwarded to pefops as backend=
-        "device": str(device),
-        "dtype": dtype,
-    }
+    return {**required_ints(OP, config, ("batch", "seq", "hidden", "r", "adapters")), **common_config(config)}
 
 
 class MultiAdapterSetup:
     """Inputs, stacked weights and the adapter assignment for one configuration."""
 
     def __init__(self, config: dict):
-        c = _full_config(config)
-        self.config = c
-        self.device = c["device"]
-        self.dtype = c["dtype"]
+        self.config = c = _full_config(config)
+        self.device, self.dtype = c["device"], c["dtype"]
         B, T, H, r, N = c["batch"], c["seq"], c["hidden"], c["r"], c["adapters"]
         self.shape = {"batch": B, "seq": T, "hidden": H, "r": r, "adapters": N}
 
@@ -102,9 +90,9 @@ class MultiAdapterSetup:
         self.up_bias = weight(N, H, scale=0.1)
         self.weights = [self.down_weight, self.down_bias, self.up_weight, self.up_bias]
 
-        device_gen = torch.Generator(device=self.device).manual_seed(c["seed"] + 1)
-        self.x = torch.randn(B, T, H, generator=device_gen, device=self.device, dtype=self.dtype).requires_grad_(True)
-        self.grad_out = torch.randn(B, T, H, generator=device_gen, device=self.device, dtype=self.dtype)
+        randn = device_randn(self.device, self.dtype, c["seed"] + 1)
+        self.x = randn(B, T, H).requires_grad_(True)
+        self.grad_out = randn(B, T, H)
         self.grad_inputs = [self.x] + self.weights
 
     # ------------------------------------------------------------------ forwards per provider
@@ -115,13 +103,9 @@ class MultiAdapterSetup:
         if provider == "loop":
             return lambda: loop_multi_adapter(x, names, dw, db, uw, ub)
         if provider == "pefops":
-            try:
-                from pefops.ops import multi_adapter
-            except Exception as error:  # noqa: BLE001 - any import failure means "cannot run here"
-                raise ProviderUnavailable(
-                    f"pefops.ops.multi_adapter not importable: {type(error).__name__}: {error}") from None
+            multi_adapter = provider_module("pefops.ops").multi_adapter
             index = self.adapter_index
-            kwargs = {"backend": self.config["backend"]} if self.config["backend"] is not None else {}
+            kwargs = backend_kwargs(self.config["backend"])
             return lambda: multi_adapter(x, index, dw, db, uw, ub, **kwargs)
         raise ProviderUnavailable(f"unknown provider {provider!r} for {OP}")
 
@@ -129,29 +113,15 @@ class MultiAdapterSetup:
 
     def fn(self, provider: str, mode: str) -> Callable[[], Any]:
         if provider == "copy":
-            if mode != "fwd":
-                raise NotApplicable
-            src = self.x.detach()
-            dst = torch.empty_like(src)
-            return lambda: dst.copy_(src)
+            return copy_call(self.x, mode)
         if mode not in ("fwd", "fwd+bwd"):
             raise NotApplicable
-        forward = self._forward_fn(provider)
-        if mode == "fwd":
-            def call():
-                with torch.no_grad():
-                    return forward()
-            return call
-        inputs, grad_out = self.grad_inputs, self.grad_out
-
-        def call():
-            return torch.autograd.grad(forward(), inputs, grad_out)
-        return call
+        return measured_call(self._forward_fn(provider), mode, self.grad_inputs, self.grad_out)
 
     def work(self, provider: str, mode: str) -> Work:
         c = self.config
         rows, H, r, N = c["batch"] * c["seq"], c["hidden"], c["r"], c["adapters"]
-        e = torch.empty((), dtype=self.dtype).element_size()
+        e = self.dtype.itemsize
         if provider == "copy":
             return Work(bytes=2 * rows * H * e)
         weights = N * (2 * H * r + r + H) * e
@@ -168,18 +138,8 @@ class MultiAdapterSetup:
             return "dst.copy_(x), [B, T, H]"
         if provider == "pefops":
             c = self.config
-            try:
-                from pefops import backend as registry
-
-                sizes = {"tokens": c["batch"] * c["seq"], "hidden": c["hidden"], "rank": c["r"],
-                         "adapters": c["adapters"]}
-                names = []
-                for step in (["forward"] if mode == "fwd" else ["forward", "backward"]):
-                    problem = registry.Problem(torch.device(self.device), self.dtype, step, sizes)
-                    names.append(registry.select(OP, problem, c["backend"]).backend)
-            except Exception:  # noqa: BLE001 - informational only
-                return f"backend={c['backend'] or 'auto'}"
-            return "backend=" + "/".join(dict.fromkeys(names))
+            sizes = {"tokens": c["batch"] * c["seq"], "hidden": c["hidden"], "rank": c["r"], "adapters": c["adapters"]}
+            return backend_note(OP, self.device, self.dtype, mode, sizes, c["backend"])
         return None
 
 
@@ -193,26 +153,16 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
     """GPU: 16 adapters, batch 64 × 512 tokens, r 64, bf16, H 4096 (the headline) then H 1024.
     CPU quick: 8 adapters, batch 16 × 64 tokens, H 256, r 16, fp32 (and the same at 256 tokens);
     CPU --full: adds H 768, r 64."""
-    cuda = device.startswith("cuda")
-    base = {"device": device, "dtype": dtype or (torch.bfloat16 if cuda else torch.float32)}
-    if cuda:
+    if device.startswith("cuda"):
         shapes = [HEADLINE] if quick else [HEADLINE, {**HEADLINE, "hidden": 1024}]
     else:
         small = {"batch": 16, "seq": 64, "hidden": 256, "r": 16, "adapters": 8}
         shapes = [small, {**small, "seq": 256}]
         if not quick:
             shapes += [{"batch": 16, "seq": 256, "hidden": 768, "r": 64, "adapters": 8}]
-    return [{**base, **s} for s in shapes]
+    return on_device(device, dtype, shapes)
 
 
-BENCHMARK = OpBenchmark(
-    name=OP,
-    configs=configs,
-    setup=setup_multi_adapter,
-    providers=PROVIDERS,
-    modes=("fwd", "fwd+bwd"),
-    baseline="loop",
-    subject="pefops",
-    bandwidth_reference="copy",
-    shape_columns=(("batch", "B"), ("seq", "T"), ("hidden", "H"), ("r", "r"), ("adapters", "N")),
-)
+# fwd and fwd+bwd, GB/s and TFLOP/s of pefops, "% of copy GB/s" (OpBenchmark's defaults)
+BENCHMARK = OpBenchmark(name=OP, configs=configs, setup=setup_multi_adapter, providers=PROVIDERS, baseline="loop",
+                        shape_columns=(("batch", "B"), ("seq", "T"), ("hidden", "H"), ("r", "r"), ("adapters", "N")))

@@ -35,7 +35,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.interface import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.setup_helpers import (backend_kwargs, backend_note, common_config, device_randn, measured_call, on_device,
+                                 provider_module, required_ints)
 
 OP = "prefix_attention"
 PROVIDERS = ("concat_sdpa", "pefops")
@@ -62,21 +64,13 @@ def concat_sdpa(q, k, v, prefix_k, prefix_v, causal: bool, key_padding: torch.Te
 
 
 def _full_config(config: dict) -> dict:
-    device = config.get("device", "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = config.get("dtype") or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    sizes = required_ints(OP, config, ("batch", "heads", "seq", "prefix", "head_dim"))
     return {
-        "batch": int(config["batch"]),
-        "heads": int(config["heads"]),
-        "kv_heads": int(config.get("kv_heads", config["heads"])),
-        "seq": int(config["seq"]),
-        "prefix": int(config["prefix"]),
-        "head_dim": int(config["head_dim"]),
+        **sizes,
+        "kv_heads": int(config.get("kv_heads", sizes["heads"])),
         "causal": bool(config.get("causal", True)),
         "padding": bool(config.get("padding", False)),
-        "seed": int(config.get("seed", 0)),
-        "backend": config.get("backend"),  # forwarded to pefops as backend=
-        "device": str(device),
-        "dtype": dtype,
+        **common_config(config),
     }
 
 
@@ -84,27 +78,20 @@ class PrefixAttentionSetup:
     """Inputs, prefix and masks for one configuration."""
 
     def __init__(self, config: dict):
-        c = _full_config(config)
-        self.config = c
-        self.device = c["device"]
-        self.dtype = c["dtype"]
+        self.config = c = _full_config(config)
+        self.device, self.dtype = c["device"], c["dtype"]
         B, H, G, S, P, D = c["batch"], c["heads"], c["kv_heads"], c["seq"], c["prefix"], c["head_dim"]
         self.shape = {"batch": B, "heads": H, "kv_heads": G, "seq": S, "prefix": P, "head_dim": D,
                       "causal": c["causal"], "padding": c["padding"]}
 
-        gen = torch.Generator(device=self.device).manual_seed(c["seed"])
-
-        def tensor(*shape):
-            t = torch.randn(*shape, generator=gen, device=self.device, dtype=self.dtype)
-            return t.requires_grad_(True)
-
-        self.q = tensor(B, H, S, D)
-        self.k = tensor(B, G, S, D)
-        self.v = tensor(B, G, S, D)
-        self.prefix_k = tensor(G, P, D)
-        self.prefix_v = tensor(G, P, D)
+        randn = device_randn(self.device, self.dtype, c["seed"])
+        self.q = randn(B, H, S, D).requires_grad_(True)
+        self.k = randn(B, G, S, D).requires_grad_(True)
+        self.v = randn(B, G, S, D).requires_grad_(True)
+        self.prefix_k = randn(G, P, D).requires_grad_(True)
+        self.prefix_v = randn(G, P, D).requires_grad_(True)
         self.grad_inputs = [self.q, self.k, self.v, self.prefix_k, self.prefix_v]
-        self.grad_out = torch.randn(B, H, S, D, generator=gen, device=self.device, dtype=self.dtype)
+        self.grad_out = randn(B, H, S, D)
         self.key_padding = None
         if c["padding"]:
             # every other row has its last quarter of keys padded
@@ -120,12 +107,8 @@ class PrefixAttentionSetup:
         if provider == "concat_sdpa":
             return lambda: concat_sdpa(q, k, v, prefix_k, prefix_v, causal, padding)
         if provider == "pefops":
-            try:
-                from pefops.ops import prefix_attention
-            except Exception as error:  # noqa: BLE001 - any import failure means "cannot run here"
-                raise ProviderUnavailable(
-                    f"pefops.ops.prefix_attention not importable: {type(error).__name__}: {error}") from None
-            kwargs = {"backend": self.config["backend"]} if self.config["backend"] is not None else {}
+            prefix_attention = provider_module("pefops.ops").prefix_attention
+            kwargs = backend_kwargs(self.config["backend"])
             return lambda: prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask=padding, causal=causal,
                                             **kwargs)
         raise ProviderUnavailable(f"unknown provider {provider!r} for {OP}")
@@ -135,17 +118,7 @@ class PrefixAttentionSetup:
     def fn(self, provider: str, mode: str) -> Callable[[], Any]:
         if mode not in ("fwd", "fwd+bwd"):
             raise NotApplicable
-        forward = self._forward_fn(provider)
-        if mode == "fwd":
-            def call():
-                with torch.no_grad():
-                    return forward()
-            return call
-        inputs, grad_out = self.grad_inputs, self.grad_out
-
-        def call():
-            return torch.autograd.grad(forward(), inputs, grad_out)
-        return call
+        return measured_call(self._forward_fn(provider), mode, self.grad_inputs, self.grad_out)
 
     def pairs(self) -> int:
         """Visible (query, key) pairs over every row and head (padding not subtracted)."""
@@ -157,7 +130,7 @@ class PrefixAttentionSetup:
     def work(self, provider: str, mode: str) -> Work:
         c = self.config
         B, H, G, S, P, D = c["batch"], c["heads"], c["kv_heads"], c["seq"], c["prefix"], c["head_dim"]
-        e = torch.empty((), dtype=self.dtype).element_size()
+        e = self.dtype.itemsize
         q_bytes = out_bytes = B * H * S * D * e
         kv_bytes = 2 * B * G * S * D * e
         prefix_bytes = 2 * G * P * D * e
@@ -177,17 +150,8 @@ class PrefixAttentionSetup:
         if provider == "concat_sdpa":
             return f"cat(prefix expanded, k/v) + [*, S, P+S] bool mask ({masks or 'none'}) + SDPA"
         if provider == "pefops":
-            try:
-                from pefops import backend as registry
-
-                sizes = {"head_dim": c["head_dim"], "value_dim": c["head_dim"], "dropout": 0}
-                names = []
-                for step in (["forward"] if mode == "fwd" else ["forward", "backward"]):
-                    problem = registry.Problem(torch.device(self.device), self.dtype, step, sizes)
-                    names.append(registry.select(OP, problem, c["backend"]).backend)
-            except Exception:  # noqa: BLE001 - informational only
-                return f"backend={c['backend'] or 'auto'}"
-            return "backend=" + "/".join(dict.fromkeys(names))
+            sizes = {"head_dim": c["head_dim"], "value_dim": c["head_dim"], "dropout": 0}
+            return backend_note(OP, self.device, self.dtype, mode, sizes, c["backend"])
         return None
 
 
@@ -202,9 +166,7 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
     shapes; the headline seq 2048, prefix 200 first); --full adds the encoder case (not causal, key
     padding) and grouped-query heads (4 kv heads). CPU quick: batch 2, 4 heads x 32, seq 128, prefix
     20, fp32; CPU --full adds batch 4, 8 heads x 64, seq 512, prefix 64."""
-    cuda = device.startswith("cuda")
-    base = {"device": device, "dtype": dtype or (torch.bfloat16 if cuda else torch.float32)}
-    if cuda:
+    if device.startswith("cuda"):
         shapes = [{**HEADLINE, "seq": seq, "prefix": prefix} for seq in (2048, 512) for prefix in (200, 20)]
         if not quick:
             shapes += [{**HEADLINE, "seq": 512, "prefix": 20, "causal": False, "padding": True},
@@ -213,17 +175,12 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
         shapes = [{"batch": 2, "heads": 4, "seq": 128, "prefix": 20, "head_dim": 32}]
         if not quick:
             shapes += [{"batch": 4, "heads": 8, "seq": 512, "prefix": 64, "head_dim": 64}]
-    return [{**base, **s} for s in shapes]
+    return on_device(device, dtype, shapes)
 
 
+# fwd and fwd+bwd, GB/s and TFLOP/s of pefops (OpBenchmark's defaults); no copy reference
 BENCHMARK = OpBenchmark(
-    name=OP,
-    configs=configs,
-    setup=setup_prefix_attention,
-    providers=PROVIDERS,
-    modes=("fwd", "fwd+bwd"),
-    baseline="concat_sdpa",
-    subject="pefops",
+    name=OP, configs=configs, setup=setup_prefix_attention, providers=PROVIDERS, baseline="concat_sdpa",
     bandwidth_reference=None,
     shape_columns=(("batch", "B"), ("heads", "H"), ("kv_heads", "Hkv"), ("seq", "S"), ("prefix", "P"),
                    ("head_dim", "D"), ("causal", "causal"), ("padding", "pad")),

@@ -17,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import runner
+from bench.results import RESULTS_DIR, load_results
+from bench.tables import provenance_line, summary_tables
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -38,13 +39,13 @@ def render_section(results_dir: Path) -> str:
         lines.append(f"No benchmark results yet: run `python -m bench` (writes {_display(results_dir)}/).")
         return "\n".join(lines) + "\n"
     for path in files:
-        result = runner.load_results(path)
+        result = load_results(path)
         if not result.rows:
             continue
         meta = result.meta
-        lines.append(runner.summary_tables(result.rows, meta, heading_level=4).rstrip("\n"))
+        lines.append(summary_tables(result.rows, meta, heading_level=4).rstrip("\n"))
         lines.append("")
-        lines.append(f"_{runner.provenance_line(meta)} Source: `{_display(path)}`._")
+        lines.append(f"_{provenance_line(meta)} Source: `{_display(path)}`._")
         lines.append("")
     lines.append("Columns: median time per call; `(N×)` is the speed-up over the eager PyTorch baseline "
                  "measured in the same run; GB/s and TFLOP/s use the compulsory byte and flop counts "
@@ -71,7 +72,7 @@ def replace_section(text: str, section: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default=str(runner.RESULTS_DIR), help="folder with latest-*.json")
+    p.add_argument("--results", default=str(RESULTS_DIR), help="folder with latest-*.json")
     p.add_argument("--readme", default=str(REPO_ROOT / "README.md"))
     p.add_argument("--print", dest="print_only", action="store_true", help="print the section, change nothing")
     p.add_argument("--check", action="store_true", help="exit 1 if the README section is out of date")

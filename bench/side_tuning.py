@@ -47,7 +47,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.runner import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.interface import NotApplicable, OpBenchmark, ProviderUnavailable, Work
+from bench.setup_helpers import common_config, on_device, provider_module
 
 OP = "side_tuning"
 MODE = "train-step"
@@ -129,8 +130,6 @@ class Trainer:
 
 
 def _full_config(config: dict) -> dict:
-    device = str(config.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = config.get("dtype") or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     return {
         "model": config.get("model", "llama-tiny"),
         "batch": int(config.get("batch", ISSUE_SHAPE["batch"])),
@@ -138,9 +137,7 @@ def _full_config(config: dict) -> dict:
         "reduction_factor": config.get("reduction_factor", 8),
         "adapter": config.get("adapter", "seq_bn"),
         "lr": float(config.get("lr", 1e-4)),
-        "seed": int(config.get("seed", 0)),
-        "device": device,
-        "dtype": dtype,
+        **common_config(config),  # its backend setting is unused: pefops.hf selects per layer
     }
 
 
@@ -149,8 +146,7 @@ class SideTuningSetup:
     each provider's Trainer (a deep copy of base and head, the method applied) is built on first use."""
 
     def __init__(self, config: dict):
-        c = _full_config(config)
-        self.config = c
+        self.config = c = _full_config(config)
         self.device, self.dtype = c["device"], c["dtype"]
         B, T = c["batch"], c["seq"]
         self.base = build_base_model(c["model"], T, c["seed"]).to(device=self.device, dtype=self.dtype)
@@ -187,10 +183,7 @@ class SideTuningSetup:
 
     def trainer(self, provider: str) -> Trainer:
         if provider not in self.trainers:
-            try:
-                import pefops.hf  # noqa: F401
-            except Exception as error:  # noqa: BLE001 - any import failure means "cannot run here"
-                raise ProviderUnavailable(f"pefops.hf is not importable ({type(error).__name__}: {error})") from None
+            provider_module("pefops.hf")
             model = copy.deepcopy(self.base)
             module = self._apply_method(provider, model)
             self.models[provider] = model
@@ -233,12 +226,11 @@ def configs(device: str, dtype: torch.dtype | None, quick: bool) -> list[dict]:
     by default, and this op's only CPU set is the issue's measurement): CPU_SHAPE. GPU (bf16): the
     issue's shape; the full set adds longer sequences for LLaMA (MiniLM stops at 512 positions)."""
     cuda = device.startswith("cuda")
-    base = {"device": device, "dtype": dtype or (torch.bfloat16 if cuda else torch.float32)}
     shape = ISSUE_SHAPE if cuda else CPU_SHAPE
-    out = [{**base, "model": m, **shape} for m in MODELS]
+    shapes = [{"model": m, **shape} for m in MODELS]
     if cuda and not quick:
-        out += [{**base, "model": "llama-tiny", "batch": 16, "seq": s} for s in (1024, 2048)]
-    return out
+        shapes += [{"model": "llama-tiny", "batch": 16, "seq": s} for s in (1024, 2048)]
+    return on_device(device, dtype, shapes)
 
 
 BENCHMARK = OpBenchmark(

@@ -16,42 +16,28 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.adapter_fusion import setup_adapter_fusion  # noqa: E402
-from bench.runner import max_rel_err  # noqa: E402
+from bench.agreement import max_rel_err  # noqa: E402
 from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [
     {"tokens": 128, "hidden": 64, "adapters": 3, "r": 16},
 ]
 PROVIDERS = ["eager", "compile", "pefops", "nofusion"]
-MODES = ["fwd", "fwd+bwd"]
 
 
 def _id(shape: dict) -> str:
     return f"T{shape['tokens']}-H{shape['hidden']}-N{shape['adapters']}-r{shape['r']}"
 
 
-CASES = CpuCases("adapter_fusion", setup_adapter_fusion)
-_fn = CASES.fn
+CASES = CpuCases("adapter_fusion", setup_adapter_fusion, SHAPES, _id)
+test_adapter_fusion = CASES.benchmark_test(PROVIDERS)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_adapter_fusion(benchmark, shape, provider, mode):
-    CASES.benchmark(benchmark, shape, _id(shape), provider, mode)
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", ["compile", "pefops"])
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@CASES.parametrize(["compile", "pefops"])
 def test_providers_agree(shape, provider, mode):
-    setup, fn = _fn(shape, provider, mode)
-    _, reference = _fn(shape, "eager", mode)
-    out, ref = fn(), reference()
+    setup, out, ref = CASES.compare(shape, provider, "eager", mode)
     if mode == "fwd+bwd":
         assert len(out) == len(ref) == 3 + len(setup.fusion_params)  # x, query, residual, fusion weights
-    err = max_rel_err(out, ref)
-    assert err is not None and err < 1e-4, f"{provider} {mode}: max relative error {err} vs eager"
 
 
 def test_fusion_is_not_trivial():
@@ -73,7 +59,7 @@ def test_fusion_is_not_trivial():
 def test_nofusion_is_one_adapter():
     """The nofusion baseline is adapters[0] on (x, residual): residual + up(relu(down(x)))."""
     shape = SHAPES[0]
-    setup, fn = _fn(shape, "nofusion", "fwd")
+    setup, fn = CASES.fn(shape, "nofusion", "fwd")
     out = fn()["nofusion"]
     adapter = setup.adapters[0]
     with torch.no_grad():

@@ -13,7 +13,6 @@ import pytest
 pytest.importorskip("pytest_benchmark")
 
 from bench.bottleneck_adapter import setup_bottleneck_adapter  # noqa: E402
-from bench.runner import max_rel_err  # noqa: E402
 from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [
@@ -21,29 +20,16 @@ SHAPES = [
     {"tokens": 1024, "hidden": 768, "r": 64, "layer_norm": True},
 ]
 PROVIDERS = ["eager", "compile", "pefops"]
-MODES = ["fwd", "fwd+bwd"]
 
 
 def _id(shape: dict) -> str:
     return f"T{shape['tokens']}-H{shape['hidden']}-r{shape['r']}" + ("-LN" if shape.get("layer_norm") else "")
 
 
-CASES = CpuCases("bottleneck_adapter", setup_bottleneck_adapter)
-_fn = CASES.fn
+CASES = CpuCases("bottleneck_adapter", setup_bottleneck_adapter, SHAPES, _id)
+test_bottleneck_adapter = CASES.benchmark_test(PROVIDERS)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_bottleneck_adapter(benchmark, shape, provider, mode):
-    CASES.benchmark(benchmark, shape, _id(shape), provider, mode)
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", ["compile", "pefops"])
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@CASES.parametrize(["compile", "pefops"])
 def test_providers_agree(shape, provider, mode):
-    setup, fn = _fn(shape, provider, mode)
-    _, reference = _fn(shape, "eager", mode)
-    err = max_rel_err(fn(), reference())
-    assert err is not None and err < 1e-4, f"{provider} {mode}: max relative error {err} vs eager"
+    CASES.compare(shape, provider, "eager", mode)

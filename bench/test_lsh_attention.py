@@ -20,10 +20,12 @@ import torch
 pytest.importorskip("pytest_benchmark")
 pytest.importorskip("transformers")
 
-from bench import runner  # noqa: E402
 from bench.lsh_attention import BENCHMARK, configs, default_num_buckets, setup_lsh_attention  # noqa: E402
-from bench.runner import max_rel_err  # noqa: E402
-from bench.testing import CpuCases  # noqa: E402
+from bench.agreement import max_rel_err  # noqa: E402
+from bench.running import RunOptions, run  # noqa: E402
+from bench.tables import summary_tables  # noqa: E402
+from bench.testing import MODES, CpuCases  # noqa: E402
+from bench.timing import Timing  # noqa: E402
 
 SHAPES = [
     {"batch": 2, "seq": 256, "heads": 2, "head_dim": 32, "num_hashes": 2},
@@ -31,7 +33,6 @@ SHAPES = [
     {"batch": 1, "seq": 64, "heads": 2, "head_dim": 32, "num_hashes": 2},  # one chunk: full-attention path
 ]
 PROVIDERS = ["transformers", "pefops", "sdpa"]
-MODES = ["fwd", "fwd+bwd"]
 TOL = 1e-4  # fp32: exp/logsumexp orders differ between the two implementations
 
 
@@ -41,28 +42,16 @@ def _id(shape: dict) -> str:
         f"-nb{'x'.join(map(str, nb))}" if nb else "")
 
 
-CASES = CpuCases("lsh_attention", setup_lsh_attention)
-_fn = CASES.fn
+CASES = CpuCases("lsh_attention", setup_lsh_attention, SHAPES, _id)
+test_lsh_attention = CASES.benchmark_test(PROVIDERS)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_lsh_attention(benchmark, shape, provider, mode):
-    CASES.benchmark(benchmark, shape, _id(shape), provider, mode)
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@CASES.parametrize()
 def test_pefops_equals_transformers(shape, mode):
-    setup, fn = _fn(shape, "pefops", mode)
-    _, reference = _fn(shape, "transformers", mode)
-    out, ref = fn(), reference()
+    setup, out, ref = CASES.compare(shape, "pefops", "transformers", mode, TOL)
     if mode == "fwd+bwd":
         assert len(out) == len(ref) == 3  # d hidden, d query_key.weight, d value.weight
         assert all(g.abs().max() > 0 for g in ref)
-    err = max_rel_err(out, ref)
-    assert err is not None and err < TOL, f"pefops {mode}: max relative error {err} vs transformers"
     # the comparison can fail: another hash seed gives other buckets and another output
     if mode == "fwd" and shape["seq"] > 64:
         from pefops.ops.lsh_attention import lsh_attention
@@ -78,7 +67,7 @@ def test_pefops_equals_transformers(shape, mode):
 
 @pytest.mark.parametrize("shape", SHAPES[:1], ids=_id)
 def test_sdpa_is_full_causal_attention(shape):
-    setup, fn = _fn(shape, "sdpa", "fwd")
+    setup, fn = CASES.fn(shape, "sdpa", "fwd")
     out = fn()
     with torch.no_grad():
         qk = setup._split(setup.hidden @ setup.wqk.T)
@@ -105,10 +94,8 @@ def test_quick_cpu_configs():
     # the smaller quick config runs every provider in both modes; pefops agrees with transformers
     shape = {k: quick[0][k] for k in ("batch", "seq", "heads", "head_dim", "num_hashes")}
     for mode in MODES:
-        setup, fn = _fn(shape, "pefops", mode)
-        ref = _fn(shape, "transformers", mode)[1]()
-        assert max_rel_err(fn(), ref) < TOL
-        sdpa = _fn(shape, "sdpa", mode)[1]()
+        setup, _, ref = CASES.compare(shape, "pefops", "transformers", mode, TOL)
+        sdpa = CASES.fn(shape, "sdpa", mode)[1]()
         assert max_rel_err(sdpa, ref) is not None  # runs; a different function, no agreement expected
         for provider in PROVIDERS:
             work = setup.work(provider, mode)
@@ -131,8 +118,8 @@ def test_work_counts():
 def test_runner_rows():
     bench = dataclasses.replace(BENCHMARK, configs=lambda device, dtype, quick: [
         {**SHAPES[0], "device": "cpu", "dtype": torch.float32}])
-    timing = runner.Timing(warmup_ms=0.0, rep_ms=0.0, min_reps=1)
-    result = runner.run([bench], runner.RunOptions(device="cpu", quick=True, timing=timing))
+    timing = Timing(warmup_ms=0.0, rep_ms=0.0, min_reps=1)
+    result = run([bench], RunOptions(device="cpu", quick=True, timing=timing))
     assert not result.skipped, result.skipped
     rows = {(r["provider"], r["mode"]): r for r in result.rows}
     assert set(rows) == {(p, m) for p in PROVIDERS for m in MODES}
@@ -142,5 +129,5 @@ def test_runner_rows():
             assert r.get(key) is not None, (provider, mode, key)
         if provider == "pefops":
             assert r["max_rel_err_vs_transformers"] < TOL
-    table = runner.summary_tables(result.rows, result.meta)
+    table = summary_tables(result.rows, result.meta)
     assert "transformers peak MiB" in table and "pefops ms (× transformers)" in table

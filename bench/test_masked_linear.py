@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.masked_linear import setup_masked_linear  # noqa: E402
-from bench.runner import ProviderUnavailable, max_rel_err  # noqa: E402
+from bench.interface import ProviderUnavailable  # noqa: E402
 from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [
@@ -23,7 +23,6 @@ SHAPES = [
     {"rows": 256, "out_features": 512, "in_features": 512, "density": 0.25},  # prefill-like, sparser mask
 ]
 PROVIDERS = ["eager", "compile", "dense", "pefops"]
-MODES = ["fwd", "fwd+bwd"]
 
 
 def _id(shape: dict) -> str:
@@ -31,29 +30,16 @@ def _id(shape: dict) -> str:
             + (f"-d{shape['density']}" if "density" in shape else ""))
 
 
-CASES = CpuCases("masked_linear", setup_masked_linear)
-_fn = CASES.fn
+CASES = CpuCases("masked_linear", setup_masked_linear, SHAPES, _id)
+test_masked_linear = CASES.benchmark_test(PROVIDERS)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_masked_linear(benchmark, shape, provider, mode):
-    CASES.benchmark(benchmark, shape, _id(shape), provider, mode)
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", ["compile", "dense", "pefops"])
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@CASES.parametrize(["compile", "dense", "pefops"])
 def test_providers_agree(shape, provider, mode):
-    setup, fn = _fn(shape, provider, mode)
-    _, reference = _fn(shape, "eager", mode)
-    out, ref = fn(), reference()
+    _, out, ref = CASES.compare(shape, provider, "eager", mode)
     if mode == "fwd+bwd":
         assert len(out) == len(ref) == 3  # dx, dscores, dbias
         assert out[1].dtype == ref[1].dtype == torch.float32  # the scores' gradient stays fp32
-    err = max_rel_err(out, ref)
-    assert err is not None and err < 1e-4, f"{provider} {mode}: max relative error {err} vs eager"
 
 
 def test_mask_density_and_packing():

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.multi_adapter import setup_multi_adapter  # noqa: E402
-from bench.runner import max_rel_err  # noqa: E402
+from bench.agreement import max_rel_err  # noqa: E402
 from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [
@@ -24,38 +24,25 @@ SHAPES = [
     {"batch": 6, "seq": 8, "hidden": 32, "r": 4, "adapters": 8},  # more adapters than sequences: some absent
 ]
 PROVIDERS = ["loop", "pefops", "copy"]
-MODES = ["fwd", "fwd+bwd"]
 
 
 def _id(shape: dict) -> str:
     return f"B{shape['batch']}-T{shape['seq']}-H{shape['hidden']}-r{shape['r']}-N{shape['adapters']}"
 
 
-CASES = CpuCases("multi_adapter", setup_multi_adapter)
-_fn = CASES.fn
+CASES = CpuCases("multi_adapter", setup_multi_adapter, SHAPES, _id)
+test_multi_adapter = CASES.benchmark_test(PROVIDERS)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_multi_adapter(benchmark, shape, provider, mode):
-    CASES.benchmark(benchmark, shape, _id(shape), provider, mode)
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@CASES.parametrize()
 def test_providers_agree(shape, mode):
-    setup, fn = _fn(shape, "pefops", mode)
-    _, reference = _fn(shape, "loop", mode)
-    out, ref = fn(), reference()
+    setup, out, ref = CASES.compare(shape, "pefops", "loop", mode)
     if mode == "fwd+bwd":
         assert len(out) == len(ref) == 5  # dx, d down_weight, d down_bias, d up_weight, d up_bias
         if len(set(setup.adapter_names)) < shape["adapters"]:
             absent = sorted(set(range(shape["adapters"])) - set(setup.adapter_names))
             for grad in out[1:]:
                 assert torch.count_nonzero(grad[absent]) == 0  # adapters without rows get zeros
-    err = max_rel_err(out, ref)
-    assert err is not None and err < 1e-4, f"pefops {mode}: max relative error {err} vs loop"
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
@@ -64,7 +51,7 @@ def test_loop_is_per_sequence_adapter(shape):
     single-adapter reference, sequence by sequence)."""
     from pefops.ops import bottleneck_adapter_ref
 
-    setup, fn = _fn(shape, "loop", "fwd")
+    setup, fn = CASES.fn(shape, "loop", "fwd")
     out = fn()
     with torch.no_grad():
         for i, a in enumerate(setup.adapter_names):

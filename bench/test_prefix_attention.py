@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.prefix_attention import concat_sdpa, setup_prefix_attention  # noqa: E402
-from bench.runner import max_rel_err  # noqa: E402
+from bench.agreement import max_rel_err  # noqa: E402
 from bench.testing import CpuCases  # noqa: E402
 
 SHAPES = [
@@ -24,7 +24,6 @@ SHAPES = [
     {"batch": 3, "heads": 4, "kv_heads": 2, "seq": 20, "prefix": 7, "head_dim": 8, "causal": False, "padding": True},
 ]
 PROVIDERS = ["concat_sdpa", "pefops"]
-MODES = ["fwd", "fwd+bwd"]
 
 
 def _id(shape: dict) -> str:
@@ -33,27 +32,15 @@ def _id(shape: dict) -> str:
             + ("-pad" if shape.get("padding") else ""))
 
 
-CASES = CpuCases("prefix_attention", setup_prefix_attention)
-_fn = CASES.fn
+CASES = CpuCases("prefix_attention", setup_prefix_attention, SHAPES, _id)
+test_prefix_attention = CASES.benchmark_test(PROVIDERS)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_prefix_attention(benchmark, shape, provider, mode):
-    CASES.benchmark(benchmark, shape, _id(shape), provider, mode)
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@CASES.parametrize()
 def test_providers_agree(shape, mode):
-    _, fn = _fn(shape, "pefops", mode)
-    _, reference = _fn(shape, "concat_sdpa", mode)
-    out, ref = fn(), reference()
+    _, out, ref = CASES.compare(shape, "pefops", "concat_sdpa", mode)
     if mode == "fwd+bwd":
         assert len(out) == len(ref) == 5  # dq, dk, dv, dprefix_k, dprefix_v
-    err = max_rel_err(out, ref)
-    assert err is not None and err < 1e-4, f"pefops {mode}: max relative error {err} vs concat_sdpa"
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)

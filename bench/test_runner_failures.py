@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from bench import __main__ as bench_main
-from bench import runner
+from bench import interface
 
 
 class ToySetup:
     shape = {"n": 4}
     dtype = torch.float32
 
-    def __init__(self, unavailable: dict[str, runner.ProviderUnavailable]):
+    def __init__(self, unavailable: dict[str, interface.ProviderUnavailable]):
         self.x = torch.ones(4)
         self.unavailable = unavailable
 
@@ -29,7 +29,7 @@ class ToySetup:
         return lambda: self.x * 2
 
     def work(self, provider, mode):
-        return runner.Work(bytes=32)
+        return interface.Work(bytes=32)
 
 
 def toy_benchmark(providers, unavailable=None, setup_error=None):
@@ -38,13 +38,13 @@ def toy_benchmark(providers, unavailable=None, setup_error=None):
             raise setup_error
         return ToySetup(unavailable or {})
 
-    return runner.OpBenchmark(name="toy", configs=lambda device, dtype, quick: [{"n": 4}], setup=setup,
-                              providers=tuple(providers), modes=("fwd",), baseline="eager",
-                              bandwidth_reference=None)
+    return interface.OpBenchmark(name="toy", configs=lambda device, dtype, quick: [{"n": 4}], setup=setup,
+                                 providers=tuple(providers), modes=("fwd",), baseline="eager",
+                                 bandwidth_reference=None)
 
 
 def run_main(monkeypatch, tmp_path, benchmark, capsys):
-    monkeypatch.setattr(runner, "get_benchmark", lambda name: benchmark)
+    monkeypatch.setattr(interface, "get_benchmark", lambda name: benchmark)
     code = bench_main.main(["--ops", "toy", "--device", "cpu", "--out", str(tmp_path), "--no-plots",
                             "--warmup-ms", "1", "--rep-ms", "2"])
     saved = json.loads(next(tmp_path.glob("latest-*.json")).read_text())
@@ -54,8 +54,8 @@ def run_main(monkeypatch, tmp_path, benchmark, capsys):
 @pytest.mark.parametrize("case", ["unavailable", "raises", "setup"])
 def test_a_lost_provider_or_configuration_fails_the_run(monkeypatch, tmp_path, capsys, case):
     if case == "unavailable":
-        benchmark = toy_benchmark(["eager", "pefops"],
-                                  unavailable={"pefops": runner.ProviderUnavailable("transformers is not importable")})
+        lost = interface.ProviderUnavailable("transformers is not importable")
+        benchmark = toy_benchmark(["eager", "pefops"], unavailable={"pefops": lost})
     elif case == "raises":
         benchmark = toy_benchmark(["eager", "broken"])
     else:
@@ -70,7 +70,7 @@ def test_a_lost_provider_or_configuration_fails_the_run(monkeypatch, tmp_path, c
 
 
 def test_declared_expected_absence_is_a_quiet_skip(monkeypatch, tmp_path, capsys):
-    absent = runner.ProviderUnavailable("needs a CUDA device", expected=True)
+    absent = interface.ProviderUnavailable("needs a CUDA device", expected=True)
     benchmark = toy_benchmark(["eager", "cuda_only"], unavailable={"cuda_only": absent})
     code, out, saved = run_main(monkeypatch, tmp_path, benchmark, capsys)
     assert code == 0

@@ -17,7 +17,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bench import runner  # noqa: E402
+from bench.interface import ProviderUnavailable  # noqa: E402
+from bench.memory import peak_memory  # noqa: E402
+from bench.running import RunOptions, run  # noqa: E402
+from bench.tables import summary_tables  # noqa: E402
 from bench.side_tuning import BENCHMARK, MODE, PROVIDERS, setup_side_tuning  # noqa: E402
 
 CONFIG = {"model": "llama-tiny", "batch": 2, "seq": 32, "device": "cpu", "dtype": torch.float32}
@@ -31,7 +34,7 @@ def _setup():
 def _trainer(setup, provider):
     try:
         setup.fn(provider, MODE)
-    except runner.ProviderUnavailable as error:
+    except ProviderUnavailable as error:
         pytest.skip(f"{provider}: {error}")
     return setup.trainers[provider]
 
@@ -71,7 +74,7 @@ def test_peak_memory_positive(provider):
     _trainer(setup, provider)
     fn = setup.fn(provider, MODE)
     fn()  # AdamW state allocated outside the measured step
-    peak, method = runner.peak_memory(fn, "cpu")
+    peak, method = peak_memory(fn, "cpu")
     assert peak is not None and peak > 0, method
     assert setup.trainers[provider].optimizer_state_bytes() > 0
     assert "trainable" in setup.describe(provider, MODE)
@@ -79,9 +82,9 @@ def test_peak_memory_positive(provider):
 
 def test_runner_table_shows_memory_share():
     bench = dataclasses.replace(BENCHMARK, configs=lambda device, dtype, quick: [dict(CONFIG)])
-    result = runner.run([bench], runner.RunOptions(device="cpu", quick=True))
+    result = run([bench], RunOptions(device="cpu", quick=True))
     rows = {r["provider"]: r for r in result.rows}
     assert "full" in rows and "adapters" in rows
     assert all(r["reps"] == 3 and r["peak_memory_bytes"] > 0 for r in rows.values())
-    table = runner.summary_tables(result.rows, result.meta)
+    table = summary_tables(result.rows, result.meta)
     assert "adapters peak MiB (% of full)" in table and "train-step" in table
