@@ -38,7 +38,7 @@
 //      reduces across the group; the block's results go through shared memory so the epilogue
 //      (+bu, *scaling, +residual) reads and writes [T, H] coalesced. Writes out (no LayerNorm) or an
 //      fp32 y scratch.
-//   3. layernorm_rows_kernel (only with LayerNorm): one block per token, two-pass mean / variance
+//   3. layernorm_rows_kernel (decode_common.cuh; only with LayerNorm): one block per token, two-pass mean / variance
 //      in fp32 over the fp32 y row, then the affine transform.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -47,56 +47,25 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
-#include <limits>
-#include <string>
 #include <tuple>
 
 #include "common.cuh"
+#include "decode_common.cuh"
 #include "ops.h"
 
 namespace pefops {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kMaxTokens = 16;
+using namespace decode;  // kWarps, kThreads, kRowsPerWarp, kRowsPerBlock, kSliceQuantum, helpers
 
-// Down projection: rows of Wd per warp, and per block.
-constexpr int kDownRowsPerWarp = 4;
-constexpr int kDownRowsPerBlock = kWarps * kDownRowsPerWarp;  // 32
-// The hidden slice KS is a multiple of this (32 lanes x one 16-byte vector of a 2-byte type).
-constexpr int kSliceQuantum = 256;
+constexpr const char* kOpName = "bottleneck_adapter_decode_forward";
+
 constexpr int kDownSmemBudget = 32 * 1024;  // bytes of staged x per block
 
 // Up projection: rows of Wu per lane group; lane-group size bounds.
 constexpr int kUpRowsPerGroup = 4;
 constexpr int kUpMinGroup = 4;
-
-constexpr int kLnThreads = 512;
-
-__device__ __forceinline__ float apply_activation(float z, int act, float slope) {
-  switch (act) {
-    case kRelu:
-      return z < 0.0f ? 0.0f : z;  // keeps NaN, like torch.relu
-    case kGelu:
-      return 0.5f * z * (1.0f + erff(z * 0.70710678118654752440f));
-    case kGeluTanh: {
-      const float k0 = 0.79788456080286535588f;  // sqrt(2 / pi)
-      const float inner = k0 * (z + 0.044715f * z * z * z);
-      return 0.5f * z * (1.0f + tanhf(inner));
-    }
-    case kSilu:
-      return z / (1.0f + expf(-z));
-    case kTanh:
-      return tanhf(z);
-    case kLeakyRelu:
-      return z > 0.0f ? z : z * slope;
-    default:
-      return z;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Kernel 1: z partials. Block (bx, s): rows j in [32 bx, 32 bx + 32) of Wd, columns
@@ -117,86 +86,47 @@ __global__ void __launch_bounds__(kThreads, TB >= 16 ? 1 : 2) down_proj_kernel(
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);  // [TB][KS]
 
-  const int S = gridDim.y;
-  const int s = blockIdx.y;
-  const int k0 = s * KS;
-  const int klen = min(KS, H - k0);  // > 0: the host launches S = ceil(H / KS) slices
+  const BlockSlice slice = block_slice(H, KS);
+  const int S = slice.S, s = slice.s, k0 = slice.k0, klen = slice.klen;
 
-  // Stage x[:, k0 : k0 + klen] (rows >= ntok and columns >= klen as zeros). With VEC > 1, H, KS,
-  // k0 and c are multiples of VEC, so c < klen means the whole vector lies inside the row.
-  const int vecs_per_row = KS / VEC;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < TB * vecs_per_row; i += kThreads) {
-    const int t = i / vecs_per_row;
-    const int c = (i - t * vecs_per_row) * VEC;
-    const bool valid = t < ntok && c < klen;
-    const T* src = x + (static_cast<int64_t>(t) * H + k0 + c);
-    copy_or_zero<T, VEC>(xs + t * KS + c, src, valid);
-  }
+  stage_x_slice<T, VEC, TB>(xs, x, ntok, H, k0, klen, KS);  // rows >= ntok, columns >= klen: 0
   __syncthreads();
 
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  const int j0 = blockIdx.x * kDownRowsPerBlock + warp * kDownRowsPerWarp;
+  const int j0 = blockIdx.x * kRowsPerBlock + warp * kRowsPerWarp;
   if (j0 >= r) return;  // whole warp idle (warp-uniform); no block barrier follows
 
-  const T* wrow[kDownRowsPerWarp];
-  bool row_ok[kDownRowsPerWarp];
+  const T* wrow[kRowsPerWarp];
+  bool row_ok[kRowsPerWarp];
 #pragma unroll
-  for (int k = 0; k < kDownRowsPerWarp; ++k) {
+  for (int k = 0; k < kRowsPerWarp; ++k) {
     row_ok[k] = j0 + k < r;  // warp-uniform
     wrow[k] = wd + (static_cast<int64_t>(row_ok[k] ? j0 + k : j0) * H + k0);
   }
 
-  float acc[kDownRowsPerWarp * TB];  // acc[k * TB + t]
-#pragma unroll
-  for (int i = 0; i < kDownRowsPerWarp * TB; ++i) acc[i] = 0.0f;
+  float acc[kRowsPerWarp * TB] = {};  // acc[k * TB + t]
 
 #pragma unroll 2
   for (int c = lane * VEC; c < klen; c += 32 * VEC) {
-    float w[kDownRowsPerWarp][VEC];
-#pragma unroll
-    for (int k = 0; k < kDownRowsPerWarp; ++k) {
-      if (row_ok[k]) {
-        load_global_f32<T, VEC>(wrow[k] + c, w[k]);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) w[k][v] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < TB; ++t) {
-      float xv[VEC];
-      load_shared_f32<T, VEC>(xs + t * KS + c, xv);
-#pragma unroll
-      for (int k = 0; k < kDownRowsPerWarp; ++k) {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[k * TB + t] = fmaf(w[k][v], xv[v], acc[k * TB + t]);
-      }
-    }
+    float w[kRowsPerWarp][VEC];
+    load_rows_or_zero<T, VEC, kRowsPerWarp>(wrow, row_ok, c, w);
+    fma_staged_tokens<T, VEC, kRowsPerWarp, TB>(acc, w, xs, KS, c);
   }
 
-  constexpr int N = kDownRowsPerWarp * TB;
-  const int base = group_reduce_scatter<N>(acc, lane, 32);
-  constexpr int kHeld = N >= 32 ? N / 32 : 1;
-  if (lane >= N) return;  // not an owner (only happens when N < 32)
-#pragma unroll
-  for (int i = 0; i < kHeld; ++i) {
-    const int idx = base + i;
-    const int k = idx / TB;
-    const int t = idx % TB;
+  warp_reduce_rows<kRowsPerWarp, TB>(acc, lane, [&](int k, int t, float total) {
     const int j = j0 + k;
     if (t < ntok && j < r) {
       const int64_t o = static_cast<int64_t>(t) * r + j;
       if (S == 1) {
-        const float zz = acc[i] + (bd != nullptr ? Cvt<T>::to_float(bd[j]) : 0.0f);
+        const float zz = total + (bd != nullptr ? Cvt<T>::to_float(bd[j]) : 0.0f);
         z_out[o] = zz;
         a_out[o] = apply_activation(zz, act, slope);
       } else {
-        zpart[static_cast<int64_t>(s) * ntok * r + o] = acc[i];
+        zpart[static_cast<int64_t>(s) * ntok * r + o] = total;
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,24 +211,12 @@ __global__ void __launch_bounds__(kThreads, TB >= 16 ? 1 : 2) up_proj_kernel(
 #pragma unroll 2
   for (int j = gl * VEC; j < r; j += G * VEC) {
     float w[kUpRowsPerGroup][VEC];
-#pragma unroll
-    for (int k = 0; k < kUpRowsPerGroup; ++k) {
-      if (row_ok[k]) {
-        load_global_f32<T, VEC>(wrow[k] + j, w[k]);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) w[k][v] = 0.0f;
-      }
-    }
+    load_rows_or_zero<T, VEC, kUpRowsPerGroup>(wrow, row_ok, j, w);
 #pragma unroll
     for (int t = 0; t < TB; ++t) {
       float av[VEC];
       load_shared_floats<VEC>(abuf + t * r + j, av);
-#pragma unroll
-      for (int k = 0; k < kUpRowsPerGroup; ++k) {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[k * TB + t] = fmaf(w[k][v], av[v], acc[k * TB + t]);
-      }
+      fma_rows<VEC, kUpRowsPerGroup, TB>(acc, t, w, av);
     }
   }
 
@@ -339,120 +257,14 @@ __global__ void __launch_bounds__(kThreads, TB >= 16 ? 1 : 2) up_proj_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 3: LayerNorm over each fp32 row of y. Two passes (mean, then centred sum of squares) so
-// there is no cancellation; the row (H * 4 bytes) is re-read from L1/L2.
-template <typename T>
-__global__ void __launch_bounds__(kLnThreads) layernorm_rows_kernel(
-    const float* __restrict__ y32,   // [T, H]
-    const T* __restrict__ ln_w,      // [H]
-    const T* __restrict__ ln_b,      // [H] or nullptr
-    T* __restrict__ out,             // [T, H]
-    float* __restrict__ mean_out,    // [T]
-    float* __restrict__ rstd_out,    // [T]
-    int H, float eps) {
-  __shared__ float scratch[33];
-  const int t = blockIdx.x;
-  const float* row = y32 + static_cast<int64_t>(t) * H;
-
-  float sum = 0.0f;
-  for (int h = threadIdx.x; h < H; h += blockDim.x) sum += row[h];
-  const float mean = block_sum(sum, scratch) / static_cast<float>(H);
-
-  float sq = 0.0f;
-  for (int h = threadIdx.x; h < H; h += blockDim.x) {
-    const float d = row[h] - mean;
-    sq = fmaf(d, d, sq);
-  }
-  const float var = block_sum(sq, scratch) / static_cast<float>(H);
-  const float rstd = 1.0f / sqrtf(var + eps);
-
-  if (threadIdx.x == 0) {
-    mean_out[t] = mean;
-    rstd_out[t] = rstd;
-  }
-  T* orow = out + static_cast<int64_t>(t) * H;
-  for (int h = threadIdx.x; h < H; h += blockDim.x) {
-    const float b = ln_b != nullptr ? Cvt<T>::to_float(ln_b[h]) : 0.0f;
-    orow[h] = Cvt<T>::from_float((row[h] - mean) * rstd * Cvt<T>::to_float(ln_w[h]) + b);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Host side.
 
-constexpr const char* kOpName = "bottleneck_adapter_decode_forward";
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-int next_pow2(int v) {
-  int p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
-
-int token_bucket(int ntok) {
-  if (ntok <= 1) return 1;
-  if (ntok <= 2) return 2;
-  if (ntok <= 4) return 4;
-  if (ntok <= 8) return 8;
-  return 16;
-}
-
-std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
-
-void check_param(const at::Tensor& t, const char* name, const at::Tensor& x,
-                 std::initializer_list<int64_t> shape) {
-  TORCH_CHECK(t.defined(), kOpName, ": ", name, " is undefined");
-  TORCH_CHECK(t.device() == x.device(), kOpName, ": ", name, " is on ", t.device(),
-              " but x is on ", x.device(), "; all tensors must be on the same CUDA device");
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), kOpName, ": ", name, " has dtype ",
-              t.scalar_type(), " but x has dtype ", x.scalar_type(),
-              "; x, the weights, biases, residual and LayerNorm parameters must share one dtype");
-  TORCH_CHECK(t.sizes().equals(shape), kOpName, ": ", name, " has shape ", shape_str(t),
-              ", expected ", c10::IntArrayRef(shape));
-  TORCH_CHECK(t.is_contiguous(), kOpName, ": ", name, " must be contiguous (call .contiguous())");
-}
-
-// An optional parameter: numel() == 0 means absent.
-bool check_optional_param(const at::Tensor& t, const char* name, const at::Tensor& x,
-                          int64_t n) {
-  if (!t.defined() || t.numel() == 0) return false;
-  check_param(t, name, x, {n});
-  return true;
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t, bool present) {
-  return present ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr;
-}
-
-template <typename T, int VEC>
-void launch_down(int TB, dim3 grid, size_t smem, cudaStream_t stream, const T* x, const T* wd,
-                 const T* bd, float* zpart, float* z, float* a, int ntok, int H, int r, int KS,
-                 int act, float slope) {
-#define PEFOPS_DOWN_CASE(TBV)                                                                  \
-  case TBV:                                                                                    \
-    down_proj_kernel<T, VEC, TBV><<<grid, kThreads, smem, stream>>>(x, wd, bd, zpart, z, a,   \
-                                                                   ntok, H, r, KS, act,       \
-                                                                   slope);                    \
-    break;
-  switch (TB) {
-    PEFOPS_DOWN_CASE(1)
-    PEFOPS_DOWN_CASE(2)
-    PEFOPS_DOWN_CASE(4)
-    PEFOPS_DOWN_CASE(8)
-    PEFOPS_DOWN_CASE(16)
-    default:
-      TORCH_CHECK(false, kOpName, ": internal error, bad token bucket ", TB);
-  }
-#undef PEFOPS_DOWN_CASE
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
+// Kernel 2's launch; the first launch of an instantiation that needs more than 48 KB of shared
+// memory opts in (once per device) to the most it can ask for.
 template <typename T, int VEC, int TB>
-void launch_up_tb(dim3 grid, size_t smem, cudaStream_t stream, const float* a, const T* wu,
-                  const T* bu, const float* scaling, const T* residual, T* out, float* y32,
-                  int ntok, int H, int r, int G) {
+void launch_up(dim3 grid, size_t smem, cudaStream_t stream, const float* a, const T* wu,
+               const T* bu, const float* scaling, const T* residual, T* out, float* y32,
+               int ntok, int H, int r, int G) {
   auto kernel = up_proj_kernel<T, VEC, TB>;
   if (smem > 48 * 1024) {
     // Opt in once per device to the largest size this instantiation can ask for (r = kMaxRank).
@@ -470,39 +282,12 @@ void launch_up_tb(dim3 grid, size_t smem, cudaStream_t stream, const float* a, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int VEC>
-void launch_up(int TB, dim3 grid, size_t smem, cudaStream_t stream, const float* a, const T* wu,
-               const T* bu, const float* scaling, const T* residual, T* out, float* y32,
-               int ntok, int H, int r, int G) {
-  switch (TB) {
-    case 1:
-      return launch_up_tb<T, VEC, 1>(grid, smem, stream, a, wu, bu, scaling, residual, out, y32,
-                                     ntok, H, r, G);
-    case 2:
-      return launch_up_tb<T, VEC, 2>(grid, smem, stream, a, wu, bu, scaling, residual, out, y32,
-                                     ntok, H, r, G);
-    case 4:
-      return launch_up_tb<T, VEC, 4>(grid, smem, stream, a, wu, bu, scaling, residual, out, y32,
-                                     ntok, H, r, G);
-    case 8:
-      return launch_up_tb<T, VEC, 8>(grid, smem, stream, a, wu, bu, scaling, residual, out, y32,
-                                     ntok, H, r, G);
-    case 16:
-      return launch_up_tb<T, VEC, 16>(grid, smem, stream, a, wu, bu, scaling, residual, out, y32,
-                                      ntok, H, r, G);
-    default:
-      TORCH_CHECK(false, kOpName, ": internal error, bad token bucket ", TB);
-  }
-}
-
-template <typename AT>
+template <typename T>
 void run_forward(const at::Tensor& x, const at::Tensor& down_weight, const at::Tensor& down_bias,
-                 bool has_bd, const at::Tensor& up_weight, const at::Tensor& up_bias, bool has_bu,
-                 const at::Tensor& scaling, const at::Tensor& residual,
-                 const at::Tensor& ln_weight, const at::Tensor& ln_bias, bool has_ln,
-                 bool has_ln_bias, float eps, int act, float slope, at::Tensor& out,
-                 at::Tensor& z, at::Tensor& mean, at::Tensor& rstd) {
-  using T = typename CudaType<AT>::type;
+                 const at::Tensor& up_weight, const at::Tensor& up_bias, const at::Tensor& scaling,
+                 const at::Tensor& residual, const at::Tensor& ln_weight,
+                 const at::Tensor& ln_bias, float eps, int act, float slope,
+                 AdapterDecodeOutputs& result) {
   const int ntok = static_cast<int>(x.size(0));
   const int H = static_cast<int>(x.size(1));
   const int r = static_cast<int>(down_weight.size(0));
@@ -512,18 +297,13 @@ void run_forward(const at::Tensor& x, const at::Tensor& down_weight, const at::T
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = x.options().dtype(at::kFloat);
 
-  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-  const T* wdp = reinterpret_cast<const T*>(down_weight.data_ptr());
-  const T* wup = reinterpret_cast<const T*>(up_weight.data_ptr());
-  const T* resp = reinterpret_cast<const T*>(residual.data_ptr());
-  const T* bdp = ptr_or_null<T>(down_bias, has_bd);
-  const T* bup = ptr_or_null<T>(up_bias, has_bu);
-  T* outp = reinterpret_cast<T*>(out.data_ptr());
+  const AdapterDecodePointers<T> p = adapter_decode_pointers<T>(
+      x, down_weight, down_bias, up_weight, up_bias, scaling, residual, result);
 
   // ---- kernel 1 (+1b): z and a = act(z), fp32 [T, r]
   constexpr int V = vec16<T>();
-  const bool down_vec = H % V == 0 && aligned16(xp) && aligned16(wdp);
-  const int row_blocks = (r + kDownRowsPerBlock - 1) / kDownRowsPerBlock;
+  const bool down_vec = H % V == 0 && aligned16(p.x) && aligned16(p.down_weight);
+  const int row_blocks = (r + kRowsPerBlock - 1) / kRowsPerBlock;
   const int target_blocks = 2 * prop->multiProcessorCount;
   const int s_want = std::max(1, (target_blocks + row_blocks - 1) / row_blocks);
   const int ks_max = std::max(
@@ -538,54 +318,46 @@ void run_forward(const at::Tensor& x, const at::Tensor& down_weight, const at::T
   at::Tensor a = at::empty({ntok, r}, f32);
   at::Tensor zpart;
   if (S > 1) zpart = at::empty({S, ntok, r}, f32);
-  float* zp = z.data_ptr<float>();
   float* ap = a.data_ptr<float>();
   float* zpp = S > 1 ? zpart.data_ptr<float>() : nullptr;
 
   const dim3 grid1(row_blocks, S);
-  if (down_vec) {
-    launch_down<T, V>(TB, grid1, smem1, stream, xp, wdp, bdp, zpp, zp, ap, ntok, H, r, KS, act,
-                      slope);
-  } else {
-    launch_down<T, 1>(TB, grid1, smem1, stream, xp, wdp, bdp, zpp, zp, ap, ntok, H, r, KS, act,
-                      slope);
-  }
+  with_vec_width<V>(down_vec, [&](auto vec) {
+    with_token_bucket(ntok, [&](auto tb) {
+      down_proj_kernel<T, decltype(vec)::value, decltype(tb)::value>
+          <<<grid1, kThreads, smem1, stream>>>(p.x, p.down_weight, p.down_bias, zpp, p.z, ap, ntok, H, r, KS, act,
+                                               slope);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (S > 1) {
     const int n = ntok * r;
     down_finalize_kernel<T><<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        zpp, bdp, zp, ap, ntok, r, S, act, slope);
+        zpp, p.down_bias, p.z, ap, ntok, r, S, act, slope);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   // ---- kernel 2: y (fp32 scratch with LayerNorm, else out)
-  const bool up_vec = r % V == 0 && aligned16(wup);
+  const bool up_vec = r % V == 0 && aligned16(p.up_weight);
   const int vec_up = up_vec ? V : 1;
   const int G = std::min(32, std::max(kUpMinGroup, next_pow2((r + vec_up - 1) / vec_up)));
   const int rows_per_block = kWarps * (32 / G) * kUpRowsPerGroup;
   const size_t smem2 =
       static_cast<size_t>(TB) * std::max(r, rows_per_block) * sizeof(float);
-  TORCH_CHECK(smem2 <= prop->sharedMemPerBlockOptin, kOpName, ": needs ", smem2,
-              " bytes of shared memory per block, the device allows ",
-              prop->sharedMemPerBlockOptin);
-  at::Tensor y32;
-  if (has_ln) y32 = at::empty({ntok, H}, f32);
-  float* y32p = has_ln ? y32.data_ptr<float>() : nullptr;
-  const float* scp = scaling.data_ptr<float>();
+  PEFOPS_CHECK(smem2 <= prop->sharedMemPerBlockOptin, "needs ", smem2,
+               " bytes of shared memory per block, the device allows ",
+               prop->sharedMemPerBlockOptin);
+  float* y32p = result.y32_or_null();
   const dim3 grid2((H + rows_per_block - 1) / rows_per_block);
-  if (up_vec) {
-    launch_up<T, V>(TB, grid2, smem2, stream, ap, wup, bup, scp, resp, outp, y32p, ntok, H, r, G);
-  } else {
-    launch_up<T, 1>(TB, grid2, smem2, stream, ap, wup, bup, scp, resp, outp, y32p, ntok, H, r, G);
-  }
+  with_vec_width<V>(up_vec, [&](auto vec) {
+    with_token_bucket(ntok, [&](auto tb) {
+      launch_up<T, decltype(vec)::value, decltype(tb)::value>(
+          grid2, smem2, stream, ap, p.up_weight, p.up_bias, p.scaling, p.residual, p.out, y32p,
+          ntok, H, r, G);
+    });
+  });
 
-  // ---- kernel 3: LayerNorm
-  if (has_ln) {
-    layernorm_rows_kernel<T><<<ntok, kLnThreads, 0, stream>>>(
-        y32p, reinterpret_cast<const T*>(ln_weight.data_ptr()),
-        ptr_or_null<T>(ln_bias, has_ln_bias), outp, mean.data_ptr<float>(),
-        rstd.data_ptr<float>(), H, eps);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_layernorm_rows<T>(stream, ln_weight, ln_bias, eps, result);  // kernel 3, with LayerNorm
 }
 
 }  // namespace
@@ -595,87 +367,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_de
     const at::Tensor& up_weight, const at::Tensor& up_bias, const at::Tensor& scaling,
     const at::Tensor& residual, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
     double eps, int64_t activation, double negative_slope) {
-  TORCH_CHECK(x.defined(), kOpName, ": x is undefined");
-  TORCH_CHECK(x.is_cuda(), kOpName, ": x must be a CUDA tensor, got a tensor on ", x.device());
-  TORCH_CHECK(x.dim() == 2, kOpName, ": x must be 2-D [T, H], got shape ", shape_str(x));
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kOpName,
-              ": x has dtype ", dt, ", expected float32, float16 or bfloat16");
-  TORCH_CHECK(x.is_contiguous(), kOpName, ": x must be contiguous (call .contiguous())");
-  const int64_t ntok = x.size(0);
-  const int64_t H = x.size(1);
-  TORCH_CHECK(ntok <= kMaxTokens, kOpName, ": T = x.size(0) = ", ntok, " tokens, expected at most ",
-              kMaxTokens, " (this is the decode-shape kernel; use the general path for more)");
-  TORCH_CHECK(H >= 1 && H <= std::numeric_limits<int32_t>::max() / kMaxTokens, kOpName,
-              ": hidden size H = x.size(1) = ", H, " is out of range");
-  TORCH_CHECK(down_weight.defined() && down_weight.dim() == 2, kOpName,
-              ": down_weight must be 2-D [r, H], got shape ",
-              down_weight.defined() ? shape_str(down_weight) : std::string("undefined"));
-  const int64_t r = down_weight.size(0);
-  TORCH_CHECK(r >= 1 && r <= kMaxRank, kOpName, ": bottleneck size r = down_weight.size(0) = ", r,
-              ", expected 1 <= r <= ", kMaxRank);
-  check_param(down_weight, "down_weight", x, {r, H});
-  check_param(up_weight, "up_weight", x, {H, r});
-  check_param(residual, "residual", x, {ntok, H});
-  const bool has_bd = check_optional_param(down_bias, "down_bias", x, r);
-  const bool has_bu = check_optional_param(up_bias, "up_bias", x, H);
-
-  TORCH_CHECK(scaling.defined(), kOpName, ": scaling is undefined");
-  TORCH_CHECK(scaling.device() == x.device(), kOpName, ": scaling is on ", scaling.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(scaling.scalar_type() == at::kFloat, kOpName, ": scaling has dtype ",
-              scaling.scalar_type(), ", expected float32 (a [H] tensor; expand a scalar first)");
-  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == H && scaling.is_contiguous(), kOpName,
-              ": scaling must be a contiguous [H] = [", H, "] tensor, got shape ",
-              shape_str(scaling));
-
-  const bool has_ln = ln_weight.defined() && ln_weight.numel() > 0;
-  bool has_ln_bias = false;
-  if (has_ln) {
-    check_param(ln_weight, "ln_weight", x, {H});
-    has_ln_bias = check_optional_param(ln_bias, "ln_bias", x, H);
-  } else {
-    TORCH_CHECK(!ln_bias.defined() || ln_bias.numel() == 0, kOpName,
-                ": ln_bias is given without ln_weight");
-  }
-  TORCH_CHECK(activation >= 0 && activation < kNumActivations, kOpName, ": activation code ",
-              activation,
-              " is unknown, expected 0 identity, 1 relu, 2 gelu, 3 gelu_tanh, 4 silu, 5 tanh, "
-              "6 leaky_relu");
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, kOpName, ": eps must be finite and >= 0, got ",
-              eps);
-
+  const int64_t r = check_adapter_args(kOpName, "tokens", /*stacked_dims=*/0, x, down_weight,
+                                       down_bias, up_weight, up_bias, scaling, residual, ln_weight,
+                                       ln_bias, eps, activation);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty_like(x);
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor z = at::empty({ntok, r}, f32);
-  at::Tensor mean = at::empty({has_ln ? ntok : 0}, f32);
-  at::Tensor rstd = at::empty({has_ln ? ntok : 0}, f32);
-  if (ntok == 0) return {out, z, mean, rstd};
+  AdapterDecodeOutputs result(x, r, is_present(ln_weight));
+  if (x.size(0) == 0) return result.as_tuple();
 
-  const float eps_f = static_cast<float>(eps);
-  const float slope_f = static_cast<float>(negative_slope);
-  const int act = static_cast<int>(activation);
-  switch (dt) {
-    case at::kFloat:
-      run_forward<float>(x, down_weight, down_bias, has_bd, up_weight, up_bias, has_bu, scaling,
-                         residual, ln_weight, ln_bias, has_ln, has_ln_bias, eps_f, act, slope_f,
-                         out, z, mean, rstd);
-      break;
-    case at::kHalf:
-      run_forward<at::Half>(x, down_weight, down_bias, has_bd, up_weight, up_bias, has_bu,
-                            scaling, residual, ln_weight, ln_bias, has_ln, has_ln_bias, eps_f,
-                            act, slope_f, out, z, mean, rstd);
-      break;
-    case at::kBFloat16:
-      run_forward<at::BFloat16>(x, down_weight, down_bias, has_bd, up_weight, up_bias, has_bu,
-                                scaling, residual, ln_weight, ln_bias, has_ln, has_ln_bias, eps_f,
-                                act, slope_f, out, z, mean, rstd);
-      break;
-    default:
-      TORCH_CHECK(false, kOpName, ": unsupported dtype ", dt);
-  }
-  return {out, z, mean, rstd};
+  with_cuda_type(kOpName, x.scalar_type(), [&](auto type) {
+    run_forward<typename decltype(type)::type>(
+        x, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias,
+        static_cast<float>(eps), static_cast<int>(activation), static_cast<float>(negative_slope),
+        result);
+  });
+  return result.as_tuple();
 }
 
 }  // namespace pefops

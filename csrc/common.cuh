@@ -76,9 +76,33 @@ constexpr int vec16() {
   return static_cast<int>(16 / sizeof(T));
 }
 
-// One 16-byte word -> 16 / sizeof(T) floats (element 0 sits in the low bits: little endian).
+// Two 16-bit values packed in a 32-bit word -> 2 floats (element 0 in the low half).
 template <typename T>
-__device__ __forceinline__ void unpack16(const uint4& u, float* out);
+__device__ __forceinline__ void unpack_pair(uint32_t w, float* out);
+
+template <>
+__device__ __forceinline__ void unpack_pair<__half>(uint32_t w, float* out) {
+  out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+  out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+
+// bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32 bits.
+template <>
+__device__ __forceinline__ void unpack_pair<__nv_bfloat16>(uint32_t w, float* out) {
+  out[0] = __uint_as_float(w << 16);
+  out[1] = __uint_as_float(w & 0xffff0000u);
+}
+
+// One 16-byte word -> 16 / sizeof(T) floats (element 0 sits in the low bits: little endian).
+// The 16-bit types (__half, __nv_bfloat16): four packed pairs.
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& u, float* out) {
+  static_assert(sizeof(T) == 2, "unpack16: float has its own specialisation; T must be 16-bit");
+  unpack_pair<T>(u.x, out + 0);
+  unpack_pair<T>(u.y, out + 2);
+  unpack_pair<T>(u.z, out + 4);
+  unpack_pair<T>(u.w, out + 6);
+}
 
 template <>
 __device__ __forceinline__ void unpack16<float>(const uint4& u, float* out) {
@@ -86,33 +110,6 @@ __device__ __forceinline__ void unpack16<float>(const uint4& u, float* out) {
   out[1] = __uint_as_float(u.y);
   out[2] = __uint_as_float(u.z);
   out[3] = __uint_as_float(u.w);
-}
-
-__device__ __forceinline__ void unpack_half_pair(uint32_t w, float* out) {
-  out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
-  out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
-}
-
-template <>
-__device__ __forceinline__ void unpack16<__half>(const uint4& u, float* out) {
-  unpack_half_pair(u.x, out + 0);
-  unpack_half_pair(u.y, out + 2);
-  unpack_half_pair(u.z, out + 4);
-  unpack_half_pair(u.w, out + 6);
-}
-
-// bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32 bits.
-__device__ __forceinline__ void unpack_bf16_pair(uint32_t w, float* out) {
-  out[0] = __uint_as_float(w << 16);
-  out[1] = __uint_as_float(w & 0xffff0000u);
-}
-
-template <>
-__device__ __forceinline__ void unpack16<__nv_bfloat16>(const uint4& u, float* out) {
-  unpack_bf16_pair(u.x, out + 0);
-  unpack_bf16_pair(u.y, out + 2);
-  unpack_bf16_pair(u.z, out + 4);
-  unpack_bf16_pair(u.w, out + 6);
 }
 
 // Load VEC elements of T from global memory (read-only path) as floats. VEC is 1 or vec16<T>();

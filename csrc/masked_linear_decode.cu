@@ -52,22 +52,19 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
-#include <string>
 #include <type_traits>
 
 #include "common.cuh"
+#include "decode_common.cuh"
 #include "ops.h"
 
 namespace pefops {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kMaxTokens = 16;
-constexpr int kRowsPerWarp = 4;
-constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;  // 32
-// A K-slice is a multiple of this (32 lanes x one 16-byte vector of a 2-byte type).
-constexpr int kSliceQuantum = 256;
+using namespace decode;  // kWarps, kThreads, kRowsPerWarp, kRowsPerBlock, kSliceQuantum, helpers
+
+constexpr const char* kOpName = "masked_linear_decode_forward";
+
 constexpr int kSmemBudget = 48 * 1024;  // bytes of staged x per block (no opt-in needed)
 // Wave model of choose_split, in units of "columns of one 32-row block": the fixed cost of a block
 // (start, staging round trip, reduction) and of the extra finalize launch when S > 1.
@@ -142,10 +139,8 @@ __global__ void __launch_bounds__(kThreads, TileConfig<TB>::kMinBlocks) masked_g
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);  // [TB][KS]
 
-  const int S = gridDim.y;
-  const int s = blockIdx.y;
-  const int k0 = s * KS;
-  const int klen = min(KS, K - k0);  // > 0: the host launches S = ceil(K / KS) slices
+  const BlockSlice slice = block_slice(K, KS);
+  const int S = slice.S, s = slice.s, k0 = slice.k0, klen = slice.klen;
 
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -184,17 +179,7 @@ __global__ void __launch_bounds__(kThreads, TileConfig<TB>::kMinBlocks) masked_g
   int c = lane * VEC;
   if (warp_active) fetch(c);  // in flight while x is staged
 
-  // Stage x[:, k0 : k0 + klen] (rows >= ntok and columns >= klen as zeros). With VEC > 1, K, KS,
-  // k0 and the staged column are multiples of VEC, so a vector lies inside the row or outside it.
-  const int vecs_per_row = KS / VEC;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < TB * vecs_per_row; i += kThreads) {
-    const int t = i / vecs_per_row;
-    const int cx = (i - t * vecs_per_row) * VEC;
-    const bool valid = t < ntok && cx < klen;
-    const T* src = x + (static_cast<int64_t>(t) * K + k0 + cx);
-    copy_or_zero<T, VEC>(xs + t * KS + cx, src, valid);
-  }
+  stage_x_slice<T, VEC, TB>(xs, x, ntok, K, k0, klen, KS);  // rows >= ntok, columns >= klen: 0
   __syncthreads();
   if (!warp_active) return;  // whole warp idle; no block barrier follows
 
@@ -226,39 +211,22 @@ __global__ void __launch_bounds__(kThreads, TileConfig<TB>::kMinBlocks) masked_g
         float wf[R][VEC];
 #pragma unroll
         for (int k = 0; k < R; ++k) unpack_masked<T, VEC>(wc[k][u], mc[k][u], wf[k]);
-#pragma unroll
-        for (int t = 0; t < TB; ++t) {
-          float xv[VEC];
-          load_shared_f32<T, VEC>(xs + t * KS + cc, xv);
-#pragma unroll
-          for (int k = 0; k < R; ++k) {
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) acc[k * TB + t] = fmaf(wf[k][v], xv[v], acc[k * TB + t]);
-          }
-        }
+        fma_staged_tokens<T, VEC, R, TB>(acc, wf, xs, KS, cc);
       }
     }
   }
 
-  constexpr int NV = R * TB;
-  const int base = group_reduce_scatter<NV>(acc, lane, 32);
-  constexpr int kHeld = NV >= 32 ? NV / 32 : 1;
-  if (lane >= NV) return;  // not an owner (only happens when NV < 32)
-#pragma unroll
-  for (int i = 0; i < kHeld; ++i) {
-    const int idx = base + i;
-    const int k = idx / TB;
-    const int t = idx % TB;
+  warp_reduce_rows<R, TB>(acc, lane, [&](int k, int t, float total) {
     const int n = n0 + k;
     if (t < ntok && n < N) {
       if (S == 1) {
         const float b = bias != nullptr ? Cvt<T>::to_float(bias[n]) : 0.0f;
-        y[static_cast<int64_t>(t) * N + n] = Cvt<T>::from_float(acc[i] + b);
+        y[static_cast<int64_t>(t) * N + n] = Cvt<T>::from_float(total + b);
       } else {
-        ypart[(static_cast<int64_t>(s) * ntok + t) * N + n] = acc[i];
+        ypart[(static_cast<int64_t>(s) * ntok + t) * N + n] = total;
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,24 +249,6 @@ __global__ void __launch_bounds__(kThreads) masked_finalize_kernel(
 
 // ---------------------------------------------------------------------------------------------
 // Host side.
-
-constexpr const char* kOpName = "masked_linear_decode_forward";
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-int token_bucket(int ntok) {
-  if (ntok <= 1) return 1;
-  if (ntok <= 2) return 2;
-  if (ntok <= 4) return 4;
-  if (ntok <= 8) return 8;
-  return 16;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-std::string shape_str(const at::Tensor& t) {
-  return t.defined() ? c10::str(t.sizes()) : std::string("undefined");
-}
 
 // K-slice width KS (a multiple of kSliceQuantum, TB KS itemsize <= kSmemBudget) and the number of
 // slices S = ceil(K / KS). Wave model: the B = ceil(N / 32) S blocks run in ceil(B / slots) waves
@@ -384,45 +334,25 @@ void run_tb(int64_t N, int64_t K, int ntok, const T* x, const T* w, const uint8_
   }
 }
 
-template <typename T, int VEC>
-void run_vec(int64_t N, int64_t K, int ntok, const T* x, const T* w, const uint8_t* mask,
-             const T* bias, T* y, const at::TensorOptions& f32) {
-  switch (token_bucket(ntok)) {
-    case 1:
-      return run_tb<T, VEC, 1>(N, K, ntok, x, w, mask, bias, y, f32);
-    case 2:
-      return run_tb<T, VEC, 2>(N, K, ntok, x, w, mask, bias, y, f32);
-    case 4:
-      return run_tb<T, VEC, 4>(N, K, ntok, x, w, mask, bias, y, f32);
-    case 8:
-      return run_tb<T, VEC, 8>(N, K, ntok, x, w, mask, bias, y, f32);
-    case 16:
-      return run_tb<T, VEC, 16>(N, K, ntok, x, w, mask, bias, y, f32);
-    default:
-      TORCH_CHECK(false, kOpName, ": internal error, bad token bucket for T = ", ntok);
-  }
-}
-
-template <typename AT>
+template <typename T>
 void run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed_mask,
-                 const at::Tensor& bias, bool has_bias, at::Tensor& y) {
-  using T = typename CudaType<AT>::type;
+                 const at::Tensor& bias, at::Tensor& y) {
   const int ntok = static_cast<int>(x.size(0));
   const int64_t K = x.size(1);
   const int64_t N = weight.size(0);
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   const T* wp = reinterpret_cast<const T*>(weight.data_ptr());
   const uint8_t* mp = packed_mask.data_ptr<uint8_t>();
-  const T* bp = has_bias ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+  const T* bp = data_or_null<T>(bias);
   T* yp = reinterpret_cast<T*>(y.data_ptr());
   const auto f32 = x.options().dtype(at::kFloat);
 
   constexpr int V = vec16<T>();
-  if (K % V == 0 && aligned16(xp) && aligned16(wp)) {
-    run_vec<T, V>(N, K, ntok, xp, wp, mp, bp, yp, f32);
-  } else {
-    run_vec<T, 1>(N, K, ntok, xp, wp, mp, bp, yp, f32);
-  }
+  with_vec_width<V>(K % V == 0 && aligned16(xp) && aligned16(wp), [&](auto vec) {
+    with_token_bucket(ntok, [&](auto tb) {
+      run_tb<T, decltype(vec)::value, decltype(tb)::value>(N, K, ntok, xp, wp, mp, bp, yp, f32);
+    });
+  });
 }
 
 }  // namespace
@@ -431,65 +361,45 @@ at::Tensor masked_linear_decode_forward(const at::Tensor& x, const at::Tensor& w
                                         const at::Tensor& packed_mask, const at::Tensor& bias) {
   // Layout, dtype and shape checks come first and devices last, so that the messages about
   // shapes and dtypes are the same for CPU tensors (and testable without a GPU).
-  TORCH_CHECK(x.defined(), kOpName, ": x is undefined");
-  TORCH_CHECK(x.dim() == 2, kOpName, ": x must be 2-D [T, K], got shape ", shape_str(x));
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kOpName,
-              ": x has dtype ", dt, ", expected float32, float16 or bfloat16");
+  CHECK_DECODE_INPUT(x, "[T, K]", "tokens");
   const int64_t ntok = x.size(0);
   const int64_t K = x.size(1);
-  TORCH_CHECK(ntok <= kMaxTokens, kOpName, ": T = x.size(0) = ", ntok,
-              " tokens, expected at most ", kMaxTokens,
-              " (this is the decode-shape kernel; use the general path for more)");
-  TORCH_CHECK(K <= std::numeric_limits<int32_t>::max() - kSliceQuantum, kOpName,
-              ": in_features K = x.size(1) = ", K, " is out of range");
-  TORCH_CHECK(x.is_contiguous(), kOpName, ": x must be contiguous (call .contiguous())");
+  constexpr int64_t kMaxK = std::numeric_limits<int32_t>::max() - kSliceQuantum;
+  PEFOPS_CHECK(K <= kMaxK, "in_features K = x.size(1) = ", K, " is out of range, expected K <= ",
+               kMaxK);
 
-  TORCH_CHECK(weight.defined() && weight.dim() == 2, kOpName,
-              ": weight must be 2-D [N, K] = [out_features, in_features], got shape ",
-              shape_str(weight));
+  CHECK_DIM(weight, 2, "[N, K] = [out_features, in_features]");
   const int64_t N = weight.size(0);
-  TORCH_CHECK(weight.scalar_type() == dt, kOpName, ": weight has dtype ", weight.scalar_type(),
-              " but x has dtype ", dt, "; x, weight and bias must share one dtype");
-  TORCH_CHECK(weight.size(1) == K, kOpName, ": weight has shape ", shape_str(weight),
-              ", expected [N, K] with K = x.size(1) = ", K);
-  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max() / kMaxTokens, kOpName,
-              ": out_features N = weight.size(0) = ", N, " is out of range");
-  TORCH_CHECK(weight.is_contiguous(), kOpName,
-              ": weight must be contiguous (call .contiguous())");
+  CHECK_SAME_DTYPE(weight, x);
+  PEFOPS_CHECK(weight.size(1) == K, "weight has shape ", shape_str(weight),
+               ", expected [N, K] with K = x.size(1) = ", K);
+  constexpr int64_t kMaxN = std::numeric_limits<int32_t>::max() / kMaxTokens;
+  PEFOPS_CHECK(N <= kMaxN, "out_features N = weight.size(0) = ", N,
+               " is out of range, expected N <= ", kMaxN);
+  CHECK_CONTIGUOUS(weight);
 
   const int64_t KB = ceil_div(K, 8);
-  TORCH_CHECK(packed_mask.defined(), kOpName, ": packed_mask is undefined");
-  TORCH_CHECK(packed_mask.scalar_type() == at::kByte, kOpName, ": packed_mask has dtype ",
-              packed_mask.scalar_type(),
-              ", expected uint8 (bits packed along K, little bit order: "
+  CHECK_DEFINED(packed_mask);
+  CHECK_DTYPE(packed_mask, at::kByte,
+              "uint8 (bits packed along K, little bit order: "
               "numpy.packbits(m, axis=1, bitorder=\"little\"))");
-  TORCH_CHECK(packed_mask.dim() == 2 && packed_mask.size(0) == N && packed_mask.size(1) == KB,
-              kOpName, ": packed_mask has shape ", shape_str(packed_mask),
-              ", expected [N, ceil(K / 8)] = [", N, ", ", KB, "] for weight of shape ",
-              shape_str(weight));
-  TORCH_CHECK(packed_mask.is_contiguous(), kOpName,
-              ": packed_mask must be contiguous (call .contiguous())");
+  PEFOPS_CHECK(packed_mask.dim() == 2 && packed_mask.size(0) == N && packed_mask.size(1) == KB,
+               "packed_mask has shape ", shape_str(packed_mask), ", expected [N, ceil(K / 8)] = [",
+               N, ", ", KB, "] for weight of shape ", shape_str(weight));
+  CHECK_CONTIGUOUS(packed_mask);
 
-  const bool has_bias = bias.defined() && bias.numel() > 0;
+  const bool has_bias = is_present(bias);
   if (has_bias) {
-    TORCH_CHECK(bias.scalar_type() == dt, kOpName, ": bias has dtype ", bias.scalar_type(),
-                " but x has dtype ", dt, "; x, weight and bias must share one dtype");
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N, kOpName, ": bias has shape ",
-                shape_str(bias), ", expected [N] = [", N, "] (or an empty tensor for no bias)");
-    TORCH_CHECK(bias.is_contiguous(), kOpName, ": bias must be contiguous (call .contiguous())");
+    CHECK_SAME_DTYPE(bias, x);
+    PEFOPS_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias has shape ", shape_str(bias),
+                 ", expected [N] = [", N, "] (or an empty tensor for no bias)");
+    CHECK_CONTIGUOUS(bias);
   }
 
-  TORCH_CHECK(x.is_cuda(), kOpName, ": x must be a CUDA tensor, got a tensor on ", x.device());
-  TORCH_CHECK(weight.device() == x.device(), kOpName, ": weight is on ", weight.device(),
-              " but x is on ", x.device(), "; all tensors must be on the same CUDA device");
-  TORCH_CHECK(packed_mask.device() == x.device(), kOpName, ": packed_mask is on ",
-              packed_mask.device(), " but x is on ", x.device(),
-              "; all tensors must be on the same CUDA device");
-  if (has_bias) {
-    TORCH_CHECK(bias.device() == x.device(), kOpName, ": bias is on ", bias.device(),
-                " but x is on ", x.device(), "; all tensors must be on the same CUDA device");
-  }
+  CHECK_ON_CUDA(x);
+  CHECK_SAME_DEVICE(weight, x);
+  CHECK_SAME_DEVICE(packed_mask, x);
+  if (has_bias) CHECK_SAME_DEVICE(bias, x);
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({ntok, N}, x.options());
@@ -503,19 +413,9 @@ at::Tensor masked_linear_decode_forward(const at::Tensor& x, const at::Tensor& w
     return y;
   }
 
-  switch (dt) {
-    case at::kFloat:
-      run_forward<float>(x, weight, packed_mask, bias, has_bias, y);
-      break;
-    case at::kHalf:
-      run_forward<at::Half>(x, weight, packed_mask, bias, has_bias, y);
-      break;
-    case at::kBFloat16:
-      run_forward<at::BFloat16>(x, weight, packed_mask, bias, has_bias, y);
-      break;
-    default:
-      TORCH_CHECK(false, kOpName, ": unsupported dtype ", dt);
-  }
+  with_cuda_type(kOpName, x.scalar_type(), [&](auto type) {
+    run_forward<typename decltype(type)::type>(x, weight, packed_mask, bias, y);
+  });
   return y;
 }
 

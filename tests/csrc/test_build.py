@@ -1,7 +1,7 @@
 """cuda-build tier: the CUDA extension in csrc/ compiles on this machine (no GPU needed).
 
 Skipped only when nvcc cannot be found or torch is a CPU-only build. One build per test session
-(module-scoped fixture; about 2 minutes on 2 cores, then cached on disk).
+(the `built_ext` fixture of tests/csrc/conftest.py; about 2 minutes on 2 cores, then cached on disk).
 
 The `cuda_build` marker is registered by the project's pytest configuration (owned by the lead):
     markers = ["cuda_build: compiles the csrc CUDA extension (needs nvcc, not a GPU)", ...]
@@ -18,58 +18,25 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pefops import csrc  # noqa: E402
+from tests.csrc.helpers import build_skip_reason  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _skip_reason():
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU-only build: the CUDA extension cannot be built"
-    if csrc.find_cuda_home() is None:
-        return "nvcc not found (set CUDA_HOME to a CUDA toolkit) : cannot build the CUDA extension"
-    return None
-
-
-@pytest.fixture(scope="module")
-def ext():
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    start = time.perf_counter()
-    module = csrc.load()  # a build failure is a test error, never a skip
-    print(f"\npefops csrc extension ready in {time.perf_counter() - start:.1f}s: {module.__file__}")
-    return module
-
-
 @pytest.mark.cuda_build
-def test_extension_builds_and_exposes_ops(ext):
-    assert callable(ext.bottleneck_adapter_decode_forward)
-    assert "decode" in (ext.bottleneck_adapter_decode_forward.__doc__ or "")
-    assert callable(ext.masked_linear_decode_forward)
-    assert "decode" in (ext.masked_linear_decode_forward.__doc__ or "")
+def test_extension_builds_and_exposes_ops(built_ext):
+    assert callable(built_ext.bottleneck_adapter_decode_forward)
+    assert "decode" in (built_ext.bottleneck_adapter_decode_forward.__doc__ or "")
+    assert callable(built_ext.masked_linear_decode_forward)
+    assert "decode" in (built_ext.masked_linear_decode_forward.__doc__ or "")
     assert csrc.build_error() is None
 
 
 @pytest.mark.cuda_build
-def test_load_is_memoised(ext):
+def test_load_is_memoised(built_ext):
     start = time.perf_counter()
-    assert csrc.load() is ext
+    assert csrc.load() is built_ext
     assert time.perf_counter() - start < 1.0
-
-
-@pytest.mark.cuda_build
-def test_input_checks_run_without_a_gpu(ext):
-    # Host-side validation happens before any CUDA call, so CPU tensors exercise it here.
-    T, H, r = 2, 8, 4
-    x = torch.zeros(T, H)
-    wd, bd = torch.zeros(r, H), torch.zeros(r)
-    wu, bu = torch.zeros(H, r), torch.zeros(H)
-    scaling = torch.ones(H)
-    empty = torch.empty(0)
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        ext.bottleneck_adapter_decode_forward(
-            x, wd, bd, wu, bu, scaling, x, empty, empty, 1e-5, 0, 0.01
-        )
 
 
 def test_module_imports_without_torch_or_build(tmp_path):
@@ -106,8 +73,8 @@ def test_unavailable_reasons_is_cheap_and_explains():
 
 @pytest.mark.cuda_build
 def test_failed_build_raises_with_compiler_message(tmp_path, monkeypatch):
-    if _skip_reason():
-        pytest.skip(_skip_reason())
+    if build_skip_reason():
+        pytest.skip(build_skip_reason())
     bad = tmp_path / "broken.cu"
     bad.write_text("this is not valid CUDA C++, pefops_marker_token;\n")
     # A fresh loader state pointed at a broken source (monkeypatch restores all of it afterwards).

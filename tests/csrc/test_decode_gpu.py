@@ -12,49 +12,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pefops import csrc  # noqa: E402
 from pefops.ops.activations import activation_code  # noqa: E402
+from tests.csrc.helpers import (DTYPES, EPS, GPU_TIER, SLOPE, TOL_F32_RESULTS, act_ref,  # noqa: E402
+                                eager_then_graph, layer_norm_params, misaligned_copy)
 from tests.tolerances import TOLERANCE  # noqa: E402
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = GPU_TIER
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Tolerance of `out` (rounded to the input dtype): TOLERANCE[dtype]; z / mean / rstd are float32 results
-# computed from the same (exactly representable) inputs and are checked at TOL_F32_RESULTS.
-TOL_F32_RESULTS = 1e-4
+# Tolerance of `out` (rounded to the input dtype): TOLERANCE[dtype]; z / mean / rstd at TOL_F32_RESULTS.
 ACTIVATIONS = {activation_code(name): name
                for name in ("identity", "relu", "gelu", "gelu_tanh", "silu", "tanh", "leaky_relu")}
-EPS = 1e-5
-SLOPE = 0.07
-
-
-@pytest.fixture(scope="module")
-def ext():
-    reasons = csrc.unavailable_reasons("cuda")
-    if reasons:
-        pytest.skip("; ".join(reasons))
-    return csrc.load()
-
-
-def act_ref(z, code, slope):
-    if code == 0:
-        return z
-    if code == 1:
-        return torch.relu(z)
-    if code == 2:
-        return torch.nn.functional.gelu(z)
-    if code == 3:
-        return torch.nn.functional.gelu(z, approximate="tanh")
-    if code == 4:
-        return torch.nn.functional.silu(z)
-    if code == 5:
-        return torch.tanh(z)
-    if code == 6:
-        return torch.nn.functional.leaky_relu(z, slope)
-    raise ValueError(code)
 
 
 def reference(x, wd, bd, wu, bu, scaling, residual, ln_w, ln_b, eps, code, slope):
@@ -93,11 +60,7 @@ def make_inputs(T, H, r, dtype, ln, seed=0, separate_residual=True):
     bu = randn(H, scale=0.1)
     scaling = torch.rand(H, **kw) + 0.5  # float32 [H]
     residual = randn(T, H) if separate_residual else x
-    if ln:
-        ln_w = (1.0 + 0.1 * torch.randn(H, **kw)).to(dtype)
-        ln_b = randn(H, scale=0.1)
-    else:
-        ln_w = ln_b = torch.empty(0, device="cuda", dtype=dtype)
+    ln_w, ln_b = layer_norm_params(H, dtype, g, ln)
     return x, wd, bd, wu, bu, scaling, residual, ln_w, ln_b
 
 
@@ -170,19 +133,42 @@ def test_residual_is_x_and_no_biases(ext, dtype):
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_misaligned_pointers_use_the_scalar_path(ext, dtype):
-    # Contiguous views starting one element into their storage: not 16-byte aligned.
     T, H, r = 3, 1024, 64
     args = list(make_inputs(T, H, r, dtype, ln=False, seed=5))
-
-    def shifted(t):
-        buf = torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)
-        v = buf[1:].view(t.shape)
-        v.copy_(t)
-        return v
-
     for i in (0, 1, 3):  # x, down_weight, up_weight
-        args[i] = shifted(args[i])
+        args[i] = misaligned_copy(args[i])
     check(ext, tuple(args), 3, dtype)
+
+
+# Edge cases of the index math on the real kernels (H100 / H200: 132 SMs). Each shape with the 16-bit
+# dtypes (VEC 8) or float32 (VEC 4); "misaligned" forces VEC 1. What each case reaches:
+INDEX_CASES = [
+    # (T, H, r, bits, misaligned)
+    (1, 768, 1, 16, False),      # r = 1: one row of Wd, 31 idle warps' worth of rows; up group G = 4
+    (3, 1023, 16, 16, False),    # H % 8 != 0: scalar down projection; token bucket 4 with a pad row
+    (16, 1536, 64, 16, False),   # bucket 16 (64 accumulators), G = 8
+    (5, 300, 33, 32, False),     # fp32, H % 4 == 0 but r odd: vector down, scalar up (G = 32)
+    (2, 1024, 1024, 16, False),  # rank limit: up staging 8 KB, G = 32 with 4 vectors per lane
+    (8, 520, 40, 32, False),     # fp32 bucket 8, r = 40: G = 16, a slice tail of 8 columns
+    (16, 7, 3, 16, False),       # tiny: H < one vector, r < one row group
+    (4, 1, 1, 32, False),        # H = 1
+    (9, 264, 24, 16, True),      # misaligned: scalar paths, bucket 16 with 7 pad rows
+    (16, 1100, 96, 32, False),   # fp32 bucket 16: the x slice is capped by shared memory -> S > 1
+    (3, 200, 1024, 16, False),   # r = 1024 with H below one slice quantum
+    (6, 8200, 8, 16, False),     # one row block: H split into many slices (S > 1) with a ragged tail
+    (1, 2304, 1024, 16, False),  # 32 row blocks, several slices, the finalize kernel
+]
+
+
+@pytest.mark.parametrize("T,H,r,bits,misaligned", INDEX_CASES)
+def test_index_edge_cases(ext, T, H, r, bits, misaligned):
+    for dtype in ((torch.float16, torch.bfloat16) if bits == 16 else (torch.float32,)):
+        for ln, code in ((False, 5), (True, 2)):
+            args = list(make_inputs(T, H, r, dtype, ln, seed=9))
+            if misaligned:
+                for i in (0, 1, 3):  # x, down_weight, up_weight
+                    args[i] = misaligned_copy(args[i])
+            check(ext, tuple(args), code, dtype)
 
 
 def test_runs_on_the_current_stream(ext):
@@ -200,16 +186,7 @@ def test_runs_on_the_current_stream(ext):
 def test_cuda_graph_capture(ext):
     T, H, r = 1, 4096, 64
     args = make_inputs(T, H, r, torch.float16, ln=True, seed=7)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm up (and set any shared-memory attributes) outside capture
-        ext.bottleneck_adapter_decode_forward(*args, EPS, 4, SLOPE)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, *_ = ext.bottleneck_adapter_decode_forward(*args, EPS, 4, SLOPE)
-    graph.replay()
-    torch.cuda.synchronize()
+    _, (out, *_) = eager_then_graph(lambda: ext.bottleneck_adapter_decode_forward(*args, EPS, 4, SLOPE))
     ref = reference(*args, EPS, 4, SLOPE)[0]
     torch.testing.assert_close(out.double(), ref, rtol=4e-3, atol=4e-3)
 
@@ -224,64 +201,13 @@ def test_deterministic(ext):
 
 
 # ------------------------------------------------------------------------------------------------
-# Errors: RuntimeError with a message naming what was wrong and what was expected.
+# Errors that need a CUDA tensor (the others run on CPU tensors in test_host_checks.py).
 
 
-def _call(ext, args, eps=EPS, code=0, slope=SLOPE):
-    return ext.bottleneck_adapter_decode_forward(*args, eps, code, slope)
-
-
-def test_error_too_many_tokens(ext):
-    args = make_inputs(17, 256, 8, torch.float16, ln=False)
-    with pytest.raises(RuntimeError, match=r"T = x.size\(0\) = 17 tokens, expected at most 16"):
-        _call(ext, args)
-
-
-def test_error_dtype(ext):
-    args = list(make_inputs(2, 256, 8, torch.float16, ln=False))
-    with pytest.raises(RuntimeError, match="expected float32, float16 or bfloat16"):
-        _call(ext, [a.double() if a.numel() else a for a in args])
-    args[1] = args[1].float()
-    with pytest.raises(RuntimeError, match="down_weight has dtype Float but x has dtype Half"):
-        _call(ext, args)
-    args = list(make_inputs(2, 256, 8, torch.float16, ln=False))
-    args[5] = args[5].half()
-    with pytest.raises(RuntimeError, match="scaling has dtype Half, expected float32"):
-        _call(ext, args)
-
-
-def test_error_shapes(ext):
-    base = make_inputs(2, 256, 8, torch.bfloat16, ln=True)
-    cases = {
-        1: (torch.zeros(8, 255, device="cuda", dtype=torch.bfloat16), "down_weight has shape"),
-        3: (torch.zeros(256, 9, device="cuda", dtype=torch.bfloat16), "up_weight has shape"),
-        2: (torch.zeros(7, device="cuda", dtype=torch.bfloat16), "down_bias has shape"),
-        4: (torch.zeros(255, device="cuda", dtype=torch.bfloat16), "up_bias has shape"),
-        5: (torch.ones(255, device="cuda"), "scaling must be a contiguous"),
-        6: (torch.zeros(3, 256, device="cuda", dtype=torch.bfloat16), "residual has shape"),
-        7: (torch.ones(255, device="cuda", dtype=torch.bfloat16), "ln_weight has shape"),
-    }
-    for i, (bad, msg) in cases.items():
-        args = list(base)
-        args[i] = bad
-        with pytest.raises(RuntimeError, match=msg):
-            _call(ext, args)
-
-
-def test_error_rank_and_layout(ext):
-    args = list(make_inputs(2, 64, 8, torch.float16, ln=False))
-    big = list(make_inputs(2, 64, 1025, torch.float16, ln=False))
-    with pytest.raises(RuntimeError, match="expected 1 <= r <= 1024"):
-        _call(ext, big)
-    nc = list(args)
-    nc[1] = torch.zeros(64, 8, device="cuda", dtype=torch.float16).T  # [8, 64], not contiguous
-    with pytest.raises(RuntimeError, match="down_weight must be contiguous"):
-        _call(ext, nc)
-    cpu = list(args)
-    cpu[3] = cpu[3].cpu()
-    with pytest.raises(RuntimeError, match="up_weight is on cpu but x is on cuda"):
-        _call(ext, cpu)
-    with pytest.raises(RuntimeError, match="activation code 7 is unknown"):
-        _call(ext, args, code=7)
-    with pytest.raises(RuntimeError, match="x must be 2-D"):
-        _call(ext, [args[0][None]] + args[1:])
+def test_error_devices(ext):
+    args = list(make_inputs(2, 64, 8, torch.float16, ln=True))
+    for i, name in ((1, "down_weight"), (3, "up_weight"), (2, "down_bias"), (5, "scaling"), (8, "ln_bias")):
+        moved = list(args)
+        moved[i] = moved[i].cpu()
+        with pytest.raises(RuntimeError, match=f"{name} is on cpu but x is on cuda"):
+            ext.bottleneck_adapter_decode_forward(*moved, EPS, 0, SLOPE)

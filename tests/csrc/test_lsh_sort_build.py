@@ -1,6 +1,6 @@
 """cuda-build tier for csrc/lsh_sort.cu: the extension compiles with the counting sort in it (no GPU
-needed), and its host-side checks run on CPU tensors with clear messages. The build is the one
-tests/csrc/test_build.py uses (memoised in the process, cached on disk)."""
+needed), and its host-side checks run on CPU tensors with clear messages. The build is the
+session's `built_ext` (tests/csrc/conftest.py; memoised in the process, cached on disk)."""
 
 
 import pytest
@@ -11,27 +11,11 @@ from pefops import csrc  # noqa: E402
 from pefops.ops import counting_sort  # noqa: E402
 
 
-def _skip_reason():
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU-only build: the CUDA extension cannot be built"
-    if csrc.find_cuda_home() is None:
-        return "nvcc not found (set CUDA_HOME to a CUDA toolkit) : cannot build the CUDA extension"
-    return None
-
-
-@pytest.fixture(scope="module")
-def ext():
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    return csrc.load()  # a build failure is a test error, never a skip
-
-
 @pytest.mark.cuda_build
-def test_extension_exports_the_counting_sort(ext):
+def test_extension_exports_the_counting_sort(built_ext):
     assert "lsh_counting_sort" in csrc.REQUIRED_SYMBOLS
-    assert callable(ext.lsh_counting_sort)
-    assert "argsort" in (ext.lsh_counting_sort.__doc__ or "")
+    assert callable(built_ext.lsh_counting_sort)
+    assert "argsort" in (built_ext.lsh_counting_sort.__doc__ or "")
 
 
 @pytest.mark.cuda_build
@@ -43,9 +27,9 @@ def test_extension_exports_the_counting_sort(ext):
     (torch.zeros(2, 8, dtype=torch.long), 0, "num_keys must be >= 1"),
     (torch.zeros(2, 8, dtype=torch.int32), 4, "must be a CUDA tensor"),
 ])
-def test_host_checks_run_without_a_gpu(ext, keys, num_keys, message):
+def test_host_checks_run_without_a_gpu(built_ext, keys, num_keys, message):
     with pytest.raises(RuntimeError, match=message):
-        ext.lsh_counting_sort(keys, num_keys)
+        built_ext.lsh_counting_sort(keys, num_keys)
 
 
 def test_python_wrapper_reasons_and_errors():

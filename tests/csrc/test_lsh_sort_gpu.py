@@ -42,6 +42,12 @@ def _check(keys, num_keys):
     (5, 12345, 777),       # ragged last segment, odd sizes
     (8, 65536 * 8, 8 * 2049),  # S=64k, nh=8, num_buckets 2048: > 48 KB of counters (opt-in smem)
     (2, 70000, 1),         # a single key: the output is the identity
+    (2, 100, 7),           # one segment, shorter than a scatter batch
+    (1, 4096 + 33, 5),     # several segments with a ragged tail
+    (3, 8192 + 5, 40),
+    (1, 6000, 1),
+    (2, 9000, 300),
+    (1, 8192, 2047),       # the counters cap the number of segments (4)
 ])
 def test_counting_sort_equals_stable_argsort(cuda_ok, rows, n, num_keys, dtype):
     g = torch.Generator(device="cuda").manual_seed(rows * 7 + n + num_keys)
@@ -110,3 +116,18 @@ def test_without_undo_index(cuda_ok):
     sorted_idx, undo_idx = lsh_counting_sort(keys, 37, with_undo=False)
     assert undo_idx is None
     assert torch.equal(sorted_idx, torch.argsort(keys, dim=-1, stable=True))
+
+
+@pytest.mark.gpu
+def test_out_of_range_keys_sort_last(cuda_ok):
+    # keys -3..-1 and 9..11 lie outside [0, 9): stably after every valid key, in their original order
+    g = torch.Generator(device="cuda").manual_seed(3)
+    keys = torch.randint(-3, 12, (2, 3000), device="cuda", generator=g)
+    sorted_idx, undo_idx = lsh_counting_sort(keys, 9)
+    bad = (keys < 0) | (keys >= 9)
+    expected = torch.argsort(torch.where(bad, torch.full_like(keys, 9), keys), dim=-1, stable=True)
+    assert torch.equal(sorted_idx, expected)
+    positions = torch.arange(keys.shape[-1], device="cuda").expand_as(sorted_idx)
+    assert torch.equal(undo_idx.gather(-1, sorted_idx), positions)
+    for row in range(2):
+        assert bad[row, sorted_idx[row, -int(bad[row].sum()):]].all()

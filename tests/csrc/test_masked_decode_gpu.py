@@ -14,27 +14,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pefops import csrc  # noqa: E402
+from tests.csrc.helpers import DTYPES, GPU_TIER, eager_then_graph, misaligned_copy  # noqa: E402
 from tests.tolerances import TOLERANCE  # noqa: E402
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = GPU_TIER
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # |y - ref| <= TOLERANCE[dtype] * max(1, max|ref|) (DESIGN.md "Numerics and tolerances")
 MASKED_VALUE = 1e4
 TOKENS = (1, 3, 8, 16)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (127, 1023), (5, 9), (64, 1)]  # (N, K)
-
-
-@pytest.fixture(scope="module")
-def ext():
-    reasons = csrc.unavailable_reasons("cuda")
-    if reasons:
-        pytest.skip("; ".join(reasons))
-    return csrc.load()
 
 
 def pack_bits(mask):
@@ -159,18 +147,49 @@ def test_misaligned_pointers(ext, dtype, which):
     # take the scalar path; a shifted mask or bias has no alignment requirement at all.
     T, N, K = 3, 300, 1024
     args = list(make_inputs(T, N, K, dtype, seed=5))
-
-    def shifted(t):
-        buf = torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)
-        v = buf[1:].view(t.shape)
-        v.copy_(t)
-        return v
-
     names = ["x", "weight", "packed_mask", "bias"]
     for i, name in enumerate(names):
         if which in (name, "all"):
-            args[i] = shifted(args[i])
+            args[i] = misaligned_copy(args[i])
     check(ext, tuple(args), dtype)
+
+
+# Edge cases of the index math on the real kernel: the vector width (16-bit VEC 8 reads one mask
+# byte, fp32 VEC 4 a nibble of one; VEC 1 for K % VEC != 0 or misaligned), the K-slices the wave
+# model picks (S > 1 when the row blocks alone leave the GPU idle, or shared memory caps the slice),
+# slice and row tails, every token bucket. Masked weights are NaN and the unused tail bits of each
+# row's last mask byte are set: a masked weight that is multiplied by 0 instead of dropped, or a bit
+# read from the wrong place, gives NaN or a wrong sum.
+INDEX_CASES = [
+    # (T, N, K, bits, misaligned)
+    (1, 40, 512, 16, False),    # VEC 8, few row blocks: K split into slices
+    (3, 37, 1000, 16, False),   # VEC 8, K tail inside the last slice, a 5-row tail block
+    (16, 33, 264, 16, False),   # bucket 16, a slice tail of 8 columns
+    (5, 70, 300, 32, False),    # fp32 VEC 4 (nibbles of a mask byte), bucket 8
+    (2, 9, 1023, 16, False),    # K % 8 != 0: scalar path, tail bits
+    (4, 5, 9, 32, False),       # tiny, scalar
+    (1, 64, 1, 16, False),      # K = 1
+    (8, 31, 520, 32, True),     # misaligned: scalar, split
+    (16, 12, 777, 32, False),   # fp32 bucket 16: the slice is capped by shared memory (768) -> S >= 2
+    (2, 100, 2048, 16, False),  # bucket 2
+]
+
+
+@pytest.mark.parametrize("T,N,K,bits,misaligned", INDEX_CASES)
+def test_index_edge_cases(ext, T, N, K, bits, misaligned):
+    for dtype in ((torch.float16, torch.bfloat16) if bits == 16 else (torch.float32,)):
+        x, w, packed, b = make_inputs(T, N, K, dtype, bias=T % 2 == 1, seed=11)
+        m = unpack_bits(packed, K)
+        poisoned = torch.where(m, w, torch.full_like(w, float("nan")))
+        dirty = packed.clone()
+        if K % 8:
+            dirty[:, -1] |= (0xFF << (K % 8)) & 0xFF
+        args = [x, poisoned, dirty, b]
+        if misaligned:
+            args[0], args[1] = misaligned_copy(x), misaligned_copy(poisoned)
+        y = ext.masked_linear_decode_forward(*args)
+        assert torch.isfinite(y).all()
+        assert_close(y, reference(x, w, packed, b), dtype)
 
 
 def test_empty_and_degenerate(ext):
@@ -206,16 +225,7 @@ def test_runs_on_the_current_stream(ext):
 
 def test_cuda_graph_capture(ext):
     args = make_inputs(1, 4096, 4096, torch.float16, seed=8)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm up outside capture
-        ext.masked_linear_decode_forward(*args)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = ext.masked_linear_decode_forward(*args)
-    graph.replay()
-    torch.cuda.synchronize()
+    _, y = eager_then_graph(lambda: ext.masked_linear_decode_forward(*args))
     assert_close(y, reference(*args), torch.float16)
 
 
@@ -237,74 +247,17 @@ def test_deterministic(ext, N, K):
 
 
 # ------------------------------------------------------------------------------------------------
-# Errors: RuntimeError with a message naming what was wrong and what was expected.
-
-
-def _call(ext, args):
-    return ext.masked_linear_decode_forward(*args)
-
-
-def test_error_too_many_tokens(ext):
-    args = make_inputs(17, 64, 256, torch.float16)
-    with pytest.raises(RuntimeError, match=r"T = x.size\(0\) = 17 tokens, expected at most 16"):
-        _call(ext, args)
-
-
-def test_error_dtypes(ext):
-    x, w, packed, b = make_inputs(2, 64, 256, torch.float16)
-    with pytest.raises(RuntimeError, match="x has dtype Double, expected float32, float16 or"):
-        _call(ext, (x.double(), w.double(), packed, b.double()))
-    with pytest.raises(RuntimeError, match="weight has dtype Float but x has dtype Half"):
-        _call(ext, (x, w.float(), packed, b))
-    with pytest.raises(RuntimeError, match="bias has dtype BFloat16 but x has dtype Half"):
-        _call(ext, (x, w, packed, b.bfloat16()))
-    with pytest.raises(RuntimeError, match="packed_mask has dtype Bool, expected uint8"):
-        _call(ext, (x, w, packed.bool(), b))
-
-
-def test_error_shapes(ext):
-    N, K = 64, 250  # KB = 32
-    x, w, packed, b = make_inputs(2, N, K, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="x must be 2-D"):
-        _call(ext, (x[None], w, packed, b))
-    msg = r"weight has shape \[64, 251\], expected \[N, K\] with K = x.size\(1\) = 250"
-    with pytest.raises(RuntimeError, match=msg):
-        _call(ext, (x, torch.zeros(N, K + 1, device="cuda", dtype=x.dtype), packed, b))
-    with pytest.raises(RuntimeError, match="weight must be 2-D"):
-        _call(ext, (x, w[0], packed, b))
-    msg = r"packed_mask has shape \[64, 33\], expected \[N, ceil\(K / 8\)\] = \[64, 32\]"
-    with pytest.raises(RuntimeError, match=msg):
-        _call(ext, (x, w, torch.zeros(N, 33, device="cuda", dtype=torch.uint8), b))
-    with pytest.raises(RuntimeError, match=r"packed_mask has shape \[64, 250\]"):  # unpacked
-        _call(ext, (x, w, torch.zeros(N, K, device="cuda", dtype=torch.uint8), b))
-    with pytest.raises(RuntimeError, match=r"packed_mask has shape \[63, 32\]"):
-        _call(ext, (x, w, packed[:63], b))
-    with pytest.raises(RuntimeError, match=r"bias has shape \[65\], expected \[N\] = \[64\]"):
-        _call(ext, (x, w, packed, torch.zeros(N + 1, device="cuda", dtype=x.dtype)))
-
-
-def test_error_layout(ext):
-    x, w, packed, b = make_inputs(2, 64, 256, torch.float16)
-    with pytest.raises(RuntimeError, match=r"x must be contiguous"):
-        _call(ext, (torch.zeros(256, 2, device="cuda", dtype=x.dtype).T, w, packed, b))
-    with pytest.raises(RuntimeError, match=r"weight must be contiguous"):
-        _call(ext, (x, torch.zeros(256, 64, device="cuda", dtype=x.dtype).T, packed, b))
-    with pytest.raises(RuntimeError, match=r"packed_mask must be contiguous"):
-        _call(ext, (x, w, torch.zeros(32, 64, device="cuda", dtype=torch.uint8).T, b))
-    with pytest.raises(RuntimeError, match=r"bias must be contiguous"):
-        _call(ext, (x, w, packed, torch.zeros(64, 2, device="cuda", dtype=x.dtype)[:, 0]))
+# Errors that need a CUDA tensor (the others run on CPU tensors in test_host_checks.py).
 
 
 def test_error_devices(ext):
     x, w, packed, b = make_inputs(2, 64, 256, torch.float16)
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor, got a tensor on cpu"):
-        _call(ext, (x.cpu(), w.cpu(), packed.cpu(), b.cpu()))
     with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda:0"):
-        _call(ext, (x, w.cpu(), packed, b))
+        ext.masked_linear_decode_forward(x, w.cpu(), packed, b)
     with pytest.raises(RuntimeError, match="packed_mask is on cpu but x is on cuda:0"):
-        _call(ext, (x, w, packed.cpu(), b))
+        ext.masked_linear_decode_forward(x, w, packed.cpu(), b)
     with pytest.raises(RuntimeError, match="bias is on cpu but x is on cuda:0"):
-        _call(ext, (x, w, packed, b.cpu()))
+        ext.masked_linear_decode_forward(x, w, packed, b.cpu())
 
 
 def test_pack_bits_matches_numpy():

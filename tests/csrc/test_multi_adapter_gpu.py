@@ -1,11 +1,6 @@
 """gpu tier: csrc multi_adapter_decode_forward (mixed-task batches at decode shapes) against a naive
 float64 per-row loop, plus the public op on CUDA (auto selection: the decode kernel forward, the
 Triton backward). Skipped without a CUDA device; the reference is local on purpose.
-
-The CPU tests at the end (no GPU, no build) replay the kernel's index math: which rows and columns
-each lane of down_kernel / up_kernel touches, for the host's choice of S / KS / G / VEC, must cover
-every weight element exactly once and never read past a row. Keep their constants in step with
-csrc/multi_adapter_decode.cu.
 """
 
 import math
@@ -14,29 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pefops import csrc  # noqa: E402
+from tests.csrc.helpers import (DTYPES, EPS, GPU_TIER, SLOPE, TOL_F32_RESULTS, act_ref,  # noqa: E402
+                                eager_then_graph, layer_norm_params, misaligned_copy)
 from tests.tolerances import TOLERANCE  # noqa: E402
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOL_F32_RESULTS = 1e-4
-EPS = 1e-5
-SLOPE = 0.07
-
-
-@pytest.fixture(scope="module")
-def ext():
-    reasons = csrc.unavailable_reasons("cuda")
-    if reasons:
-        pytest.skip("; ".join(reasons))
-    return csrc.load()
-
-
-def act_ref(z, code, slope):
-    F = torch.nn.functional
-    return [lambda v: v, torch.relu, F.gelu, lambda v: F.gelu(v, approximate="tanh"), F.silu, torch.tanh,
-            lambda v: F.leaky_relu(v, slope)][code](z)
+pytestmark = GPU_TIER
 
 
 def reference(x, index, wd, bd, wu, bu, scaling, residual, ln_w, ln_b, eps, code, slope):
@@ -78,11 +55,7 @@ def make_inputs(T, H, r, N, dtype, ln, seed=0, separate_residual=True, index=Non
     bu = randn(N, H, scale=0.1)
     scaling = torch.rand(N, H, **kw) + 0.5  # float32 [N, H]
     residual = randn(T, H) if separate_residual else x
-    if ln:
-        ln_w = (1.0 + 0.1 * torch.randn(H, **kw)).to(dtype)
-        ln_b = randn(H, scale=0.1)
-    else:
-        ln_w = ln_b = torch.empty(0, device="cuda", dtype=dtype)
+    ln_w, ln_b = layer_norm_params(H, dtype, g, ln)
     return x, index, wd, bd, wu, bu, scaling, residual, ln_w, ln_b
 
 
@@ -107,8 +80,6 @@ def check(ext, args, code, dtype):
 SHAPES = [(T, H, r, N) for T in (1, 3, 16) for H in (768, 1023, 4096) for r in (1, 16, 64, 1024) for N in (1, 5)]
 
 
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("ln", [False, True], ids=["noln", "ln"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("T,H,r,N", SHAPES)
@@ -117,8 +88,6 @@ def test_matches_reference(ext, T, H, r, N, dtype, ln):
     check(ext, make_inputs(T, H, r, N, dtype, ln), code, dtype)
 
 
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("T,H,r,N", [(2, 1, 1, 3), (5, 7, 3, 2), (7, 33, 7, 9), (9, 123, 33, 4), (12, 256, 1000, 3),
                                      (16, 5120, 8, 16), (4, 12288, 256, 2), (1, 100, 1024, 1)])
@@ -127,8 +96,6 @@ def test_odd_shapes(ext, T, H, r, N, dtype):
     check(ext, make_inputs(T, H, r, N, dtype, ln=False, seed=3), 4, dtype)
 
 
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_out_of_range_rows_are_nan(ext, dtype):
     index = torch.tensor([0, -1, 3, 2, 7, 1], device="cuda")
@@ -136,8 +103,6 @@ def test_out_of_range_rows_are_nan(ext, dtype):
         check(ext, make_inputs(6, 1024, 64, 3, dtype, ln, seed=4, index=index), 2, dtype)
 
 
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_residual_is_x_and_no_biases(ext, dtype):
     x, index, wd, bd, wu, bu, scaling, _, ln_w, ln_b = make_inputs(4, 1024, 64, 3, dtype, ln=True, seed=5)
@@ -146,63 +111,67 @@ def test_residual_is_x_and_no_biases(ext, dtype):
     check(ext, (x, index, wd, none, wu, none, scaling, x, ln_w, none), 5, dtype)
 
 
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_misaligned_pointers_use_the_scalar_path(ext, dtype):
     args = list(make_inputs(3, 1024, 64, 3, dtype, ln=False, seed=6))
-
-    def shifted(t):
-        buf = torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)
-        view = buf[1:].view(t.shape)
-        view.copy_(t)
-        return view
-
     for i in (0, 2, 4):  # x, down_weight, up_weight
-        args[i] = shifted(args[i])
+        args[i] = misaligned_copy(args[i])
     check(ext, tuple(args), 3, dtype)
 
 
-@pytest.mark.gpu
-@gpu
+# Edge cases of the index math on the real kernels (H100 / H200: 132 SMs): the down kernel's slices
+# (S, KS from the host's plan) and the up kernel's lane groups (G = 4 .. 32) must cover every weight
+# element exactly once and never read past a row, in the vector (16-bit: VEC 8, fp32: VEC 4) and
+# scalar (VEC 1: odd sizes or misaligned) paths.
+INDEX_CASES = [
+    # (T, H, r, N, dtype, misaligned)
+    (1, 4096, 64, 3, torch.bfloat16, False),    # one row: H split into slices, G = 8
+    (16, 4096, 1024, 2, torch.float16, False),  # rank limit, 16 rows, G = 32
+    (3, 1023, 7, 4, torch.bfloat16, False),     # odd H and r: scalar both ways
+    (5, 7, 3, 2, torch.float16, False),         # H below one vector
+    (2, 12288, 256, 2, torch.bfloat16, False),  # wide H: many slices, finalize kernel
+    (1, 100, 1024, 1, torch.float32, False),    # fp32 VEC 4, H below one slice quantum, r = 1024
+    (9, 256, 33, 3, torch.float32, False),      # fp32 odd r: scalar up, G = 32
+    (4, 768, 16, 5, torch.bfloat16, False),     # G = 4 (r / VEC = 2)
+    (2, 64, 1, 2, torch.float32, False),        # r = 1
+    (7, 4096, 64, 3, torch.bfloat16, True),     # misaligned: scalar paths at a real size
+]
+
+
+@pytest.mark.parametrize("T,H,r,N,dtype,misaligned", INDEX_CASES)
+def test_index_edge_cases(ext, T, H, r, N, dtype, misaligned):
+    for ln, code in ((False, 5), (True, 2)):
+        args = list(make_inputs(T, H, r, N, dtype, ln, seed=8))
+        if misaligned:
+            for i in (0, 2, 4):  # x, down_weight, up_weight
+                args[i] = misaligned_copy(args[i])
+        check(ext, tuple(args), code, dtype)
+
+
 def test_cuda_graph_capture_and_determinism(ext):
     args = make_inputs(8, 4096, 64, 4, torch.float16, ln=True, seed=7)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        first = ext.multi_adapter_decode_forward(*args, EPS, 4, SLOPE)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, *_ = ext.multi_adapter_decode_forward(*args, EPS, 4, SLOPE)
-    graph.replay()
-    torch.cuda.synchronize()
+    first, (out, *_) = eager_then_graph(lambda: ext.multi_adapter_decode_forward(*args, EPS, 4, SLOPE))
     assert torch.equal(out, first[0])
     torch.testing.assert_close(out.double(), reference(*args, EPS, 4, SLOPE)[0], rtol=4e-3, atol=4e-3)
 
 
-@pytest.mark.gpu
-@gpu
-def test_errors(ext):
+def test_errors_on_cuda(ext):
+    # adapter_index and device mismatches are checked after the devices, so they need CUDA tensors
+    # (the other messages run on CPU tensors in test_host_checks.py)
     args = list(make_inputs(2, 256, 8, 3, torch.float16, ln=False))
-    with pytest.raises(RuntimeError, match=r"T = x.size\(0\) = 17 rows, expected at most 16"):
-        ext.multi_adapter_decode_forward(*make_inputs(17, 256, 8, 3, torch.float16, ln=False), EPS, 0, SLOPE)
     bad = list(args)
     bad[1] = bad[1].int()
     with pytest.raises(RuntimeError, match="adapter_index has dtype Int, expected int64"):
         ext.multi_adapter_decode_forward(*bad, EPS, 0, SLOPE)
     bad = list(args)
-    bad[6] = torch.ones(3, device="cuda")
-    with pytest.raises(RuntimeError, match="scaling must be a contiguous \\[N, H\\]"):
+    bad[1] = bad[1][:1]
+    with pytest.raises(RuntimeError, match=r"adapter_index has shape \[1\], expected \[2\]"):
         ext.multi_adapter_decode_forward(*bad, EPS, 0, SLOPE)
-    bad = list(args)
-    bad[4] = torch.zeros(3, 256, 9, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="up_weight has shape"):
-        ext.multi_adapter_decode_forward(*bad, EPS, 0, SLOPE)
-    bad = list(args)
-    bad[3] = torch.zeros(2, 8, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="down_bias has shape"):
-        ext.multi_adapter_decode_forward(*bad, EPS, 0, SLOPE)
+    for i, name in ((1, "adapter_index"), (2, "down_weight"), (6, "scaling"), (3, "down_bias")):
+        moved = list(args)
+        moved[i] = moved[i].cpu()
+        with pytest.raises(RuntimeError, match=f"{name} is on cpu but x is on cuda"):
+            ext.multi_adapter_decode_forward(*moved, EPS, 0, SLOPE)
 
 
 # ------------------------------------------------------------------------------------ public op
@@ -219,8 +188,6 @@ def _naive_op(x, index, wd, bd, wu, bu, scaling, layer_norm, activation):
     return torch.cat(rows)
 
 
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("rows", [4, 16, 300])
 def test_public_op_on_cuda(dtype, rows):
@@ -247,80 +214,3 @@ def test_public_op_on_cuda(dtype, rows):
     assert (out.double() - expected).abs().max().item() <= tol * scale(expected)
     for name, leaf, copy in zip(("x", "wd", "bd", "wu", "bu", "s", "lw", "lb"), leaves, copies):
         assert (leaf.grad.double() - copy.grad).abs().max().item() <= tol * scale(copy.grad), name
-
-
-# ------------------------------------------------------------------------------------ index emulation (CPU)
-
-WARPS, DOWN_ROWS_PER_WARP, SLICE_QUANTUM, UP_ROWS_PER_GROUP, UP_MIN_GROUP = 8, 4, 256, 4, 4
-DOWN_ROWS_PER_BLOCK = WARPS * DOWN_ROWS_PER_WARP
-
-
-def host_down_plan(T, H, r, sms=132):
-    row_blocks = -(-r // DOWN_ROWS_PER_BLOCK)
-    s_want = max(1, -(-2 * sms // (row_blocks * T)))
-    ks = -(-H // s_want)
-    ks = max(SLICE_QUANTUM, -(-ks // SLICE_QUANTUM) * SLICE_QUANTUM)
-    return row_blocks, ks, -(-H // ks)
-
-
-def up_group(r, vec):
-    g = 1
-    while g < -(-r // vec):
-        g *= 2
-    return min(32, max(UP_MIN_GROUP, g))
-
-
-@pytest.mark.parametrize("T,H,r,vec", [(1, 4096, 64, 8), (16, 4096, 1024, 8), (3, 1023, 7, 1), (5, 7, 3, 1),
-                                       (2, 12288, 256, 8), (1, 100, 1024, 4), (9, 256, 33, 1)])
-def test_down_kernel_covers_every_weight_once(T, H, r, vec):
-    row_blocks, ks, slices = host_down_plan(T, H, r)
-    count = {}
-    for bx in range(row_blocks):
-        for s in range(slices):
-            k0 = s * ks
-            klen = min(ks, H - k0)
-            assert klen > 0
-            for warp in range(WARPS):
-                j0 = bx * DOWN_ROWS_PER_BLOCK + warp * DOWN_ROWS_PER_WARP
-                if j0 >= r:
-                    continue
-                for lane in range(32):
-                    for c in range(lane * vec, klen, 32 * vec):
-                        assert c + vec <= klen, "a vector load would straddle the slice end"
-                        for k in range(DOWN_ROWS_PER_WARP):
-                            if j0 + k < r:
-                                for v in range(vec):
-                                    key = (j0 + k, k0 + c + v)
-                                    count[key] = count.get(key, 0) + 1
-    assert len(count) == r * H and set(count.values()) == {1}
-
-
-@pytest.mark.parametrize("H,r,vec", [(4096, 64, 8), (4096, 1024, 8), (1023, 7, 1), (7, 3, 1), (100, 1024, 4),
-                                     (256, 33, 1), (768, 16, 8), (64, 1, 1)])
-def test_up_kernel_covers_every_weight_once(H, r, vec):
-    g = up_group(r, vec)
-    gpw = 32 // g
-    rows_per_block = WARPS * gpw * UP_ROWS_PER_GROUP
-    count = {}
-    for bx in range(-(-H // rows_per_block)):
-        h0 = bx * rows_per_block
-        for warp in range(WARPS):
-            for lane in range(32):
-                gi, gl = lane // g, lane % g
-                for k in range(UP_ROWS_PER_GROUP):
-                    h = h0 + (warp * UP_ROWS_PER_GROUP + k) * gpw + gi
-                    if h >= H:
-                        continue
-                    for j in range(gl * vec, r, g * vec):
-                        assert j + vec <= r, "a vector load would straddle the row end"
-                        for v in range(vec):
-                            count[(h, j + v)] = count.get((h, j + v), 0) + 1
-    assert len(count) == H * r and set(count.values()) == {1}
-    # the xor butterfly over offsets g/2 .. 1 stays inside each aligned group of g lanes
-    for lane in range(32):
-        partners = {lane}
-        o = g // 2
-        while o:
-            partners |= {p ^ o for p in partners}
-            o //= 2
-        assert partners == set(range(lane - lane % g, lane - lane % g + g))
