@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["index_pointer", "sorted_rows", "gather_rows", "load_key_keep", "mask_scores", "window_offset",
-           "dropout_keep", "program_block", "head_slices", "TILES", "block_sizes", "even_blocks", "unit_last", "index_arguments"]
+           "dropout_keep", "program_block", "head_slices", "TILES", "block_sizes", "even_blocks", "unit_last",
+           "index_arguments"]
 
 
 @triton.jit

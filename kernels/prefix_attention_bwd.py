@@ -1,5 +1,6 @@
-"""Backward kernels of prefix attention (kernels/prefix_attention.py has the forward, the shared
-mask helpers and the tile table), with recompute: no [Sq, P + Sk] matrix in memory.
+"""Backward kernels of prefix attention (kernels/prefix_attention.py has the forward and re-exports
+this launcher; kernels/prefix_common.py the mask helpers and the tile table both use), with
+recompute: no [Sq, P + Sk] matrix in memory.
 
     delta = rowsum(dO * O)                                  (fp32, one program per query block)
     p = exp2(s - lse), dV += p^T dO, dS = p * (dO V^T - delta), dK += s dS^T Q, dQ += s dS K
