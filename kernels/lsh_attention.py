@@ -1,6 +1,6 @@
 """LSH bucketed attention (Reformer): the fused chunked-attention core, forward (backward in
 kernels/lsh_attention_bwd.py; hashing and the round combine in kernels/lsh_attention_rounds.py,
-re-exported here).
+re-exported here, like the backward launcher; the helpers both directions share in kernels/lsh_common.py).
 
 The chunked core (semantics of transformers' LSHSelfAttention._attend): per (batch, head) the nh
 hash rounds give a sorted order of length nh * S; q_idx / k_idx hold the original position
@@ -8,7 +8,7 @@ hash rounds give a sorted order of length nh * S; q_idx / k_idx hold the origina
 NC = nh*S/L chunks of L = chunk_length; chunk c attends to chunks c - before .. c + after modulo NC
 (wrap-around across round boundaries; with few chunks a chunk repeats in the window and every copy
 counts), except that a step `i` chunks away with |i| >= NC is chunk c itself, as transformers'
-_look_adjacent concatenates its shifted copies (see _window_offset). Scores = q . k * scale, then
+_look_adjacent concatenates its shifted copies (see window_offset). Scores = q . k * scale, then
 on original positions: the key padding mask (gathered by the key index) and causal q_pos >= k_pos
 replace the score by mask_value, then q_pos == k_pos by self_mask_value (last). Finite constants
 only, as transformers.
@@ -30,7 +30,7 @@ power of two with masks).
 
 Dropout (DROPOUT constexpr, dropout_p in [0, 1), an integer seed): the window probabilities are
 multiplied by keep / (1 - dropout_p) in the accumulator, keep = tl.rand(seed, counter) >= dropout_p
-from the shared helper _dropout_keep with a counter unique per (b * H + h, sorted query, window slot
+from the shared helper dropout_keep with a counter unique per (b * H + h, sorted query, window slot
 w * L + key offset in the chunk); the backward redraws the same bits (the dk/dv kernel's step w of
 a key chunk is the forward's step w of its query chunk), so no mask is stored. l and the lse stay
 those of the un-dropped softmax. lsh_dropout_keep_mask materialises the mask.
@@ -54,7 +54,10 @@ import triton
 import triton.language as tl
 
 from .launch import dot_settings
-from .lsh_attention_rounds import lsh_bucket_ids, lsh_combine_rounds, lsh_combine_rounds_backward
+from .lsh_attention_bwd import bwd_variants, chunked_backward
+from .lsh_attention_rounds import lsh_bucket_ids, lsh_combine_rounds, lsh_combine_rounds_backward, rounds_variants
+from .lsh_common import (block_sizes, dropout_keep, even_blocks, gather_rows, head_slices, index_arguments,
+                         load_key_keep, mask_scores, program_block, sorted_rows, unit_last, window_offset)
 
 __all__ = [
     "MAX_HEAD_DIM", "lsh_chunked_forward", "lsh_dropout_keep_mask", "lsh_chunked_backward", "lsh_bucket_ids",
@@ -63,94 +66,6 @@ __all__ = [
 ]
 
 MAX_HEAD_DIM = 128
-
-
-# ------------------------------------------------------------------------------- shared pieces
-
-
-@triton.jit
-def _index_pointer(idx_ptr):
-    """The sorted index arrays are int64 (a no-op cast for the launchers' tensors;
-    kernels/compile_check.py types every non-data pointer as fp32)."""
-    return idx_ptr.to(tl.pointer_type(tl.int64))
-
-
-@triton.jit
-def _sorted_rows(idx_ptr, start, valid, EVEN: tl.constexpr, BLOCK: tl.constexpr):
-    """(original positions [BLOCK] int32, in-chunk flags [BLOCK]) of the sorted entries start ..
-    start + BLOCK - 1, of which the first `valid` lie in the chunk (all of them when EVEN: the block
-    divides the chunk length). Rows past the chunk read position 0 and are flagged."""
-    offs = tl.arange(0, BLOCK)
-    if EVEN:
-        in_chunk = offs < BLOCK
-        pos = tl.load(idx_ptr + start + offs)
-    else:
-        in_chunk = offs < valid
-        pos = tl.load(idx_ptr + start + offs, mask=in_chunk, other=0)
-    return pos.to(tl.int32), in_chunk
-
-
-@triton.jit
-def _gather_rows(base_ptr, pos, in_chunk, stride, offs, width_mask, EVEN: tl.constexpr, DOT_FP32: tl.constexpr):
-    """[BLOCK, BLOCK_D] rows pos of a (batch, head) slice (zeros past the chunk and the width)."""
-    if EVEN:
-        rows = tl.load(base_ptr + pos[:, None] * stride + offs[None, :], mask=width_mask[None, :], other=0.0)
-    else:
-        rows = tl.load(base_ptr + pos[:, None] * stride + offs[None, :],
-                       mask=in_chunk[:, None] & width_mask[None, :], other=0.0)
-    if DOT_FP32:
-        rows = rows.to(tl.float32)
-    return rows
-
-
-@triton.jit
-def _key_keep(key_mask_ptr, k_pos, HAS_KEY_MASK: tl.constexpr):
-    """The keys' padding-mask values (1 = keep) as int32, or the positions as a placeholder. The
-    mask is int8 (a no-op cast for the launchers' tensor; compile_check types it fp32)."""
-    keep = k_pos
-    if HAS_KEY_MASK:
-        keep = tl.load(key_mask_ptr.to(tl.pointer_type(tl.int8)) + k_pos).to(tl.int32)
-    return keep
-
-
-@triton.jit
-def _mask_scores(s, q_pos, k_pos, key_keep, HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                 SELF_MASK: tl.constexpr, MASK_VALUE: tl.constexpr, SELF_MASK_VALUE: tl.constexpr):
-    """(masked scores, live): q_pos / k_pos / key_keep are broadcastable 2-D views (a [M, 1]
-    column and a [1, N] row, or transposed); live is True where the score is still q . k (the
-    only places with a gradient)."""
-    live = (q_pos >= 0) & (k_pos >= 0)  # all True, at the full tile shape
-    if HAS_KEY_MASK:
-        live = live & (key_keep != 0)
-    if CAUSAL:
-        live = live & (q_pos >= k_pos)
-    s = tl.where(live, s, MASK_VALUE)
-    if SELF_MASK:
-        is_self = q_pos == k_pos
-        s = tl.where(is_self, SELF_MASK_VALUE, s)
-        live = live & (q_pos != k_pos)
-    return s, live
-
-
-@triton.jit
-def _window_offset(w, BEFORE, NUM_CHUNKS):
-    """Chunk offset of window step w (0 .. before + after), as transformers' _look_adjacent builds
-    the window: step w is the chunk `w - before` chunks away, modulo NUM_CHUNKS, except that an
-    offset of NUM_CHUNKS or more either way is no shift at all (torch.cat([x[:, :, i:], x[:, :, :i]])
-    with |i| >= NUM_CHUNKS is x itself): a window longer than the sequence repeats the query's own
-    chunk there, not the chunks around it. Returned in (-NUM_CHUNKS, NUM_CHUNKS)."""
-    offset = w - BEFORE
-    return tl.where((offset < NUM_CHUNKS) & (offset > -NUM_CHUNKS), offset, 0)
-
-
-@triton.jit
-def _dropout_keep(seed, dropout_p, rows, slots, SLOTS):
-    """The dropout keep mask of one tile, shared by the forward, both backward kernels and the debug
-    launcher so all draw the same bits: keep = rand(seed, rows * SLOTS + slots) >= dropout_p, rows
-    (b * H + h) * nh * S + sorted query index as int64, slots the window slot w * L + key offset in
-    the chunk (SLOTS = W * L), both broadcastable 2-D views ([M, 1] and [1, N], or transposed). The
-    counter is int64 (tl.rand feeds both words to Philox): unique up to B * H * nh * S * W * L < 2**63."""
-    return tl.rand(seed, rows * SLOTS + slots) >= dropout_p
 
 
 # ------------------------------------------------------------------------------- forward kernel
@@ -177,28 +92,17 @@ def lsh_fwd_kernel(
     EVEN: tl.constexpr,  # BLOCK_M and BLOCK_N divide CHUNK: no row masks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    blocks_per_chunk = tl.cdiv(CHUNK, BLOCK_M)
-    chunk = pid // blocks_per_chunk
-    in_chunk_first = (pid % blocks_per_chunk) * BLOCK_M
-    # int64 bases per (b, h); offsets inside one (b, h) are int32 (the launcher checks they fit):
-    # [BLOCK, D] tiles of 64-bit offsets would take twice the registers of the gathers
-    q_idx_ptr = _index_pointer(q_idx_ptr) + bh * NUM_CHUNKS * CHUNK
-    k_idx_ptr = _index_pointer(k_idx_ptr) + bh * NUM_CHUNKS * CHUNK
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
-    key_mask_ptr += b * stride_mb
+    bh, b, h, chunk, in_chunk_first = program_block(H, 0, CHUNK, BLOCK_M)
+    q_ptr, k_ptr, v_ptr, q_idx_ptr, k_idx_ptr, key_mask_ptr = head_slices(
+        q_ptr, k_ptr, v_ptr, q_idx_ptr, k_idx_ptr, key_mask_ptr, bh, b, h, NUM_CHUNKS, CHUNK, stride_qb, stride_qh,
+        stride_kb, stride_kh, stride_vb, stride_vh, stride_mb)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_mask = offs_d < D
     dv_mask = offs_dv < DV
 
-    q_pos, q_ok = _sorted_rows(q_idx_ptr, chunk * CHUNK + in_chunk_first, CHUNK - in_chunk_first, EVEN, BLOCK_M)
-    q = _gather_rows(q_ptr, q_pos, q_ok, stride_qs, offs_d, d_mask, EVEN, DOT_FP32)
+    q_pos, q_ok = sorted_rows(q_idx_ptr, chunk * CHUNK + in_chunk_first, CHUNK - in_chunk_first, EVEN, BLOCK_M)
+    q = gather_rows(q_ptr, q_pos, q_ok, stride_qs, offs_d, d_mask, EVEN, DOT_FP32)
 
     # the dropout counter's rows: (b, h) and the sorted query index, int64
     drop_rows = bh * NUM_CHUNKS * CHUNK + chunk * CHUNK + in_chunk_first + tl.arange(0, BLOCK_M)
@@ -206,13 +110,13 @@ def lsh_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for w in range(WINDOW):
-        key_chunk = (chunk + _window_offset(w, BEFORE, NUM_CHUNKS) + NUM_CHUNKS) % NUM_CHUNKS
+        key_chunk = (chunk + window_offset(w, BEFORE, NUM_CHUNKS) + NUM_CHUNKS) % NUM_CHUNKS
         for kb in range(0, CHUNK, BLOCK_N):
-            k_pos, k_ok = _sorted_rows(k_idx_ptr, key_chunk * CHUNK + kb, CHUNK - kb, EVEN, BLOCK_N)
-            k = _gather_rows(k_ptr, k_pos, k_ok, stride_ks, offs_d, d_mask, EVEN, DOT_FP32)
+            k_pos, k_ok = sorted_rows(k_idx_ptr, key_chunk * CHUNK + kb, CHUNK - kb, EVEN, BLOCK_N)
+            k = gather_rows(k_ptr, k_pos, k_ok, stride_ks, offs_d, d_mask, EVEN, DOT_FP32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_value
-            key_keep = _key_keep(key_mask_ptr, k_pos, HAS_KEY_MASK)
-            s, live = _mask_scores(s, q_pos[:, None], k_pos[None, :], key_keep[None, :], HAS_KEY_MASK, CAUSAL,
+            key_keep = load_key_keep(key_mask_ptr, k_pos, HAS_KEY_MASK)
+            s, live = mask_scores(s, q_pos[:, None], k_pos[None, :], key_keep[None, :], HAS_KEY_MASK, CAUSAL,
                                    SELF_MASK, MASK_VALUE, SELF_MASK_VALUE)
             if not EVEN:  # rows past the chunk are no keys at all (not masked ones)
                 s = tl.where(k_ok[None, :], s, float("-inf"))
@@ -220,10 +124,10 @@ def lsh_fwd_kernel(
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = _gather_rows(v_ptr, k_pos, k_ok, stride_vs, offs_dv, dv_mask, EVEN, DOT_FP32)
+            v = gather_rows(v_ptr, k_pos, k_ok, stride_vs, offs_dv, dv_mask, EVEN, DOT_FP32)
             if DROPOUT:  # l keeps every probability; the values see the dropped, rescaled ones
                 slots = w * CHUNK + kb + tl.arange(0, BLOCK_N)  # window slot w * L + key offset in the chunk
-                keep = _dropout_keep(seed, dropout_p, drop_rows[:, None], slots[None, :], WINDOW * CHUNK)
+                keep = dropout_keep(seed, dropout_p, drop_rows[:, None], slots[None, :], WINDOW * CHUNK)
                 p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
@@ -243,37 +147,6 @@ def lsh_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------- launchers
-
-
-# (BLOCK_M, BLOCK_N, num_warps) per kernel, for 16-bit operands with both head dims <= 64 / up to
-# 128, and for fp32 (its "ieee" dots run on FMA units and hold 4-byte operands: smaller tiles, 8
-# warps). ptxas for sm_90 (kernels/compile_check.py, every mask on, 16-byte aligned pointers):
-# bf16 D 64: forward 161 registers, dq 172, dk/dv 168; D 128: 169 / 191 / 193; no spills. fp32:
-# 68-112 registers, D 128 forward and dq spill 16 bytes. Larger tiles spilled (forward D 128 at 4
-# warps, dk/dv 64 x 64 at D 128); 64-bit offset tiles and masked head-dim loads cost 60-100 more.
-_TILES = {
-    "fwd": ((64, 64, 4), (64, 64, 8), (32, 32, 8)),
-    "dq": ((64, 64, 8), (64, 64, 8), (32, 32, 8)),
-    "dkdv": ((32, 64, 4), (32, 64, 8), (32, 32, 8)),  # BLOCK_M: the query step, BLOCK_N: the key block
-}
-
-
-def _block_sizes(kind: str, chunk_length: int, head_dim: int, value_dim: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_warps) for kernel `kind` (fwd, dq, dkdv): the row
-    blocks no larger than the chunk rounded up to a power of two, and at least 16 (tl.dot); the
-    head-dim blocks the dims rounded up to a power of two (>= 16)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(value_dim))
-    narrow, wide, fp32 = _TILES[kind]
-    block_m, block_n, num_warps = fp32 if dtype == torch.float32 else (narrow if max(block_d, block_dv) <= 64 else wide)
-    chunk_block = max(16, triton.next_power_of_2(chunk_length))
-    return min(block_m, chunk_block), min(block_n, chunk_block), block_d, block_dv, num_warps
-
-
-def _even(chunk_length: int, block_m: int, block_n: int) -> bool:
-    """Both row blocks divide the chunk: the kernels then skip every row mask."""
-    return chunk_length % block_m == 0 and chunk_length % block_n == 0
-
 
 def _mask_constants_ok(mask_value: float, self_mask_value: float):
     for name, value in (("mask_value", mask_value), ("self_mask_value", self_mask_value)):
@@ -317,27 +190,6 @@ def _check_core(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, ch
     return batch, heads, seq, head_dim, value_dim, q_idx.shape[2] // seq
 
 
-def _unit_last(tensor):
-    """A unit last stride, and every offset inside one (batch, head) below 2**31 (the kernels add
-    int32 offsets to an int64 base per (batch, head)): else a contiguous copy."""
-    seq, width = tensor.shape[2], tensor.shape[3]
-    if seq * max(width, 1) >= 2 ** 31:
-        raise ValueError(f"lsh_chunked: S * D = {seq} * {width} must stay below 2**31")
-    if tensor.stride(-1) == 1 and (seq - 1) * tensor.stride(2) + width < 2 ** 31:
-        return tensor
-    return tensor.contiguous()
-
-
-def _index_arguments(q_idx, k_idx, key_mask, device):
-    """int64 contiguous indices and the key mask as int8 [B, S] with unit stride (or a dummy)."""
-    q_idx = q_idx.to(device=device, dtype=torch.int64).contiguous()
-    k_idx = q_idx if k_idx is q_idx else k_idx.to(device=device, dtype=torch.int64).contiguous()
-    if key_mask is None:
-        return q_idx, k_idx, torch.ones(1, dtype=torch.int8, device=device), 0
-    key_mask = key_mask.to(device=device, dtype=torch.bool).to(torch.int8).contiguous()
-    return q_idx, k_idx, key_mask, key_mask.stride(0)
-
-
 def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks_before, chunks_after, causal,
                         self_mask, scale, mask_value, self_mask_value, dropout_p=0.0, seed=0):
     """The chunked attention core forward. q, k: [B, H, S, D] (k already normalised / scaled as the
@@ -352,14 +204,14 @@ def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks
     batch, heads, seq, head_dim, value_dim, rounds = _check_core(q, k, v, q_idx, k_idx, key_mask, chunk_length,
                                                                  chunks_before, chunks_after)
     _mask_constants_ok(mask_value, self_mask_value)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    q_idx, k_idx, mask_argument, stride_mb = _index_arguments(q_idx, k_idx, key_mask, q.device)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    q_idx, k_idx, mask_argument, stride_mb = index_arguments(q_idx, k_idx, key_mask, q.device)
     out = torch.empty((batch, heads, rounds, seq, value_dim), dtype=v.dtype, device=q.device)
     lse = torch.empty((batch, heads, rounds, seq), dtype=torch.float32, device=q.device)
     if batch * heads == 0:
         return out, lse
     num_chunks = rounds * seq // chunk_length
-    block_m, block_n, block_d, block_dv, num_warps = _block_sizes("fwd", chunk_length, head_dim, value_dim, q.dtype)
+    block_m, block_n, block_d, block_dv, num_warps = block_sizes("fwd", chunk_length, head_dim, value_dim, q.dtype)
     dot_fp32, precision = dot_settings(q.dtype)
     grid = (num_chunks * triton.cdiv(chunk_length, block_m), batch * heads)
     lsh_fwd_kernel[grid](
@@ -370,7 +222,7 @@ def lsh_chunked_forward(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chunks
         MASK_VALUE=float(mask_value), SELF_MASK_VALUE=float(self_mask_value), HAS_KEY_MASK=key_mask is not None,
         CAUSAL=bool(causal), SELF_MASK=bool(self_mask), DROPOUT=dropout_p > 0.0, DOT_FP32=dot_fp32,
         DOT_PRECISION=precision,
-        D=head_dim, DV=value_dim, EVEN=_even(chunk_length, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
+        D=head_dim, DV=value_dim, EVEN=even_blocks(chunk_length, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps, num_stages=2,
     )
     return out, lse
@@ -382,8 +234,6 @@ def lsh_chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx
     """(dq, dk, dv) of lsh_chunked_forward, shaped like q, k, v: float32, or the three dtypes of
     out_dtypes (each rounded once from the float32 sum of the rounds); see kernels/lsh_attention_bwd.py.
     dropout_p, seed: the forward's (its keep mask is redrawn)."""
-    from .lsh_attention_bwd import chunked_backward
-
     _dropout_ok(dropout_p, seed)
     _check_core(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, chunks_after)
     _mask_constants_ok(mask_value, self_mask_value)
@@ -426,7 +276,7 @@ def lsh_dropout_keep_mask_kernel(
     rows = bh * NS + offs_m
     for start_n in range(0, SLOTS, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, dropout_p, rows[:, None], offs_n[None, :], SLOTS)
+        keep = dropout_keep(seed, dropout_p, rows[:, None], offs_n[None, :], SLOTS)
         tl.store(keep_ptr + rows[:, None] * SLOTS + offs_n[None, :], keep.to(tl.int8),
                  mask=(offs_m[:, None] < NS) & (offs_n[None, :] < SLOTS))
 
@@ -436,7 +286,7 @@ def lsh_dropout_keep_mask(batch: int, heads: int, sorted_length: int, chunk_leng
     """The keep mask [B, H, nh * S, W * L] (bool, True = kept) that lsh_chunked_forward and its
     backward apply for (dropout_p, seed): row t is the sorted query t, column w * L + j the key j of
     window step w (key chunk = query chunk - before + w, modulo the number of chunks, or the query chunk
-itself where |w - before| >= the number of chunks, as _window_offset)."""
+itself where |w - before| >= the number of chunks, as window_offset)."""
     slots = window * chunk_length
     keep = torch.zeros((batch, heads, sorted_length, slots), dtype=torch.int8, device=device)
     if keep.numel():
@@ -470,9 +320,6 @@ def compile_variants():
     the hashing and round-combine kernels (kernels/lsh_attention_rounds.py). Yields (name, kernel,
     dtype, constexprs, data_pointers, num_warps, num_stages, launch values at the headline sizes;
     the padded D 24 / chunk 50 variants at S 3200)."""
-    from .lsh_attention_bwd import bwd_variants
-    from .lsh_attention_rounds import rounds_variants
-
     for dtype_name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
         dot_fp32 = dtype == torch.float32
         mask_value, self_mask_value = (-1e4, -1e3) if dtype == torch.float16 else (-1e9, -1e5)
@@ -481,7 +328,7 @@ def compile_variants():
         dropouts = ((False, 64), (False, 128), (True, 64)) if dtype != torch.float32 else ((False, 64), (False, 128))
         for head_dim in (64, 128):
             for dropout, chunk in dropouts:
-                block_m, block_n, block_d, block_dv, warps = _block_sizes("fwd", chunk, head_dim, head_dim, dtype)
+                block_m, block_n, block_d, block_dv, warps = block_sizes("fwd", chunk, head_dim, head_dim, dtype)
                 label = "-dropout" if dropout else ""
                 yield (f"fwd-{dtype_name}-d{head_dim}-c{chunk}{label}", lsh_fwd_kernel, dtype_name,
                        dict(MASK_VALUE=mask_value, SELF_MASK_VALUE=self_mask_value, HAS_KEY_MASK=True, CAUSAL=True,
@@ -494,7 +341,7 @@ def compile_variants():
     # padded head dims (24 -> 32, masked loads) and a chunk the blocks do not divide (50: row masks)
     for dtype_name in ("bfloat16", "float32"):
         dtype = getattr(torch, dtype_name)
-        block_m, block_n, block_d, block_dv, warps = _block_sizes("fwd", 50, 24, 24, dtype)
+        block_m, block_n, block_d, block_dv, warps = block_sizes("fwd", 50, 24, 24, dtype)
         yield (f"fwd-{dtype_name}-d24-c50", lsh_fwd_kernel, dtype_name,
                dict(MASK_VALUE=-1e9, SELF_MASK_VALUE=-1e5, HAS_KEY_MASK=True, CAUSAL=True, SELF_MASK=True,
                     DROPOUT=False, DOT_FP32=dtype == torch.float32, DOT_PRECISION="ieee", D=24, DV=24, EVEN=False,

@@ -26,7 +26,7 @@ other round, so one program cannot hold a position's rows of all rounds as one t
 launch would need atomics (not deterministic) or per-round buffers (more bytes than the
 read-modify-write they replace).
 
-Dropout (z = keep / (1 - dropout_p), the forward's mask redrawn by the shared helper _dropout_keep
+Dropout (z = keep / (1 - dropout_p), the forward's mask redrawn by the shared helper dropout_keep
 from the same seed and counters, O the dropped output): dv += (p z)^T dO, ds = p * (z dp - delta)
 with delta = rowsum(dO * O) - dlse as without dropout (rowsum(dO * O) = sum_j p_j z_j dp_j). The
 dk/dv kernel's window step w of key chunk c meets query chunk c + before - w, whose forward step
@@ -56,19 +56,8 @@ import triton
 import triton.language as tl
 
 from .launch import dot_settings
-from .lsh_attention import (
-    _block_sizes,
-    _dropout_keep,
-    _even,
-    _gather_rows,
-    _index_arguments,
-    _index_pointer,
-    _key_keep,
-    _mask_scores,
-    _window_offset,
-    _sorted_rows,
-    _unit_last,
-)
+from .lsh_common import (block_sizes, dropout_keep, even_blocks, gather_rows, head_slices, index_arguments,
+                         load_key_keep, mask_scores, program_block, sorted_rows, unit_last, window_offset)
 
 DATA_POINTERS = frozenset({"q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "dq_out_ptr", "dk_out_ptr", "dv_out_ptr"})
 
@@ -100,20 +89,11 @@ def lsh_bwd_dq_kernel(
     EVEN: tl.constexpr,  # BLOCK_M and BLOCK_N divide CHUNK: no row masks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    blocks_per_chunk = tl.cdiv(CHUNK, BLOCK_M)
-    chunk = ROUND * (S // CHUNK) + pid // blocks_per_chunk
-    in_chunk_first = (pid % blocks_per_chunk) * BLOCK_M
+    bh, b, h, chunk, in_chunk_first = program_block(H, ROUND * (S // CHUNK), CHUNK, BLOCK_M)
     # int64 bases per (b, h) and per (b, h, round); int32 offsets inside (as in the forward)
-    q_idx_ptr = _index_pointer(q_idx_ptr) + bh * NUM_CHUNKS * CHUNK
-    k_idx_ptr = _index_pointer(k_idx_ptr) + bh * NUM_CHUNKS * CHUNK
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
-    key_mask_ptr += b * stride_mb
+    q_ptr, k_ptr, v_ptr, q_idx_ptr, k_idx_ptr, key_mask_ptr = head_slices(
+        q_ptr, k_ptr, v_ptr, q_idx_ptr, k_idx_ptr, key_mask_ptr, bh, b, h, NUM_CHUNKS, CHUNK, stride_qb, stride_qh,
+        stride_kb, stride_kh, stride_vb, stride_vh, stride_mb)
     round_row = bh * NUM_CHUNKS * CHUNK + ROUND * S  # this round's rows of [B * H * nh, S]
     do_ptr += round_row * DV
     out_ptr += round_row * DV
@@ -124,10 +104,10 @@ def lsh_bwd_dq_kernel(
     d_mask = offs_d < D
     dv_mask = offs_dv < DV
 
-    q_pos, q_ok = _sorted_rows(q_idx_ptr, chunk * CHUNK + in_chunk_first, CHUNK - in_chunk_first, EVEN, BLOCK_M)
-    q = _gather_rows(q_ptr, q_pos, q_ok, stride_qs, offs_d, d_mask, EVEN, DOT_FP32)
-    do = _gather_rows(do_ptr, q_pos, q_ok, DV, offs_dv, dv_mask, EVEN, False)
-    o = _gather_rows(out_ptr, q_pos, q_ok, DV, offs_dv, dv_mask, EVEN, False)
+    q_pos, q_ok = sorted_rows(q_idx_ptr, chunk * CHUNK + in_chunk_first, CHUNK - in_chunk_first, EVEN, BLOCK_M)
+    q = gather_rows(q_ptr, q_pos, q_ok, stride_qs, offs_d, d_mask, EVEN, DOT_FP32)
+    do = gather_rows(do_ptr, q_pos, q_ok, DV, offs_dv, dv_mask, EVEN, False)
+    o = gather_rows(out_ptr, q_pos, q_ok, DV, offs_dv, dv_mask, EVEN, False)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     if HAS_DLSE:
         delta -= tl.load(dlse_ptr + round_row + q_pos, mask=q_ok, other=0.0)
@@ -143,23 +123,23 @@ def lsh_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for w in range(WINDOW):
-        key_chunk = (chunk + _window_offset(w, BEFORE, NUM_CHUNKS) + NUM_CHUNKS) % NUM_CHUNKS
+        key_chunk = (chunk + window_offset(w, BEFORE, NUM_CHUNKS) + NUM_CHUNKS) % NUM_CHUNKS
         for kb in range(0, CHUNK, BLOCK_N):
-            k_pos, k_ok = _sorted_rows(k_idx_ptr, key_chunk * CHUNK + kb, CHUNK - kb, EVEN, BLOCK_N)
-            k = _gather_rows(k_ptr, k_pos, k_ok, stride_ks, offs_d, d_mask, EVEN, DOT_FP32)
+            k_pos, k_ok = sorted_rows(k_idx_ptr, key_chunk * CHUNK + kb, CHUNK - kb, EVEN, BLOCK_N)
+            k = gather_rows(k_ptr, k_pos, k_ok, stride_ks, offs_d, d_mask, EVEN, DOT_FP32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_value
-            s, live = _mask_scores(s, q_pos[:, None], k_pos[None, :],
-                                   _key_keep(key_mask_ptr, k_pos, HAS_KEY_MASK)[None, :], HAS_KEY_MASK, CAUSAL,
+            s, live = mask_scores(s, q_pos[:, None], k_pos[None, :],
+                                   load_key_keep(key_mask_ptr, k_pos, HAS_KEY_MASK)[None, :], HAS_KEY_MASK, CAUSAL,
                                    SELF_MASK, MASK_VALUE, SELF_MASK_VALUE)
             if not EVEN:  # rows past the chunk are no keys at all
                 s = tl.where(k_ok[None, :], s, float("-inf"))
                 live = live & k_ok[None, :]
             p = tl.exp(s - lse[:, None])
-            v = _gather_rows(v_ptr, k_pos, k_ok, stride_vs, offs_dv, dv_mask, EVEN, DOT_FP32)
+            v = gather_rows(v_ptr, k_pos, k_ok, stride_vs, offs_dv, dv_mask, EVEN, DOT_FP32)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             if DROPOUT:  # d(out) / d(p) = z * (dO . v): the forward's keep mask, redrawn
                 slots = w * CHUNK + kb + tl.arange(0, BLOCK_N)
-                keep = _dropout_keep(seed, dropout_p, drop_rows[:, None], slots[None, :], WINDOW * CHUNK)
+                keep = dropout_keep(seed, dropout_p, drop_rows[:, None], slots[None, :], WINDOW * CHUNK)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = tl.where(live, p * (dp - delta[:, None]), 0.0)
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -203,45 +183,37 @@ def lsh_bwd_dkdv_kernel(
     EVEN: tl.constexpr,  # BLOCK_M and BLOCK_N divide CHUNK: no row masks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    blocks_per_chunk = tl.cdiv(CHUNK, BLOCK_N)
-    chunk = ROUND * (S // CHUNK) + pid // blocks_per_chunk  # the key chunk
-    in_chunk_first = (pid % blocks_per_chunk) * BLOCK_N
-    q_idx_ptr = _index_pointer(q_idx_ptr) + bh * NUM_CHUNKS * CHUNK
-    k_idx_ptr = _index_pointer(k_idx_ptr) + bh * NUM_CHUNKS * CHUNK
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
-    key_mask_ptr += b * stride_mb
+    # the key chunk and the first of this program's keys in it
+    bh, b, h, chunk, in_chunk_first = program_block(H, ROUND * (S // CHUNK), CHUNK, BLOCK_N)
+    q_ptr, k_ptr, v_ptr, q_idx_ptr, k_idx_ptr, key_mask_ptr = head_slices(
+        q_ptr, k_ptr, v_ptr, q_idx_ptr, k_idx_ptr, key_mask_ptr, bh, b, h, NUM_CHUNKS, CHUNK, stride_qb, stride_qh,
+        stride_kb, stride_kh, stride_vb, stride_vh, stride_mb)
     bh_row = bh * NUM_CHUNKS * CHUNK  # this (b, h)'s first row of [B * H * nh, S]
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_mask = offs_d < D
     dv_mask = offs_dv < DV
 
-    k_pos, k_ok = _sorted_rows(k_idx_ptr, chunk * CHUNK + in_chunk_first, CHUNK - in_chunk_first, EVEN, BLOCK_N)
-    k = _gather_rows(k_ptr, k_pos, k_ok, stride_ks, offs_d, d_mask, EVEN, DOT_FP32)
-    v = _gather_rows(v_ptr, k_pos, k_ok, stride_vs, offs_dv, dv_mask, EVEN, DOT_FP32)
-    key_keep = _key_keep(key_mask_ptr, k_pos, HAS_KEY_MASK)
+    k_pos, k_ok = sorted_rows(k_idx_ptr, chunk * CHUNK + in_chunk_first, CHUNK - in_chunk_first, EVEN, BLOCK_N)
+    k = gather_rows(k_ptr, k_pos, k_ok, stride_ks, offs_d, d_mask, EVEN, DOT_FP32)
+    v = gather_rows(v_ptr, k_pos, k_ok, stride_vs, offs_dv, dv_mask, EVEN, DOT_FP32)
+    key_keep = load_key_keep(key_mask_ptr, k_pos, HAS_KEY_MASK)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for w in range(WINDOW):
         # window step w of query chunk c' is key chunk c' + offset(w), so key chunk c is step w of
         # query chunk c - offset(w) (one query chunk per step: the offset depends on w only)
-        q_chunk = (chunk - _window_offset(w, BEFORE, NUM_CHUNKS) + NUM_CHUNKS) % NUM_CHUNKS
+        q_chunk = (chunk - window_offset(w, BEFORE, NUM_CHUNKS) + NUM_CHUNKS) % NUM_CHUNKS
         round_row = bh_row + (q_chunk * CHUNK // S) * S  # the query chunk's round, a row of [B * H * nh, S]
         for qb in range(0, CHUNK, BLOCK_M):
-            q_pos, q_ok = _sorted_rows(q_idx_ptr, q_chunk * CHUNK + qb, CHUNK - qb, EVEN, BLOCK_M)
-            q = _gather_rows(q_ptr, q_pos, q_ok, stride_qs, offs_d, d_mask, EVEN, DOT_FP32)
-            do = _gather_rows(do_ptr + round_row * DV, q_pos, q_ok, DV, offs_dv, dv_mask, EVEN, DOT_FP32)
+            q_pos, q_ok = sorted_rows(q_idx_ptr, q_chunk * CHUNK + qb, CHUNK - qb, EVEN, BLOCK_M)
+            q = gather_rows(q_ptr, q_pos, q_ok, stride_qs, offs_d, d_mask, EVEN, DOT_FP32)
+            do = gather_rows(do_ptr + round_row * DV, q_pos, q_ok, DV, offs_dv, dv_mask, EVEN, DOT_FP32)
             lse = tl.load(lse_ptr + round_row + q_pos, mask=q_ok, other=0.0)
             delta = tl.load(delta_ptr + round_row + q_pos, mask=q_ok, other=0.0)
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_value  # [BLOCK_N, BLOCK_M]
-            s_t, live_t = _mask_scores(s_t, q_pos[None, :], k_pos[:, None], key_keep[:, None], HAS_KEY_MASK, CAUSAL,
+            s_t, live_t = mask_scores(s_t, q_pos[None, :], k_pos[:, None], key_keep[:, None], HAS_KEY_MASK, CAUSAL,
                                        SELF_MASK, MASK_VALUE, SELF_MASK_VALUE)
             if not EVEN:  # rows past the chunk are no queries / keys at all
                 s_t = tl.where(k_ok[:, None] & q_ok[None, :], s_t, float("-inf"))
@@ -250,7 +222,7 @@ def lsh_bwd_dkdv_kernel(
             if DROPOUT:  # the forward's step w toward this key chunk is w too: same counters
                 drop_rows = bh_row + q_chunk * CHUNK + qb + tl.arange(0, BLOCK_M)
                 slots = w * CHUNK + in_chunk_first + tl.arange(0, BLOCK_N)
-                keep_t = _dropout_keep(seed, dropout_p, drop_rows[None, :], slots[:, None], WINDOW * CHUNK)
+                keep_t = dropout_keep(seed, dropout_p, drop_rows[None, :], slots[:, None], WINDOW * CHUNK)
                 dv = tl.dot(tl.where(keep_t, p_t * (1.0 / (1.0 - dropout_p)), 0.0).to(do.dtype), do, dv,
                             input_precision=DOT_PRECISION)
                 dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -297,8 +269,8 @@ def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
         raise ValueError(f"lsh_chunked_backward: grad_lse_rounds must be {list(expected)}, got "
                          f"{tuple(grad_lse_rounds.shape)}")
     device = q.device
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    q_idx, k_idx, mask_argument, stride_mb = _index_arguments(q_idx, k_idx, key_mask, device)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    q_idx, k_idx, mask_argument, stride_mb = index_arguments(q_idx, k_idx, key_mask, device)
     out_rounds = out_rounds.to(v.dtype).contiguous()
     grad_out = (torch.zeros_like(out_rounds) if grad_out_rounds is None
                 else grad_out_rounds.to(v.dtype).contiguous())
@@ -331,8 +303,8 @@ def chunked_backward(grad_out_rounds, grad_lse_rounds, q, k, v, q_idx, k_idx, ke
                    DOT_FP32=dot_fp32, DOT_PRECISION=precision, D=head_dim, DV=value_dim, num_stages=2)
 
     def tiles(kind):
-        block_m, block_n, block_d, block_dv, num_warps = _block_sizes(kind, chunk_length, head_dim, value_dim, q.dtype)
-        return dict(EVEN=_even(chunk_length, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        block_m, block_n, block_d, block_dv, num_warps = block_sizes(kind, chunk_length, head_dim, value_dim, q.dtype)
+        return dict(EVEN=even_blocks(chunk_length, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                     BLOCK_DV=block_dv, num_warps=num_warps)
 
     dq_tiles, dkdv_tiles = tiles("dq"), tiles("dkdv")
@@ -358,7 +330,7 @@ def bwd_variants(dtype_name, dtype, head_dim, chunk, mask_value, self_mask_value
                   SELF_MASK=True, DROPOUT=dropout, DOT_FP32=dtype == torch.float32, DOT_PRECISION="ieee", D=head_dim,
                   DV=head_dim)
     for kind, kernel, extra in (("dq", lsh_bwd_dq_kernel, dict(HAS_DLSE=True)), ("dkdv", lsh_bwd_dkdv_kernel, {})):
-        block_m, block_n, block_d, block_dv, warps = _block_sizes(kind, chunk, head_dim, head_dim, dtype)
+        block_m, block_n, block_d, block_dv, warps = block_sizes(kind, chunk, head_dim, head_dim, dtype)
         yield (f"bwd-{kind}-{dtype_name}-d{head_dim}-c{chunk}{'-dropout' if dropout else ''}", kernel, dtype_name,
-               dict(common, **extra, EVEN=_even(chunk, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
+               dict(common, **extra, EVEN=even_blocks(chunk, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
                     BLOCK_D=block_d, BLOCK_DV=block_dv), DATA_POINTERS, warps, 2, values)

@@ -23,7 +23,7 @@ prefix's summed over the batch deterministically; dQ per query block).
 Dropout (DROPOUT constexpr, dropout_p in [0, 1), an integer seed): the normalised probabilities are
 multiplied by keep / (1 - dropout_p) with keep = tl.rand(seed, counter) >= dropout_p, one Philox
 draw per (batch, query head, query row, key of [prefix ; sequence]) from the single helper
-_dropout_keep, so the backward redraws the forward's mask instead of storing it; the running sum
+dropout_keep, so the backward redraws the forward's mask instead of storing it; the running sum
 l and the lse stay those of the un-dropped softmax. prefix_dropout_keep_mask materialises the mask.
 
 Dot products accumulate in fp32; 16-bit inputs feed the tensor cores in their dtype, fp32 inputs use
@@ -42,54 +42,18 @@ import triton
 import triton.language as tl
 
 from .launch import dot_settings
+from .prefix_attention_bwd import (
+    prefix_attention_bwd_delta_kernel,
+    prefix_attention_bwd_dkdv_kernel,
+    prefix_attention_bwd_dq_kernel,
+)
+from .prefix_common import (ADDITIVE_MASK, BOOL_MASK, DELTA_WARPS, NO_MASK, block_dim, causal_key_range, dropout_keep,
+                            mask_arguments, query_block, sequence_scores, strides3, tile_sizes)
 from .shared import unit_stride_rows
 
 __all__ = ["MAX_HEAD_DIM", "prefix_attention_forward", "prefix_dropout_keep_mask", "compile_variants"]
 
 MAX_HEAD_DIM = 256
-# mask kinds
-NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
-# the delta kernel's warps: at 4 warps ptxas spills its [64, 64] fp16 tile (sm_90)
-DELTA_WARPS = 8
-
-
-@triton.jit
-def _sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
-                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr):
-    """The base-2 scores s [BM, BN] of a sequence block with its masks applied: hidden keys -inf,
-    additive values added (clamped at -2e38 so finfo.min stays finite after scaling by log2 e).
-    MASK_ROWS: the mask varies by query row (a [BM, BN] tile, int32 offsets within the (b, h)
-    slice, checked by the launcher); else one [BN] row of key padding broadcast to every query."""
-    keep = n_valid[None, :]
-    if CAUSAL:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-    if MASK_KIND != 0:
-        if MASK_ROWS:
-            tile_mask = m_valid[:, None] & n_valid[None, :]
-            offsets = offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        else:
-            tile_mask = n_valid[None, :]
-            offsets = offs_n[None, :] * stride_mn
-        if MASK_KIND == 1:
-            visible = tl.load(mask_ptr.to(tl.pointer_type(tl.int8)) + offsets, mask=tile_mask, other=0)
-            keep = keep & (visible != 0)
-        else:
-            bias = tl.load(mask_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-            keep = keep & (bias != float("-inf"))
-            s = s + tl.maximum(bias, -2.0e38) * 1.4426950408889634
-    return tl.where(keep, s, float("-inf"))
-
-
-@triton.jit
-def _dropout_keep(seed, dropout_p, rows, offs_n, key_shift, key_count):
-    """The dropout keep mask [BM, BN] of one tile, shared by the forward, the backward and the debug
-    launcher so all three draw the same bits: keep = rand(seed, counter) >= dropout_p with the
-    Philox counter ((b * Hq + h) * Sq + query) * (P + Sk) + key, the key index over [prefix ;
-    sequence] (key_shift: 0 for the prefix, P for the sequence). rows [BM] holds (b * Hq + h) * Sq +
-    query as int64, so the counter is int64 (tl.rand feeds its low and high words to Philox): unique
-    and exact up to B * Hq * Sq * (P + Sk) < 2**63, no wrap for any size that fits in memory."""
-    offsets = rows[:, None] * key_count + (key_shift + offs_n)[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
 
 
 @triton.jit
@@ -112,7 +76,7 @@ def _online_softmax_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
         v = v.to(tl.float32)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     if IS_SEQUENCE:
-        s = _sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
+        s = sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
                              CAUSAL, MASK_KIND, MASK_ROWS)
     else:
         s = tl.where(n_valid[None, :], s, float("-inf"))
@@ -124,26 +88,10 @@ def _online_softmax_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
-        keep = _dropout_keep(seed, dropout_p, rows, offs_n, key_shift, key_count)
+        keep = dropout_keep(seed, dropout_p, rows, offs_n, key_shift, key_count)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
-
-
-@triton.jit
-def _causal_key_range(pid_m, Sk, causal_shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
-    """(full_end, end_n) for query block pid_m: sequence key blocks below full_end are visible to
-    every row of the block, [full_end, end_n) straddle the causal diagonal, keys from end_n on are
-    hidden from every row. Without causal: (Sk, Sk)."""
-    if CAUSAL:
-        # row i sees keys j <= i + causal_shift
-        end_n = tl.maximum(tl.minimum(Sk, (pid_m + 1) * BLOCK_M + causal_shift), 0)
-        full_end = tl.minimum(tl.maximum(pid_m * BLOCK_M + causal_shift + 1, 0) // BLOCK_N * BLOCK_N, end_n)
-    else:
-        end_n = Sk
-        full_end = Sk
-    return full_end, end_n
 
 
 @triton.jit
@@ -169,18 +117,8 @@ def prefix_attention_fwd_kernel(
     DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # the last query blocks see the most keys: start them first (shorter tail)
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    g = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < Sq
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < D
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_valid = offs_dv < Dv
+    pid_m, h, b, g, offs_m, m_valid, offs_d, d_valid, offs_dv, dv_valid = query_block(
+        Sq, GROUP, D, Dv, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_DV)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
                 mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     if DOT_FP32:
@@ -204,7 +142,7 @@ def prefix_attention_fwd_kernel(
 
     # the sequence: key blocks every row of this query block sees whole, then (causal) the blocks on
     # the diagonal with the per-element causal test; blocks past the diagonal are skipped
-    full_end, end_n = _causal_key_range(pid_m, Sk, causal_shift, CAUSAL, BLOCK_M, BLOCK_N)
+    full_end, end_n = causal_key_range(pid_m, Sk, causal_shift, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = k_ptr + b * stride_kb + g * stride_kh
     v_base = v_ptr + b * stride_vb + g * stride_vh
     for start_n in range(0, full_end, BLOCK_N):
@@ -229,66 +167,6 @@ def prefix_attention_fwd_kernel(
 # ------------------------------------------------------------------------------------ launchers
 
 
-def _tiles(head_dim: int, value_dim: int, fp32: bool, kernel: str, masked: bool = False,
-           mask_rows: bool = False, dropout: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head size. Forward: a [BLOCK_M, Dv]
-    fp32 accumulator and the q tile stay on chip; dK/dV: two [BLOCK_N, D] fp32 accumulators; dQ: one
-    [BLOCK_M, D]. A per-query-row mask tile (mask_rows) or any mask / causal (masked) at the widest
-    heads costs registers: narrower key blocks there. fp32 inputs (no tensor-core dot unless TF32)
-    take small tiles, dK/dV without software pipelining. Dropout's Philox bits cost registers: at
-    the widest heads the forward takes [32, 32] tiles on 4 warps, dQ at D 128 [64, 16] (the heuristic
-    tiles spilled there, causal with padding). Checked on sm_90 by kernels/compile_check.py: no
-    spills for 16-bit, none or a few bytes for fp32."""
-    size = 0 if max(head_dim, value_dim) <= 64 else 1 if max(head_dim, value_dim) <= 128 else 2
-    if fp32:
-        return {"forward": ((16, 16, 4, 3), (16, 16, 4, 3), (16, 16, 4, 3)),
-                "dkdv": ((32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)),
-                "dq": ((32, 32, 4, 3), (16, 16, 4, 3), (16, 16, 4, 3))}[kernel][size]
-    if dropout and (kernel, size) == ("forward", 2):
-        return (32, 32, 4, 3)
-    if dropout and (kernel, size) == ("dq", 1):
-        return (64, 16, 8, 3)
-    if kernel == "forward":
-        return ((128, 64, 8, 3), (128, 32 if mask_rows else 64, 8, 3), (64, 16 if masked else 32, 8, 3))[size]
-    if kernel == "dkdv":
-        return ((32, 64, 8, 3), (32, 64, 8, 3), (32, 32, 8, 3))[size]
-    return ((64, 64, 4, 3), (64, 32, 8, 3), (32, 32, 8, 3))[size]
-
-
-def _block_dim(size: int) -> int:
-    return max(16, triton.next_power_of_2(size))
-
-
-def _strides3(tensor: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, head, row) strides of a [B, H, N, X] tensor; a size-1 batch (a shared prefix) gets
-    stride 0 so every row of the batch reads it."""
-    stride_b = 0 if tensor.shape[0] == 1 else tensor.stride(0)
-    return stride_b, tensor.stride(1), tensor.stride(2)
-
-
-def _mask_arguments(mask, dummy):
-    """(pointer tensor, kind, per-query-row?, [b, h, m, n] strides) of the normalised 4-D mask,
-    stride 0 on its size-1 (broadcast) dimensions. Offsets inside one (b, h) slice are int32 in the
-    kernels: a view whose slice spans more is copied compactly first."""
-    if mask is None:
-        return dummy, NO_MASK, False, (0, 0, 0, 0)
-
-    def strides_of(tensor):
-        return tuple(0 if size == 1 else stride for size, stride in zip(tensor.shape, tensor.stride()))
-
-    def slice_span(strides):
-        return (mask.shape[2] - 1) * strides[2] + (mask.shape[3] - 1) * strides[3]
-
-    strides = strides_of(mask)
-    if slice_span(strides) >= 2**31:
-        mask = mask.contiguous()
-        strides = strides_of(mask)
-        if slice_span(strides) >= 2**31:
-            raise ValueError(f"attention_mask of shape {tuple(mask.shape)} is too large for the Triton kernel "
-                             "(over 2**31 elements per batch row and head); use backend='torch'")
-    kind = BOOL_MASK if mask.dtype == torch.bool else ADDITIVE_MASK
-    return mask, kind, mask.shape[2] != 1, strides
-
 
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, scale: float, dropout_p: float = 0.0,
                              seed: int = 0):
@@ -306,20 +184,20 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, sc
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
     dot_fp32, precision = dot_settings(q.dtype)
-    mask_tensor, mask_kind, mask_rows, mask_strides = _mask_arguments(mask, q)
-    block_m, block_n, warps, stages = _tiles(dim, value_dim, q.dtype == torch.float32, "forward",
+    mask_tensor, mask_kind, mask_rows, mask_strides = mask_arguments(mask, q)
+    block_m, block_n, warps, stages = tile_sizes(dim, value_dim, q.dtype == torch.float32, "forward",
                                              causal or mask is not None, mask_rows, dropout_p > 0.0)
     grid = (triton.cdiv(sq, block_m), q_heads, batch)
     prefix_attention_fwd_kernel[grid](
         q, k if sk else q, v if sk else q, prefix_k if prefix_len else q, prefix_v if prefix_len else q,
         mask_tensor, out, lse,
         sq, sk, prefix_len, dim, value_dim, q_heads // kv_heads,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_strides3(prefix_k), *_strides3(prefix_v),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *strides3(prefix_k), *strides3(prefix_v),
         *mask_strides, *out.stride()[:3],
         float(scale), float(dropout_p), int(seed),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
-        DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(dim),
-        BLOCK_DV=_block_dim(value_dim),
+        DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_dim(dim),
+        BLOCK_DV=block_dim(value_dim),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -343,7 +221,7 @@ def prefix_dropout_keep_mask_kernel(
     rows = (b * tl.num_programs(1) + h) * Sq + offs_m
     for start_n in range(0, P + Sk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, dropout_p, rows, offs_n, 0, P + Sk)
+        keep = dropout_keep(seed, dropout_p, rows, offs_n, 0, P + Sk)
         tl.store(keep_ptr + rows[:, None] * (P + Sk) + offs_n[None, :], keep.to(tl.int8),
                  mask=m_valid[:, None] & (offs_n[None, :] < P + Sk))
 
@@ -410,34 +288,28 @@ def compile_variants():
     tiles; dK/dV of the sequence write in the input dtype, the prefix's partials in fp32. Yields
     (name, kernel, dtype, constexprs, data_pointers, num_warps, num_stages, launch values at the
     headline sizes)."""
-    from .prefix_attention_bwd import (  # imported here: that module imports this one
-        prefix_attention_bwd_delta_kernel,
-        prefix_attention_bwd_dkdv_kernel,
-        prefix_attention_bwd_dq_kernel,
-    )
-
     for dtype in ("bfloat16", "float16", "float32"):
         fp32 = dtype == "float32"
         for head_dim in (64, 128, 256):
             for label, causal, mask_kind, mask_rows, dropout in MASK_VARIANTS:
                 common = dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=fp32,
                               DOT_PRECISION="ieee", DROPOUT=dropout, BLOCK_D=head_dim, BLOCK_DV=head_dim)
-                block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "forward",
+                block_m, block_n, warps, stages = tile_sizes(head_dim, head_dim, fp32, "forward",
                                                          causal or mask_kind != NO_MASK, mask_rows, dropout)
                 yield (f"fwd-{dtype}-d{head_dim}-{label}", prefix_attention_fwd_kernel, dtype,
                        dict(common, BLOCK_M=block_m, BLOCK_N=block_n), DATA_POINTERS, warps, stages,
                        _launch_values("fwd", head_dim, mask_kind, mask_rows))
-                block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dkdv")
+                block_m, block_n, warps, stages = tile_sizes(head_dim, head_dim, fp32, "dkdv")
                 yield (f"bwd-dkdv-{dtype}-d{head_dim}-{label}", prefix_attention_bwd_dkdv_kernel, dtype,
                        dict(common, IS_SEQUENCE=True, BLOCK_M=block_m, BLOCK_N=block_n),
                        DATA_POINTERS + ("dk_ptr", "dv_ptr"), warps, stages,
                        _launch_values("dkdv", head_dim, mask_kind, mask_rows))
-                block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dq", dropout=dropout)
+                block_m, block_n, warps, stages = tile_sizes(head_dim, head_dim, fp32, "dq", dropout=dropout)
                 yield (f"bwd-dq-{dtype}-d{head_dim}-{label}", prefix_attention_bwd_dq_kernel, dtype,
                        dict(common, BLOCK_M=block_m, BLOCK_N=block_n), DATA_POINTERS, warps, stages,
                        _launch_values("dq", head_dim, mask_kind, mask_rows))
             # dK/dV over the prefix: no masks, fp32 partial outputs
-            block_m, block_n, warps, stages = _tiles(head_dim, head_dim, fp32, "dkdv")
+            block_m, block_n, warps, stages = tile_sizes(head_dim, head_dim, fp32, "dkdv")
             yield (f"bwd-dkdv-prefix-{dtype}-d{head_dim}", prefix_attention_bwd_dkdv_kernel, dtype,
                    dict(CAUSAL=True, MASK_KIND=BOOL_MASK, MASK_ROWS=False, DOT_FP32=fp32, DOT_PRECISION="ieee",
                         DROPOUT=False, BLOCK_D=head_dim, BLOCK_DV=head_dim, IS_SEQUENCE=False, BLOCK_M=block_m,

@@ -1,11 +1,12 @@
-"""Backward kernels of prefix attention (kernels/prefix_attention.py has the forward, the shared
-mask helpers and the tile table), with recompute: no [Sq, P + Sk] matrix in memory.
+"""Backward kernels of prefix attention (kernels/prefix_attention.py has the forward and re-exports
+this launcher; kernels/prefix_common.py the mask helpers and the tile table both use), with
+recompute: no [Sq, P + Sk] matrix in memory.
 
     delta = rowsum(dO * O)                                  (fp32, one program per query block)
     p = exp2(s - lse), dV += p^T dO, dS = p * (dO V^T - delta), dK += s dS^T Q, dQ += s dS K
 
 With dropout (z = keep / (1 - dropout_p), the forward's mask redrawn by the shared helper
-_dropout_keep from the same seed and counters, O the dropped output):
+dropout_keep from the same seed and counters, O the dropped output):
     dV += (p z)^T dO, dS = p * (z dO V^T - delta), delta = rowsum(dO * O) as before
 
 dK/dV: one program per (key block, kv head, batch row), looping over the query heads of its group
@@ -26,16 +27,8 @@ import triton.language as tl
 
 from .launch import dot_settings
 from .shared import unit_stride_rows
-from .prefix_attention import (
-    DELTA_WARPS,
-    _block_dim,
-    _causal_key_range,
-    _dropout_keep,
-    _mask_arguments,
-    _sequence_scores,
-    _strides3,
-    _tiles,
-)
+from .prefix_common import (DELTA_WARPS, block_dim, causal_key_range, dropout_keep, mask_arguments,
+                            query_block, sequence_scores, strides3, tile_sizes)
 
 __all__ = ["prefix_attention_backward"]
 
@@ -68,13 +61,30 @@ def prefix_attention_bwd_delta_kernel(
 
 
 @triton.jit
+def _query_rows(q_base, stride_qm, dout_ptr, lse_ptr, delta_ptr, row_base, offs_m, m_valid, offs_d, d_valid, offs_dv,
+                dv_valid, Dv, DOT_FP32: tl.constexpr):
+    """(q [BLOCK_M, BLOCK_D], dO [BLOCK_M, BLOCK_DV], lse in base 2, delta) of one query block, as both
+    backward kernels read them; rows past Sq get lse +inf, so their probabilities are 0."""
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],  # [BLOCK_M, BLOCK_D]
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    do = tl.load(dout_ptr + (row_base + offs_m[:, None]) * Dv + offs_dv[None, :],  # [BLOCK_M, BLOCK_DV]
+                 mask=m_valid[:, None] & dv_valid[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse_log2 = tl.load(lse_ptr + row_base + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + row_base + offs_m, mask=m_valid, other=0.0)
+    return q, do, lse_log2, delta
+
+
+@triton.jit
 def _probabilities(q, k_t, offs_m, offs_n, m_valid, n_valid, lse_log2, qk_scale, mask_ptr, stride_mm, stride_mn,
                    causal_shift, IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                    MASK_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The forward's probabilities of one [BM, BN] tile, recomputed from the saved row lse."""
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     if IS_SEQUENCE:
-        s = _sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
+        s = sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
                              CAUSAL, MASK_KIND, MASK_ROWS)
     else:
         s = tl.where(n_valid[None, :], s, float("-inf"))
@@ -91,20 +101,12 @@ def _dkdv_step(dk, dv, k_t, v_t, q_base, dout_ptr, lse_ptr, delta_ptr, row_base,
     with DROPOUT the dropped, rescaled p in dv and the same mask on dO v^T."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_valid = offs_m < Sq
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],  # [BLOCK_M, BLOCK_D]
-                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    do = tl.load(dout_ptr + (row_base + offs_m[:, None]) * Dv + offs_dv[None, :],  # [BLOCK_M, BLOCK_DV]
-                 mask=m_valid[:, None] & dv_valid[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    # rows past Sq: lse +inf, so their probabilities are 0
-    lse_log2 = tl.load(lse_ptr + row_base + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(delta_ptr + row_base + offs_m, mask=m_valid, other=0.0)
+    q, do, lse_log2, delta = _query_rows(q_base, stride_qm, dout_ptr, lse_ptr, delta_ptr, row_base, offs_m, m_valid,
+                                         offs_d, d_valid, offs_dv, dv_valid, Dv, DOT_FP32)
     p = _probabilities(q, k_t, offs_m, offs_n, m_valid, n_valid, lse_log2, qk_scale, mask_ptr, stride_mm, stride_mn,
                        causal_shift, IS_SEQUENCE, CAUSAL, MASK_KIND, MASK_ROWS, DOT_PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed, dropout_p, row_base + offs_m, offs_n, key_shift, key_count)
+        keep = dropout_keep(seed, dropout_p, row_base + offs_m, offs_n, key_shift, key_count)
         keep_scale = 1.0 / (1.0 - dropout_p)
         dv = tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
         dp = tl.where(keep, tl.dot(do, v_t, input_precision=DOT_PRECISION) * keep_scale, 0.0)
@@ -211,7 +213,7 @@ def _dq_step(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, s
                        causal_shift, IS_SEQUENCE, CAUSAL, MASK_KIND, MASK_ROWS, DOT_PRECISION)
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed, dropout_p, rows, offs_n, key_shift, key_count)
+        keep = dropout_keep(seed, dropout_p, rows, offs_n, key_shift, key_count)
         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
@@ -241,28 +243,11 @@ def prefix_attention_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # the last query blocks see the most keys: start them first (shorter tail)
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    g = h // GROUP
+    pid_m, h, b, g, offs_m, m_valid, offs_d, d_valid, offs_dv, dv_valid = query_block(
+        Sq, GROUP, D, Dv, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_DV)
     row_base = (b * tl.num_programs(1) + h) * Sq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < Sq
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < D
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_valid = offs_dv < Dv
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    do = tl.load(dout_ptr + (row_base + offs_m[:, None]) * Dv + offs_dv[None, :],
-                 mask=m_valid[:, None] & dv_valid[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse_log2 = tl.load(lse_ptr + row_base + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(delta_ptr + row_base + offs_m, mask=m_valid, other=0.0)
+    q, do, lse_log2, delta = _query_rows(q_ptr + b * stride_qb + h * stride_qh, stride_qm, dout_ptr, lse_ptr, delta_ptr,
+                                         row_base, offs_m, m_valid, offs_d, d_valid, offs_dv, dv_valid, Dv, DOT_FP32)
     qk_scale = scale_value * 1.4426950408889634
     mask_ptr += b * stride_mb + h * stride_mh
     causal_shift = Sk - Sq
@@ -275,7 +260,7 @@ def prefix_attention_bwd_dq_kernel(
                       m_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn,
                       causal_shift, seed, dropout_p, rows, 0, P + Sk, False, CAUSAL, MASK_KIND, MASK_ROWS, DOT_FP32,
                       DOT_PRECISION, DROPOUT, BLOCK_N)
-    full_end, end_n = _causal_key_range(pid_m, Sk, causal_shift, CAUSAL, BLOCK_M, BLOCK_N)
+    full_end, end_n = causal_key_range(pid_m, Sk, causal_shift, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = k_ptr + b * stride_kb + g * stride_kh
     v_base = v_ptr + b * stride_vb + g * stride_vh
     for start_n in range(0, full_end, BLOCK_N):
@@ -327,24 +312,24 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, 
     if launch:
         delta = torch.empty((batch, q_heads, sq), dtype=torch.float32, device=q.device)
         prefix_attention_bwd_delta_kernel[(triton.cdiv(sq, 64), q_heads, batch)](
-            out, grad_out, delta, sq, value_dim, *out.stride()[:3], BLOCK_M=64, BLOCK_DV=min(_block_dim(value_dim), 64),
+            out, grad_out, delta, sq, value_dim, *out.stride()[:3], BLOCK_M=64, BLOCK_DV=min(block_dim(value_dim), 64),
             num_warps=DELTA_WARPS,
         )
         dot_fp32, precision = dot_settings(q.dtype)
         fp32 = q.dtype == torch.float32
-        mask_tensor, mask_kind, mask_rows, mask_strides = _mask_arguments(mask, q)
+        mask_tensor, mask_kind, mask_rows, mask_strides = mask_arguments(mask, q)
         common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=dot_fp32,
-                      DOT_PRECISION=precision, DROPOUT=dropout_p > 0.0, BLOCK_D=_block_dim(dim),
-                      BLOCK_DV=_block_dim(value_dim))
+                      DOT_PRECISION=precision, DROPOUT=dropout_p > 0.0, BLOCK_D=block_dim(dim),
+                      BLOCK_DV=block_dim(value_dim))
         sizes = (sq, sk)
-        block_m, block_n, warps, stages = _tiles(dim, value_dim, fp32, "dkdv")
+        block_m, block_n, warps, stages = tile_sizes(dim, value_dim, fp32, "dkdv")
         sources = [(k, v, dk, dv, sk, True, need_sequence),
                    (prefix_k, prefix_v, dpk, dpv, prefix_len, False, need_prefix)]
         for keys, values, d_keys, d_values, length, is_sequence, needed in sources:
             if length == 0 or not needed:
                 continue
-            key_strides = keys.stride()[:3] if is_sequence else _strides3(keys)
-            value_strides = values.stride()[:3] if is_sequence else _strides3(values)
+            key_strides = keys.stride()[:3] if is_sequence else strides3(keys)
+            value_strides = values.stride()[:3] if is_sequence else strides3(values)
             prefix_attention_bwd_dkdv_kernel[(triton.cdiv(length, block_n), kv_heads, batch)](
                 q, keys, values, mask_tensor, grad_out, lse, delta, d_keys, d_values,
                 *sizes, length, dim, value_dim, q_heads // kv_heads, prefix_len,
@@ -353,12 +338,12 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, 
                 num_warps=warps, num_stages=stages, **common,
             )
         if need["q"]:
-            block_m, block_n, warps, stages = _tiles(dim, value_dim, fp32, "dq", dropout=dropout_p > 0.0)
+            block_m, block_n, warps, stages = tile_sizes(dim, value_dim, fp32, "dq", dropout=dropout_p > 0.0)
             prefix_attention_bwd_dq_kernel[(triton.cdiv(sq, block_m), q_heads, batch)](
                 q, k if sk else q, v if sk else q, prefix_k if prefix_len else q, prefix_v if prefix_len else q,
                 mask_tensor, grad_out, lse, delta, dq,
                 *sizes, prefix_len, dim, value_dim, q_heads // kv_heads,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_strides3(prefix_k), *_strides3(prefix_v),
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *strides3(prefix_k), *strides3(prefix_v),
                 *mask_strides, float(scale), float(dropout_p), int(seed), BLOCK_M=block_m, BLOCK_N=block_n,
                 num_warps=warps, num_stages=stages, **common,
             )

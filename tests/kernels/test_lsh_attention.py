@@ -466,3 +466,56 @@ def test_gpu_combine_real_size():
     grad_out_rounds, grad_lse_rounds = kernels.lsh_combine_rounds_backward(g_out, None, out_rounds, lse_rounds, out)
     assert_close(grad_out_rounds, leaves[0].grad, torch.bfloat16, "grad_out_rounds")
     assert_close(grad_lse_rounds, leaves[1].grad, torch.bfloat16, "grad_lse_rounds")
+
+
+# ------------------------------------------------------------------------------- import structure
+
+
+def relative_imports(kernels_dir):
+    """{module: the kernels/ modules it imports (`from .x import ...`, at any depth, lazy ones too)}."""
+    import ast
+    import pathlib
+
+    graph = {}
+    for path in sorted(pathlib.Path(kernels_dir).glob("*.py")):
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets.update([node.module.split(".")[0]] if node.module else [alias.name for alias in node.names])
+        graph[path.stem] = targets
+    return graph
+
+
+def import_cycles(graph):
+    """Every cycle of the import graph, each as a tuple starting at its smallest name."""
+    cycles = set()
+
+    def walk(path):
+        for target in graph.get(path[-1], ()):
+            if target in path:
+                cycle = path[path.index(target):]
+                start = cycle.index(min(cycle))
+                cycles.add(tuple(cycle[start:] + cycle[:start]))
+            else:
+                walk(path + [target])
+
+    for name in graph:
+        walk([name])
+    return cycles
+
+
+def test_import_cycle_finder_finds_a_cycle():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {("a", "b", "c")}
+    assert import_cycles({"a": {"b"}, "b": set()}) == set()
+
+
+def test_attention_kernels_import_no_cycle():
+    # forward and backward share helpers through kernels/lsh_common.py and kernels/prefix_common.py;
+    # the backward files never import the forward files (which re-export the backward launchers)
+    import os
+
+    graph = relative_imports(os.path.dirname(kernels.__file__))
+    assert import_cycles(graph) == set()
+    assert "lsh_common" in graph["lsh_attention_bwd"] and "lsh_attention" not in graph["lsh_attention_bwd"]
+    assert "prefix_common" in graph["prefix_attention_bwd"] and "prefix_attention" not in graph["prefix_attention_bwd"]
+    assert not graph["lsh_common"] - {"launch", "shared"} and not graph["prefix_common"] - {"launch", "shared"}

@@ -64,7 +64,7 @@ def test_many_small_blocks(c, monkeypatch):
     # 16 x 16 tiles: several prefix and sequence blocks per program, causal block skipping in every
     # kernel, and blocks straddling the prefix / sequence and Sq / Sk edges
     for module in ("prefix_attention", "prefix_attention_bwd"):
-        monkeypatch.setattr(backends.import_kernels(module), "_tiles", lambda *args, **kwargs: (16, 16, 4, 1))
+        monkeypatch.setattr(backends.import_kernels(module), "tile_sizes", lambda *args, **kwargs: (16, 16, 4, 1))
     check_against_naive(c, backend="triton")
 
 
@@ -177,7 +177,7 @@ def test_dropout_matches_reference_with_the_kernels_mask(c):
 def test_dropout_with_many_small_blocks(monkeypatch):
     # several prefix / sequence / query blocks per program: the counters of every tile line up
     for module in ("prefix_attention", "prefix_attention_bwd"):
-        monkeypatch.setattr(backends.import_kernels(module), "_tiles", lambda *args, **kwargs: (16, 16, 4, 1))
+        monkeypatch.setattr(backends.import_kernels(module), "tile_sizes", lambda *args, **kwargs: (16, 16, 4, 1))
     check_dropout_against_naive(case(1, 2, 1, 21, 19, 17, 16, causal=True, mask="pad_bool"), dropout_p=0.2)
 
 
