@@ -142,11 +142,15 @@ def up_projection_chunk(
 
 @triton.jit
 def down_projection(
-    x_ptr, wd_ptr, bd_ptr, rows64, row_mask, r_offsets, r_mask, H, stride_x,
-    HAS_DOWN_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr, wd_ptr, bd_ptr, z_ptr, out_ptr, rows64, row_mask, r_offsets, r_mask, poison, H, R, stride_x,
+    negative_slope,
+    ACTIVATION: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, GATHERED: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """z = x @ Wd.T + bd for the block's rows, accumulated in fp32 over chunks of H (first to last)."""
+    """z = x @ Wd.T + bd for the block's rows, accumulated in fp32 over chunks of H (first to last),
+    stored at z_ptr (fp32 [T, R], saved for backward). Returns act(z) as the up-projection's
+    operand (fp32, or out_ptr's dtype)."""
     z = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for h_start in range(0, H, BLOCK_H):
         cols = h_start + tl.arange(0, BLOCK_H)
@@ -165,7 +169,11 @@ def down_projection(
             z = tl.dot(x_tile, wd_t, z, input_precision=DOT_PRECISION)
     if HAS_DOWN_BIAS:
         z += tl.load(bd_ptr + r_offsets, mask=r_mask, other=0.0).to(tl.float32)[None, :]
-    return z
+    if GATHERED:
+        z = tl.where(poison, float("nan"), z)
+    tl.store(z_ptr + rows64[:, None] * R + r_offsets[None, :], z, mask=row_mask[:, None] & r_mask[None, :])
+    a = activation(z, ACTIVATION, negative_slope)
+    return a if DOT_FP32 else a.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -228,6 +236,31 @@ def output_pass(
 
 
 @triton.jit
+def up_projection_passes(
+    a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, lnb_ptr, out_ptr, mean_ptr, rstd_ptr, rows64, row_mask,
+    r_offsets, r_mask, poison, H, R, stride_res, stride_out, scale_value, eps,
+    SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+    HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+    GATHERED: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE_SWEEPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """The forward after the down-projection's sweep (first to last column): with LayerNorm the
+    statistics sweep (last to first; mean and rstd stored) then the output sweep (first to last);
+    without, the output sweep alone (last to first)."""
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rstd = mean
+    if HAS_LN:
+        mean, rstd = ln_statistics(a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, r_offsets, r_mask,
+                                   H, R, stride_res, scale_value, eps, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
+                                   BLOCK_M, BLOCK_H, REVERSE_SWEEPS)
+        tl.store(mean_ptr + rows64, mean, mask=row_mask)
+        tl.store(rstd_ptr + rows64, rstd, mask=row_mask)
+    output_pass(a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, lnb_ptr, out_ptr, rows64, row_mask, r_offsets,
+                r_mask, mean, rstd, poison, H, R, stride_res, stride_out, scale_value, SCALE_MODE, HAS_UP_BIAS,
+                HAS_LN, HAS_LN_WEIGHT, HAS_LN_BIAS, GATHERED, DOT_PRECISION, BLOCK_H, REVERSE_SWEEPS and not HAS_LN)
+
+
+@triton.jit
 def ln_backward_sums(
     a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, rows64, row_mask, r_offsets, r_mask,
     mean, rstd, H, R, stride_grad, stride_res, scale_value,
@@ -272,7 +305,8 @@ def dy_da_pass(
     for step in range(0, tl.cdiv(H, BLOCK_H)):
         h_start, cols, col_mask = chunk_columns(step, H, BLOCK_H, REVERSE)
         tile_mask = row_mask[:, None] & col_mask[None, :]
-        grad = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        grad = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0)
+        grad = grad.to(tl.float32)
         wu = tl.load(  # [BLOCK_H, BLOCK_R], loaded once for both products of this chunk
             wu_ptr + cols[:, None].to(tl.int64) * R + r_offsets[None, :],
             mask=col_mask[:, None] & r_mask[None, :], other=0.0,

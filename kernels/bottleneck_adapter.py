@@ -36,8 +36,7 @@ from .adapter_rows import (
     down_projection,
     dy_da_pass,
     ln_backward_sums,
-    ln_statistics,
-    output_pass,
+    up_projection_passes,
 )
 from .launch import autotuning, dot_settings, token_bucket
 from .shared import GELU
@@ -77,23 +76,13 @@ def bottleneck_adapter_fwd_kernel(
     r_offsets = tl.arange(0, BLOCK_R)
     r_mask = r_offsets < R
 
-    z = down_projection(x_ptr, wd_ptr, bd_ptr, rows64, row_mask, r_offsets, r_mask, H, stride_x,
-                        HAS_DOWN_BIAS, DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_H)
-    tl.store(z_ptr + rows64[:, None] * R + r_offsets[None, :], z, mask=row_mask[:, None] & r_mask[None, :])
-    a = activation(z, ACTIVATION, negative_slope)
-    a_dot = a if DOT_FP32 else a.to(out_ptr.dtype.element_ty)
-
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rstd = mean
-    if HAS_LN:  # statistics sweep backwards over H (after the down-projection's forward sweep)
-        mean, rstd = ln_statistics(a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, r_offsets, r_mask,
-                                   H, R, stride_res, scale_value, eps, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
-                                   BLOCK_M, BLOCK_H, REVERSE_SWEEPS)
-        tl.store(mean_ptr + rows64, mean, mask=row_mask)
-        tl.store(rstd_ptr + rows64, rstd, mask=row_mask)
-    output_pass(a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, lnb_ptr, out_ptr, rows64, row_mask, r_offsets,
-                r_mask, mean, rstd, False, H, R, stride_res, stride_out, scale_value, SCALE_MODE, HAS_UP_BIAS,
-                HAS_LN, HAS_LN_WEIGHT, HAS_LN_BIAS, False, DOT_PRECISION, BLOCK_H, REVERSE_SWEEPS and not HAS_LN)
+    a_dot = down_projection(x_ptr, wd_ptr, bd_ptr, z_ptr, out_ptr, rows64, row_mask, r_offsets, r_mask, False, H, R,
+                            stride_x, negative_slope, ACTIVATION, HAS_DOWN_BIAS, False, DOT_FP32, DOT_PRECISION,
+                            BLOCK_M, BLOCK_R, BLOCK_H)
+    up_projection_passes(a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, lnb_ptr, out_ptr, mean_ptr, rstd_ptr,
+                         rows64, row_mask, r_offsets, r_mask, False, H, R, stride_res, stride_out, scale_value, eps,
+                         SCALE_MODE, HAS_UP_BIAS, HAS_LN, HAS_LN_WEIGHT, HAS_LN_BIAS, False, DOT_PRECISION,
+                         REVERSE_SWEEPS, BLOCK_M, BLOCK_H)
 
 
 @triton.jit
