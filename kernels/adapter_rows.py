@@ -88,12 +88,12 @@ def activation_derivative(z, ACTIVATION: tl.constexpr, negative_slope):
 
 
 @triton.jit
-def chunk_columns(step, H, BLOCK_H: tl.constexpr, REVERSE: tl.constexpr):
-    """The hidden columns of a sweep's step-th chunk: first to last, or last to first with REVERSE."""
-    chunk = step
+def chunk_columns(h_start, H, BLOCK_H: tl.constexpr, REVERSE: tl.constexpr):
+    """The hidden columns of the chunk a sweep `for h_start in range(0, H, BLOCK_H)` is at: that
+    chunk, or with REVERSE its mirror, so the sweep runs last to first. (The loop keeps the plain
+    form either way: ptxas gave the step-counting form up to 30 more registers.)"""
     if REVERSE:
-        chunk = tl.cdiv(H, BLOCK_H) - 1 - step
-    h_start = chunk * BLOCK_H
+        h_start = (tl.cdiv(H, BLOCK_H) - 1) * BLOCK_H - h_start
     cols = h_start + tl.arange(0, BLOCK_H)
     return h_start, cols, cols < H
 
@@ -187,13 +187,13 @@ def ln_statistics(
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     count = 0.0
-    for step in range(0, tl.cdiv(H, BLOCK_H)):
-        h_start, cols, col_mask = chunk_columns(step, H, BLOCK_H, REVERSE)
+    for h_start in range(0, H, BLOCK_H):
+        chunk_start, cols, col_mask = chunk_columns(h_start, H, BLOCK_H, REVERSE)
         u, y, scale = up_projection_chunk(
             a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
             r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
         )
-        chunk_count = tl.minimum(H - h_start, BLOCK_H).to(tl.float32)
+        chunk_count = tl.minimum(H - chunk_start, BLOCK_H).to(tl.float32)
         chunk_mean = tl.sum(tl.where(col_mask[None, :], y, 0.0), axis=1) / chunk_count
         centred = tl.where(col_mask[None, :], y - chunk_mean[:, None], 0.0)
         chunk_m2 = tl.sum(centred * centred, axis=1)
@@ -214,8 +214,8 @@ def output_pass(
     GATHERED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """Recompute each chunk of y, normalise it (with LayerNorm) and write the output."""
-    for step in range(0, tl.cdiv(H, BLOCK_H)):
-        h_start, cols, col_mask = chunk_columns(step, H, BLOCK_H, REVERSE)
+    for h_start in range(0, H, BLOCK_H):
+        chunk_start, cols, col_mask = chunk_columns(h_start, H, BLOCK_H, REVERSE)
         u, y, scale = up_projection_chunk(
             a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
             r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
@@ -302,8 +302,8 @@ def dy_da_pass(
     """dy per chunk (through LayerNorm, written to dy_ptr), the column partial sums of this block
     (row part_row of each partial buffer), and da = (s * dy) @ Wu accumulated on chip (returned)."""
     da = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for step in range(0, tl.cdiv(H, BLOCK_H)):
-        h_start, cols, col_mask = chunk_columns(step, H, BLOCK_H, REVERSE)
+    for h_start in range(0, H, BLOCK_H):
+        chunk_start, cols, col_mask = chunk_columns(h_start, H, BLOCK_H, REVERSE)
         tile_mask = row_mask[:, None] & col_mask[None, :]
         grad = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0)
         grad = grad.to(tl.float32)

@@ -226,8 +226,8 @@ def multi_adapter_bwd_rows_kernel(
             tl.debug_barrier()  # this program's dy stores above are read back below
         dz_dot = dz if DOT_FP32 else dz.to(dx_ptr.dtype.element_ty)
         wd_ptr += adapter * R * H
-        for step in range(0, tl.cdiv(H, BLOCK_H)):
-            h_start, cols, col_mask = chunk_columns(step, H, BLOCK_H, REVERSE_SWEEPS and not dy_reversed)
+        for h_start in range(0, H, BLOCK_H):
+            chunk_start, cols, col_mask = chunk_columns(h_start, H, BLOCK_H, REVERSE_SWEEPS and not dy_reversed)
             tile_mask = row_mask[:, None] & col_mask[None, :]
             wd = tl.load(  # [BLOCK_R, BLOCK_H]
                 wd_ptr + r_offsets[:, None].to(tl.int64) * H + cols[None, :],
