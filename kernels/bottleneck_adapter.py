@@ -12,6 +12,10 @@ and per-block column partial sums for the bias, scaling and LayerNorm gradients.
 remaining products (dx = dz @ Wd + dy, dWd = dz.T @ x, dWu = (s * dy).T @ a) are plain GEMMs that
 the ops layer hands to the BLAS.
 
+The row passes themselves live in kernels/adapter_rows.py (shared with kernels/multi_adapter.py);
+a pass over H that follows another over the same rows runs in the opposite column order, so it
+starts on the columns still in L2. Forward and backward tune BLOCK_M per token bucket.
+
 References: Triton tutorials 03 (matrix multiplication) and 05 (layer norm); Liger-Kernel's
 layer_norm; Welford / Chan et al. for merging chunk statistics.
 """
@@ -22,112 +26,23 @@ import torch
 import triton
 import triton.language as tl
 
-from . import shared
-from .launch import autotuning, dot_settings, fill_the_device, interpreting, limit_configs, token_bucket
+from . import adapter_rows as rows_
+from .adapter_rows import (
+    SCALE_CHANNEL,
+    SCALE_FLOAT,
+    SCALE_SCALAR,
+    activation,
+    activation_derivative,
+    down_projection,
+    dy_da_pass,
+    ln_backward_sums,
+    up_projection_passes,
+)
+from .launch import autotuning, dot_settings, token_bucket
 from .shared import GELU
 
-# The activation codes (kernels/shared.py) as constexpr globals, the kind @triton.jit functions may read.
-_RELU = tl.constexpr(shared.RELU)
-_GELU = tl.constexpr(shared.GELU)
-_GELU_TANH = tl.constexpr(shared.GELU_TANH)
-_SILU = tl.constexpr(shared.SILU)
-_TANH = tl.constexpr(shared.TANH)
-_LEAKY_RELU = tl.constexpr(shared.LEAKY_RELU)
-
-# Scaling modes: a Python float, one learnable scalar, or one value per hidden channel.
-SCALE_FLOAT, SCALE_SCALAR, SCALE_CHANNEL = range(3)
-
-
-@triton.jit
-def _tanh(v):
-    # 1 - 2 / (exp(2v) + 1): exact limits at ±inf, no libdevice dependency.
-    return 1.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)
-
-
-@triton.jit
-def _activation(z, ACTIVATION: tl.constexpr, negative_slope):
-    if ACTIVATION == _RELU:
-        # torch.relu keeps NaN; a GPU max.f32 (tl.maximum) returns the other operand: 0
-        a = tl.where(z < 0, 0.0, z)
-    elif ACTIVATION == _GELU:
-        a = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACTIVATION == _GELU_TANH:
-        a = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-    elif ACTIVATION == _SILU:
-        a = z * tl.sigmoid(z)
-    elif ACTIVATION == _TANH:
-        a = _tanh(z)
-    elif ACTIVATION == _LEAKY_RELU:
-        a = tl.where(z > 0, z, z * negative_slope)
-    else:
-        a = z
-    return a
-
-
-@triton.jit
-def _activation_derivative(z, ACTIVATION: tl.constexpr, negative_slope):
-    if ACTIVATION == _RELU:
-        d = tl.where(z <= 0, 0.0, 1.0)  # threshold_backward's rule: a NaN z passes the gradient
-    elif ACTIVATION == _GELU:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-        d = cdf + z * pdf
-    elif ACTIVATION == _GELU_TANH:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-    elif ACTIVATION == _SILU:
-        sig = tl.sigmoid(z)
-        d = sig * (1.0 + z * (1.0 - sig))
-    elif ACTIVATION == _TANH:
-        t = _tanh(z)
-        d = 1.0 - t * t
-    elif ACTIVATION == _LEAKY_RELU:
-        d = tl.where(z > 0, 1.0, negative_slope)
-    else:
-        d = tl.full(z.shape, 1.0, tl.float32)
-    return d
-
-
-@triton.jit
-def _chunk_scale(scale_ptr, cols, col_mask, scale_value, SCALE_MODE: tl.constexpr):
-    if SCALE_MODE == 2:
-        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    elif SCALE_MODE == 1:
-        scale = tl.load(scale_ptr)
-    else:
-        scale = scale_value
-    return scale
-
-
-@triton.jit
-def _chunk_sum(
-    u, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, stride_res, scale_value,
-    SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
-):
-    """From the product u = a @ Wu[cols].T: adds the bias, returns (u, y = residual + s * u, s)."""
-    if HAS_UP_BIAS:
-        u += tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    scale = _chunk_scale(scale_ptr, cols, col_mask, scale_value, SCALE_MODE)
-    tile_mask = row_mask[:, None] & col_mask[None, :]
-    residual = tl.load(res_ptr + rows64[:, None] * stride_res + cols[None, :], mask=tile_mask, other=0.0)
-    y = residual.to(tl.float32) + scale * u
-    return u, y, scale
-
-
-@triton.jit
-def _up_projection_chunk(
-    a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets, r_mask,
-    R, stride_res, scale_value,
-    SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """u = a @ Wu[cols].T + bu[cols] and y = residual + s * u for one chunk of hidden columns."""
-    wu_t = tl.load(  # [BLOCK_R, BLOCK_H] view of Wu.T
-        wu_ptr + cols[None, :].to(tl.int64) * R + r_offsets[:, None],
-        mask=r_mask[:, None] & col_mask[None, :], other=0.0,
-    )
-    u = tl.dot(a_dot, wu_t.to(a_dot.dtype), input_precision=DOT_PRECISION)
-    return _chunk_sum(u, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, stride_res, scale_value,
-                      SCALE_MODE, HAS_UP_BIAS)
+__all__ = ["SCALE_FLOAT", "SCALE_SCALAR", "SCALE_CHANNEL", "bottleneck_adapter_forward",
+           "bottleneck_adapter_backward_rows", "compile_variants"]
 
 
 @triton.jit
@@ -152,87 +67,22 @@ def bottleneck_adapter_fwd_kernel(
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
     HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
     HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE_SWEEPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < T
     rows64 = rows.to(tl.int64)
     r_offsets = tl.arange(0, BLOCK_R)
     r_mask = r_offsets < R
 
-    # Down-projection: z = x @ Wd.T + bd, accumulated in fp32 over chunks of H.
-    z = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for h_start in range(0, H, BLOCK_H):
-        cols = h_start + tl.arange(0, BLOCK_H)
-        col_mask = cols < H
-        x_tile = tl.load(
-            x_ptr + rows64[:, None] * stride_x + cols[None, :],
-            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-        )
-        wd_t = tl.load(  # [BLOCK_H, BLOCK_R] view of Wd.T
-            wd_ptr + r_offsets[None, :].to(tl.int64) * H + cols[:, None],
-            mask=r_mask[None, :] & col_mask[:, None], other=0.0,
-        )
-        if DOT_FP32:
-            z = tl.dot(x_tile.to(tl.float32), wd_t.to(tl.float32), z, input_precision=DOT_PRECISION)
-        else:
-            z = tl.dot(x_tile, wd_t, z, input_precision=DOT_PRECISION)
-    if HAS_DOWN_BIAS:
-        z += tl.load(bd_ptr + r_offsets, mask=r_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(z_ptr + rows64[:, None] * R + r_offsets[None, :], z, mask=row_mask[:, None] & r_mask[None, :])
-
-    a = _activation(z, ACTIVATION, negative_slope)
-    if DOT_FP32:
-        a_dot = a
-    else:
-        a_dot = a.to(out_ptr.dtype.element_ty)
-
-    if HAS_LN:
-        # Pass 1: row statistics, merging each chunk's mean and M2 (Chan et al.).
-        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        count = 0.0
-        for h_start in range(0, H, BLOCK_H):
-            cols = h_start + tl.arange(0, BLOCK_H)
-            col_mask = cols < H
-            u, y, scale = _up_projection_chunk(
-                a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
-                r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
-            )
-            chunk_count = tl.minimum(H - h_start, BLOCK_H).to(tl.float32)
-            chunk_mean = tl.sum(tl.where(col_mask[None, :], y, 0.0), axis=1) / chunk_count
-            centred = tl.where(col_mask[None, :], y - chunk_mean[:, None], 0.0)
-            chunk_m2 = tl.sum(centred * centred, axis=1)
-            total = count + chunk_count
-            delta = chunk_mean - mean
-            mean += delta * (chunk_count / total)
-            m2 += chunk_m2 + delta * delta * (count * chunk_count / total)
-            count = total
-        rstd = 1.0 / tl.sqrt(m2 / H + eps)
-        tl.store(mean_ptr + rows64, mean, mask=row_mask)
-        tl.store(rstd_ptr + rows64, rstd, mask=row_mask)
-
-    # Pass 2 (the only pass without LayerNorm): recompute each chunk and write the output.
-    for h_start in range(0, H, BLOCK_H):
-        cols = h_start + tl.arange(0, BLOCK_H)
-        col_mask = cols < H
-        u, y, scale = _up_projection_chunk(
-            a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
-            r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
-        )
-        if HAS_LN:
-            y = (y - mean[:, None]) * rstd[:, None]
-            if HAS_LN_WEIGHT:
-                y = y * tl.load(lnw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_LN_BIAS:
-                y = y + tl.load(lnb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            out_ptr + rows64[:, None] * stride_out + cols[None, :],
-            y.to(out_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & col_mask[None, :],
-        )
+    a_dot = down_projection(x_ptr, wd_ptr, bd_ptr, z_ptr, out_ptr, rows64, row_mask, r_offsets, r_mask, False, H, R,
+                            stride_x, negative_slope, ACTIVATION, HAS_DOWN_BIAS, False, DOT_FP32, DOT_PRECISION,
+                            BLOCK_M, BLOCK_R, BLOCK_H)
+    up_projection_passes(a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, lnb_ptr, out_ptr, mean_ptr, rstd_ptr,
+                         rows64, row_mask, r_offsets, r_mask, False, H, R, stride_res, stride_out, scale_value, eps,
+                         SCALE_MODE, HAS_UP_BIAS, HAS_LN, HAS_LN_WEIGHT, HAS_LN_BIAS, False, DOT_PRECISION,
+                         REVERSE_SWEEPS, BLOCK_M, BLOCK_H)
 
 
 @triton.jit
@@ -248,10 +98,10 @@ def bottleneck_adapter_bwd_rows_kernel(
     rstd_ptr,  # [T] float32
     dy_ptr,  # [T, H] out: gradient at the pre-LayerNorm sum y (written only with LayerNorm)
     dz_ptr,  # [T, R] out float32: gradient at the pre-activation
-    dbu_part_ptr,  # [num_blocks, H] out float32: per-block column sums of s * dy
-    dscale_part_ptr,  # [num_blocks, H] out float32: per-block column sums of dy * u
-    dlnw_part_ptr,  # [num_blocks, H] out float32: per-block column sums of grad * xhat
-    dlnb_part_ptr,  # [num_blocks, H] out float32: per-block column sums of grad
+    dbu_part_ptr,  # [>= num_blocks, H] out float32: per-block column sums of s * dy
+    dscale_part_ptr,  # [>= num_blocks, H] out float32: per-block column sums of dy * u
+    dlnw_part_ptr,  # [>= num_blocks, H] out float32: per-block column sums of grad * xhat
+    dlnb_part_ptr,  # [>= num_blocks, H] out float32: per-block column sums of grad
     T, H, R,
     stride_grad, stride_res, stride_dy,
     scale_value, negative_slope,
@@ -260,7 +110,7 @@ def bottleneck_adapter_bwd_rows_kernel(
     HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr,
     NEED_U: tl.constexpr, NEED_DBU: tl.constexpr, NEED_DSCALE: tl.constexpr,
     NEED_DLNW: tl.constexpr, NEED_DLNB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    REVERSE_SWEEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -268,100 +118,47 @@ def bottleneck_adapter_bwd_rows_kernel(
     rows64 = rows.to(tl.int64)
     r_offsets = tl.arange(0, BLOCK_R)
     r_mask = r_offsets < R
-    part_row = pid.to(tl.int64) * H
 
     z = tl.load(z_ptr + rows64[:, None] * R + r_offsets[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-    a = _activation(z, ACTIVATION, negative_slope)
-    if DOT_FP32:
-        a_dot = a
-    else:
-        a_dot = a.to(grad_ptr.dtype.element_ty)
-
+    a = activation(z, ACTIVATION, negative_slope)
+    a_dot = a if DOT_FP32 else a.to(grad_ptr.dtype.element_ty)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rstd, mean_g, mean_g_xhat = mean, mean, mean
     if HAS_LN:
         mean = tl.load(mean_ptr + rows64, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + rows64, mask=row_mask, other=0.0)
-        # Pass 1: the two row reductions of the LayerNorm backward.
-        sum_g = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_g_xhat = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for h_start in range(0, H, BLOCK_H):
-            cols = h_start + tl.arange(0, BLOCK_H)
-            col_mask = cols < H
-            tile_mask = row_mask[:, None] & col_mask[None, :]
-            u, y, scale = _up_projection_chunk(
-                a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
-                r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
-            )
-            xhat = (y - mean[:, None]) * rstd[:, None]
-            g = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-            if HAS_LN_WEIGHT:
-                g = g * tl.load(lnw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            sum_g += tl.sum(g, axis=1)
-            sum_g_xhat += tl.sum(tl.where(tile_mask, g * xhat, 0.0), axis=1)
-        mean_g = sum_g / H
-        mean_g_xhat = sum_g_xhat / H
-
-    # Pass 2: dy per chunk, da accumulated on chip, column partial sums.
-    da = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for h_start in range(0, H, BLOCK_H):
-        cols = h_start + tl.arange(0, BLOCK_H)
-        col_mask = cols < H
-        tile_mask = row_mask[:, None] & col_mask[None, :]
-        grad = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        wu = tl.load(  # [BLOCK_H, BLOCK_R], loaded once for both products of this chunk
-            wu_ptr + cols[:, None].to(tl.int64) * R + r_offsets[None, :],
-            mask=col_mask[:, None] & r_mask[None, :], other=0.0,
-        )
-        if DOT_FP32:
-            wu = wu.to(tl.float32)
-        if NEED_U:
-            u = tl.dot(a_dot, tl.trans(wu), input_precision=DOT_PRECISION)
-            u, y, scale = _chunk_sum(u, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, stride_res,
-                                     scale_value, SCALE_MODE, HAS_UP_BIAS)
-        else:
-            scale = _chunk_scale(scale_ptr, cols, col_mask, scale_value, SCALE_MODE)
-        if HAS_LN:
-            xhat = (y - mean[:, None]) * rstd[:, None]
-            g = grad
-            if HAS_LN_WEIGHT:
-                g = g * tl.load(lnw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            dy = (g - mean_g[:, None] - xhat * mean_g_xhat[:, None]) * rstd[:, None]
-            dy = tl.where(tile_mask, dy, 0.0)
-            tl.store(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=tile_mask)
-            if NEED_DLNW:
-                tl.store(dlnw_part_ptr + part_row + cols, tl.sum(tl.where(tile_mask, grad * xhat, 0.0), axis=0), mask=col_mask)
-            if NEED_DLNB:
-                tl.store(dlnb_part_ptr + part_row + cols, tl.sum(grad, axis=0), mask=col_mask)
-        else:
-            dy = grad
-        du = dy * scale
-        if NEED_DBU:
-            tl.store(dbu_part_ptr + part_row + cols, tl.sum(du, axis=0), mask=col_mask)
-        if NEED_DSCALE:
-            tl.store(dscale_part_ptr + part_row + cols, tl.sum(tl.where(tile_mask, dy * u, 0.0), axis=0), mask=col_mask)
-        da = tl.dot(du.to(wu.dtype), wu, da, input_precision=DOT_PRECISION)
-
-    dz = da * _activation_derivative(z, ACTIVATION, negative_slope)
+        mean_g, mean_g_xhat = ln_backward_sums(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, rows64,
+                                               row_mask, r_offsets, r_mask, mean, rstd, H, R, stride_grad, stride_res,
+                                               scale_value, SCALE_MODE, HAS_UP_BIAS, HAS_LN_WEIGHT, DOT_PRECISION,
+                                               BLOCK_M, BLOCK_H)
+    # the dy sweep runs backwards after the LayerNorm sums' forward sweep (the columns still in L2 first)
+    da = dy_da_pass(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, dy_ptr, dbu_part_ptr,
+                    dscale_part_ptr, dlnw_part_ptr, dlnb_part_ptr, pid.to(tl.int64) * H, rows64, row_mask, r_offsets,
+                    r_mask, mean, rstd, mean_g, mean_g_xhat, False, H, R, stride_grad, stride_res, stride_dy,
+                    scale_value, SCALE_MODE, HAS_UP_BIAS, HAS_LN, HAS_LN_WEIGHT, NEED_U, NEED_DBU, NEED_DSCALE,
+                    NEED_DLNW, NEED_DLNB, False, DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_H,
+                    REVERSE_SWEEPS and HAS_LN)
+    dz = da * activation_derivative(z, ACTIVATION, negative_slope)
     tl.store(dz_ptr + rows64[:, None] * R + r_offsets[None, :], dz, mask=row_mask[:, None] & r_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------- autotuning
-# On a GPU the tile sizes are tuned per (H, R, dtype, options); under the interpreter the heuristic
-# config of _block_sizes runs alone (tuning there would only multiply the test time).
+# On a GPU the tile sizes are tuned per (H, R, dtype, options, token bucket); under the interpreter
+# the heuristic config of row_block_sizes runs alone (tuning there would only multiply the test time).
 
-
-def _heuristic_like(named_args, pointer, backward=False):
-    block_m, _, block_h, warps = _block_sizes(named_args["R"], named_args["H"], backward=backward,
-                                              fp32=named_args[pointer].dtype == torch.float32)
-    return {"BLOCK_M": block_m, "BLOCK_H": block_h}, warps
+_block_sizes = rows_.row_block_sizes
 
 
 def _prune_forward_configs(configs, named_args, **kwargs):
-    block_r = max(16, triton.next_power_of_2(named_args["R"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_r <= 16384 and block_r * c.kwargs["BLOCK_H"] <= 32768]
-    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_H"])]
-    kept = fill_the_device(kept, named_args["t_bucket"], named_args["x_ptr"].device)
-    like, warps = _heuristic_like(named_args, "x_ptr")
-    return limit_configs(kept, like, warps)
+    block_m, _, block_h, warps = _block_sizes(named_args["R"], named_args["H"],
+                                              fp32=rows_.operands_fp32(named_args, backward=False))
+    return rows_.prune_row_configs(configs, named_args, (block_m, block_h, warps), backward=False)
+
+
+def _prune_backward_configs(configs, named_args, **kwargs):
+    block_m, _, block_h, warps = _block_sizes(named_args["R"], named_args["H"], backward=True,
+                                              fp32=rows_.operands_fp32(named_args, backward=True))
+    return rows_.prune_row_configs(configs, named_args, (block_m, block_h, warps), backward=True)
 
 
 _FORWARD_CONFIGS = [
@@ -376,22 +173,15 @@ bottleneck_adapter_fwd_tuned = triton.autotune(
     configs=_FORWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune_forward_configs},
 )(bottleneck_adapter_fwd_kernel)
 
-# The backward's partial-sum buffers are sized by BLOCK_M, so BLOCK_M stays the heuristic one.
+# BLOCK_M is tuned backward too: the launcher sizes the partial-sum buffers for the smallest
+# candidate and sums only the rows the chosen config wrote.
+_BACKWARD_BLOCK_M = (16, 32, 64, 128)
 _BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_H": block_h}, num_warps=warps, num_stages=stages)
+    triton.Config({"BLOCK_M": block_m, "BLOCK_H": block_h}, num_warps=warps, num_stages=stages)
+    for block_m in _BACKWARD_BLOCK_M
     for block_h in (32, 64, 128)
     for warps, stages in ((8, 2), (8, 3), (4, 2))
 ]
-
-
-def _prune_backward_configs(configs, named_args, **kwargs):
-    block_r = max(16, triton.next_power_of_2(named_args["R"]))
-    kept = [c for c in configs if block_r * c.kwargs["BLOCK_H"] <= 32768]
-    like, warps = _heuristic_like(named_args, "grad_ptr", backward=True)
-    like.pop("BLOCK_M")
-    return limit_configs(kept or configs[:1], like, warps)
-
-
 bottleneck_adapter_bwd_rows_tuned = triton.autotune(
     configs=_BACKWARD_CONFIGS, key=_TUNING_KEY + ["NEED_DSCALE"],
     prune_configs_by={"early_config_prune": _prune_backward_configs},
@@ -399,20 +189,6 @@ bottleneck_adapter_bwd_rows_tuned = triton.autotune(
 
 
 # ----------------------------------------------------------------------------------- launchers
-
-
-def _block_sizes(rank: int, hidden: int, backward: bool = False, fp32: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_R, BLOCK_H, num_warps) heuristics: the [BLOCK_M, BLOCK_R] fp32 accumulator
-    stays near 8K elements forward and 4K backward (which holds two products per chunk), fp32
-    operands take half the tile; ptxas reports for sm_90 (kernels/compile_check.py, bench/NOTES.md)
-    show 16-bit variants at these sizes without spills."""
-    block_r = max(16, triton.next_power_of_2(rank))
-    budget = (4096 if backward else 8192) // (2 if fp32 else 1)
-    block_m = max(16, min(32 if backward else 64, budget // block_r))
-    block_h = (64 if block_r <= 128 else 32) // (2 if fp32 else 1)
-    block_h = max(16, min(block_h, triton.next_power_of_2(hidden)))
-    num_warps = 8 if block_m * max(block_r, block_h) >= 2048 else 4
-    return block_m, block_r, block_h, num_warps
 
 
 def _scale_arguments(scale: torch.Tensor | None, scale_value: float, hidden: int, device) -> tuple[int, torch.Tensor]:
@@ -454,7 +230,7 @@ def bottleneck_adapter_forward(
         ACTIVATION=activation, SCALE_MODE=scale_mode,
         HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None,
         HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_R=block_r,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision, REVERSE_SWEEPS=rows_.REVERSE_SWEEPS, BLOCK_R=block_r,
     )
     if not autotuning():
         grid = (triton.cdiv(tokens, block_m),)
@@ -475,7 +251,9 @@ def bottleneck_adapter_backward_rows(
     rank = z.shape[1]
     device = grad.device
     block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden, backward=True, fp32=grad.dtype == torch.float32)
-    num_blocks = triton.cdiv(tokens, block_m)
+    tuned = autotuning()
+    # tuned, BLOCK_M is chosen at launch: the partial sums get rows for the smallest candidate
+    num_blocks = triton.cdiv(tokens, min(_BACKWARD_BLOCK_M) if tuned else block_m)
     dz = torch.empty((tokens, rank), dtype=torch.float32, device=device)
     dy = torch.empty((tokens, hidden), dtype=grad.dtype, device=device) if layer_norm else None
 
@@ -508,13 +286,16 @@ def bottleneck_adapter_backward_rows(
         HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None,
         NEED_U=layer_norm or need_scale_grad, NEED_DBU=need_up_bias_grad, NEED_DSCALE=need_scale_grad,
         NEED_DLNW=need_ln_weight_grad, NEED_DLNB=need_ln_bias_grad,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision, REVERSE_SWEEPS=rows_.REVERSE_SWEEPS, BLOCK_R=block_r,
     )
-    if not autotuning():
-        bottleneck_adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
+    if not tuned:
+        bottleneck_adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_M=block_m, BLOCK_H=block_h,
+                                                          num_warps=num_warps)
     else:
-        bottleneck_adapter_bwd_rows_tuned[(num_blocks,)](*arguments, **options)
-    sums = [p.sum(0) if p is not None else None for p in (dbu_part, dscale_part, dlnw_part, dlnb_part)]
+        bottleneck_adapter_bwd_rows_tuned[lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]),)](*arguments, **options)
+        # the rows of the partial sums this launch wrote (best_config: the config the call ran, a host value)
+        num_blocks = triton.cdiv(tokens, bottleneck_adapter_bwd_rows_tuned.best_config.kwargs["BLOCK_M"])
+    sums = [p[:num_blocks].sum(0) if p is not None else None for p in (dbu_part, dscale_part, dlnw_part, dlnb_part)]
     return (dy, dz, *sums)
 
 
@@ -543,7 +324,8 @@ def compile_variants(hidden: int = 4096):
                 yield (f"fwd-{dtype}-r{rank}-{'ln' if layer_norm else 'noln'}", bottleneck_adapter_fwd_kernel, dtype,
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True,
                             HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, DOT_FP32=dot_fp32,
-                            DOT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
+                            DOT_PRECISION="ieee", REVERSE_SWEEPS=True, BLOCK_M=block_m, BLOCK_R=block_r,
+                            BLOCK_H=block_h),
                        DATA_POINTERS, warps, 3, _launch_values(hidden, rank))
                 block_m, block_r, block_h, warps = _block_sizes(rank, hidden, backward=True, fp32=dot_fp32)
                 yield (f"bwd-{dtype}-r{rank}-{'ln' if layer_norm else 'noln'}", bottleneck_adapter_bwd_rows_kernel,
@@ -551,5 +333,5 @@ def compile_variants(hidden: int = 4096):
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_UP_BIAS=True, HAS_LN=layer_norm,
                             HAS_LN_WEIGHT=True, NEED_U=layer_norm, NEED_DBU=True, NEED_DSCALE=False,
                             NEED_DLNW=layer_norm, NEED_DLNB=layer_norm, DOT_FP32=dot_fp32, DOT_PRECISION="ieee",
-                            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
+                            REVERSE_SWEEPS=True, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
                        DATA_POINTERS, warps, 2, _launch_values(hidden, rank))

@@ -45,19 +45,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotuning, dot_settings, limit_configs, multiprocessors, token_bucket
-from .shared import GELU
-from .bottleneck_adapter import (
+from . import adapter_rows as rows_
+from .adapter_rows import (
     SCALE_CHANNEL,
     SCALE_FLOAT,
     SCALE_SCALAR,
-    _activation,
-    _activation_derivative,
-    _block_sizes,
-    _chunk_scale,
-    _chunk_sum,
-    _up_projection_chunk,
+    activation,
+    activation_derivative,
+    chunk_columns,
+    chunk_scale,
+    down_projection,
+    dy_da_pass,
+    ln_backward_sums,
+    row_block_sizes,
+    up_projection_passes,
 )
+from .launch import autotuning, dot_settings, multiprocessors, token_bucket
+from .shared import GELU
 
 __all__ = ["RowGroups", "group_rows", "multi_adapter_forward", "multi_adapter_backward", "compile_variants"]
 
@@ -71,7 +75,7 @@ OUT_OF_RANGE, SPARE = -1, -2
 
 @triton.jit
 def _scale_base(scale_ptr, adapter, H, SCALE_MODE: tl.constexpr):
-    """The adapter's slice of the scaling tensor, in the layout _chunk_scale reads."""
+    """The adapter's slice of the scaling tensor, in the layout adapter_rows.chunk_scale reads."""
     if SCALE_MODE == 2:
         scale_ptr += adapter * H
     elif SCALE_MODE == 1:
@@ -84,6 +88,16 @@ def _index_pointers(order_ptr, table_ptr, TABLE_TYPE: tl.constexpr = tl.int32):
     """The index arrays' element types, stated (a no-op for the launchers' int64 / int32 tensors;
     kernels/compile_check.py types every non-data pointer as fp32)."""
     return order_ptr.to(tl.pointer_type(tl.int64)), table_ptr.to(tl.pointer_type(TABLE_TYPE))
+
+
+@triton.jit
+def _block_rows(order_ptr, work_ptr, pid, BLOCK_M: tl.constexpr):
+    """The original row numbers (int64) of work item pid's rows, and their mask."""
+    first = tl.load(work_ptr + pid * 3 + 1)
+    end = tl.load(work_ptr + pid * 3 + 2)
+    positions = first + tl.arange(0, BLOCK_M)
+    row_mask = positions < end
+    return tl.load(order_ptr + positions, mask=row_mask, other=0).to(tl.int64), row_mask
 
 
 @triton.jit
@@ -110,7 +124,7 @@ def multi_adapter_fwd_kernel(
     ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
     HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
     HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE_SWEEPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -118,94 +132,22 @@ def multi_adapter_fwd_kernel(
     label = tl.load(work_ptr + pid * 3)
     if label == -2:
         return
-    first = tl.load(work_ptr + pid * 3 + 1)
-    end = tl.load(work_ptr + pid * 3 + 2)
-    positions = first + tl.arange(0, BLOCK_M)
-    row_mask = positions < end
-    rows64 = tl.load(order_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+    rows64, row_mask = _block_rows(order_ptr, work_ptr, pid, BLOCK_M)
     out_of_range = label < 0
     adapter = tl.maximum(label, 0).to(tl.int64)
-    wd_ptr += adapter * R * H
-    bd_ptr += adapter * R
     wu_ptr += adapter * H * R
     bu_ptr += adapter * H
     scale_ptr = _scale_base(scale_ptr, adapter, H, SCALE_MODE)
     r_offsets = tl.arange(0, BLOCK_R)
     r_mask = r_offsets < R
 
-    # Down-projection: z = x @ Wd_i.T + bd_i, accumulated in fp32 over chunks of H.
-    z = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for h_start in range(0, H, BLOCK_H):
-        cols = h_start + tl.arange(0, BLOCK_H)
-        col_mask = cols < H
-        x_tile = tl.load(
-            x_ptr + rows64[:, None] * stride_x + cols[None, :],
-            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-        )
-        wd_t = tl.load(  # [BLOCK_H, BLOCK_R] view of Wd_i.T
-            wd_ptr + r_offsets[None, :].to(tl.int64) * H + cols[:, None],
-            mask=r_mask[None, :] & col_mask[:, None], other=0.0,
-        )
-        if DOT_FP32:
-            z = tl.dot(x_tile.to(tl.float32), wd_t.to(tl.float32), z, input_precision=DOT_PRECISION)
-        else:
-            z = tl.dot(x_tile, wd_t, z, input_precision=DOT_PRECISION)
-    if HAS_DOWN_BIAS:
-        z += tl.load(bd_ptr + r_offsets, mask=r_mask, other=0.0).to(tl.float32)[None, :]
-    z = tl.where(out_of_range, float("nan"), z)
-    tl.store(z_ptr + rows64[:, None] * R + r_offsets[None, :], z, mask=row_mask[:, None] & r_mask[None, :])
-
-    a = _activation(z, ACTIVATION, negative_slope)
-    if DOT_FP32:
-        a_dot = a
-    else:
-        a_dot = a.to(out_ptr.dtype.element_ty)
-
-    if HAS_LN:
-        # Pass 1: row statistics, merging each chunk's mean and M2 (Chan et al.).
-        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        count = 0.0
-        for h_start in range(0, H, BLOCK_H):
-            cols = h_start + tl.arange(0, BLOCK_H)
-            col_mask = cols < H
-            u, y, scale = _up_projection_chunk(
-                a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
-                r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
-            )
-            chunk_count = tl.minimum(H - h_start, BLOCK_H).to(tl.float32)
-            chunk_mean = tl.sum(tl.where(col_mask[None, :], y, 0.0), axis=1) / chunk_count
-            centred = tl.where(col_mask[None, :], y - chunk_mean[:, None], 0.0)
-            chunk_m2 = tl.sum(centred * centred, axis=1)
-            total = count + chunk_count
-            delta = chunk_mean - mean
-            mean += delta * (chunk_count / total)
-            m2 += chunk_m2 + delta * delta * (count * chunk_count / total)
-            count = total
-        rstd = 1.0 / tl.sqrt(m2 / H + eps)
-        tl.store(mean_ptr + rows64, mean, mask=row_mask)
-        tl.store(rstd_ptr + rows64, rstd, mask=row_mask)
-
-    # Pass 2 (the only pass without LayerNorm): recompute each chunk and write the output.
-    for h_start in range(0, H, BLOCK_H):
-        cols = h_start + tl.arange(0, BLOCK_H)
-        col_mask = cols < H
-        u, y, scale = _up_projection_chunk(
-            a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
-            r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
-        )
-        if HAS_LN:
-            y = (y - mean[:, None]) * rstd[:, None]
-            if HAS_LN_WEIGHT:
-                y = y * tl.load(lnw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_LN_BIAS:
-                y = y + tl.load(lnb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        y = tl.where(out_of_range, float("nan"), y)
-        tl.store(
-            out_ptr + rows64[:, None] * stride_out + cols[None, :],
-            y.to(out_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & col_mask[None, :],
-        )
+    a_dot = down_projection(x_ptr, wd_ptr + adapter * R * H, bd_ptr + adapter * R, z_ptr, out_ptr, rows64, row_mask,
+                            r_offsets, r_mask, out_of_range, H, R, stride_x, negative_slope, ACTIVATION,
+                            HAS_DOWN_BIAS, True, DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_H)
+    up_projection_passes(a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, lnb_ptr, out_ptr, mean_ptr, rstd_ptr,
+                         rows64, row_mask, r_offsets, r_mask, out_of_range, H, R, stride_res, stride_out, scale_value,
+                         eps, SCALE_MODE, HAS_UP_BIAS, HAS_LN, HAS_LN_WEIGHT, HAS_LN_BIAS, True, DOT_PRECISION,
+                         REVERSE_SWEEPS, BLOCK_M, BLOCK_H)
 
 
 @triton.jit
@@ -236,7 +178,7 @@ def multi_adapter_bwd_rows_kernel(
     HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr,
     NEED_U: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DLNW: tl.constexpr, NEED_DLNB: tl.constexpr,
     NEED_DX: tl.constexpr, DX_ADD_DY: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE_SWEEPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -244,91 +186,37 @@ def multi_adapter_bwd_rows_kernel(
     label = tl.load(work_ptr + pid * 3)
     if label == -2:
         return
-    first = tl.load(work_ptr + pid * 3 + 1)
-    end = tl.load(work_ptr + pid * 3 + 2)
-    positions = first + tl.arange(0, BLOCK_M)
-    row_mask = positions < end
-    rows64 = tl.load(order_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+    rows64, row_mask = _block_rows(order_ptr, work_ptr, pid, BLOCK_M)
     out_of_range = label < 0
     adapter = tl.maximum(label, 0).to(tl.int64)
-    wd_ptr += adapter * R * H
     wu_ptr += adapter * H * R
     bu_ptr += adapter * H
     scale_ptr = _scale_base(scale_ptr, adapter, H, SCALE_MODE)
     r_offsets = tl.arange(0, BLOCK_R)
     r_mask = r_offsets < R
-    part_row = pid.to(tl.int64) * H
 
     z = tl.load(z_ptr + rows64[:, None] * R + r_offsets[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-    a = _activation(z, ACTIVATION, negative_slope)
-    if DOT_FP32:
-        a_dot = a
-    else:
-        a_dot = a.to(grad_ptr.dtype.element_ty)
-
+    a = activation(z, ACTIVATION, negative_slope)
+    a_dot = a if DOT_FP32 else a.to(grad_ptr.dtype.element_ty)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rstd, mean_g, mean_g_xhat = mean, mean, mean
     if HAS_LN:
         mean = tl.load(mean_ptr + rows64, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + rows64, mask=row_mask, other=0.0)
-        # Pass 1: the two row reductions of the LayerNorm backward.
-        sum_g = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_g_xhat = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for h_start in range(0, H, BLOCK_H):
-            cols = h_start + tl.arange(0, BLOCK_H)
-            col_mask = cols < H
-            tile_mask = row_mask[:, None] & col_mask[None, :]
-            u, y, scale = _up_projection_chunk(
-                a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, r_offsets,
-                r_mask, R, stride_res, scale_value, SCALE_MODE, HAS_UP_BIAS, DOT_PRECISION,
-            )
-            xhat = (y - mean[:, None]) * rstd[:, None]
-            g = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-            if HAS_LN_WEIGHT:
-                g = g * tl.load(lnw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            sum_g += tl.sum(g, axis=1)
-            sum_g_xhat += tl.sum(tl.where(tile_mask, g * xhat, 0.0), axis=1)
-        mean_g = sum_g / H
-        mean_g_xhat = sum_g_xhat / H
-
-    # Pass 2: dy per chunk, da accumulated on chip, column partial sums.
-    da = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for h_start in range(0, H, BLOCK_H):
-        cols = h_start + tl.arange(0, BLOCK_H)
-        col_mask = cols < H
-        tile_mask = row_mask[:, None] & col_mask[None, :]
-        grad = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        wu = tl.load(  # [BLOCK_H, BLOCK_R], loaded once for both products of this chunk
-            wu_ptr + cols[:, None].to(tl.int64) * R + r_offsets[None, :],
-            mask=col_mask[:, None] & r_mask[None, :], other=0.0,
-        )
-        if DOT_FP32:
-            wu = wu.to(tl.float32)
-        if NEED_U:
-            u = tl.dot(a_dot, tl.trans(wu), input_precision=DOT_PRECISION)
-            u, y, scale = _chunk_sum(u, bu_ptr, scale_ptr, res_ptr, rows64, row_mask, cols, col_mask, stride_res,
-                                     scale_value, SCALE_MODE, HAS_UP_BIAS)
-        else:
-            scale = _chunk_scale(scale_ptr, cols, col_mask, scale_value, SCALE_MODE)
-        if HAS_LN:
-            xhat = (y - mean[:, None]) * rstd[:, None]
-            g = grad
-            if HAS_LN_WEIGHT:
-                g = g * tl.load(lnw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            dy = (g - mean_g[:, None] - xhat * mean_g_xhat[:, None]) * rstd[:, None]
-            dy = tl.where(tile_mask, dy, 0.0)
-            tl.store(dy_ptr + rows64[:, None] * stride_dy + cols[None, :],
-                     tl.where(out_of_range, float("nan"), dy).to(dy_ptr.dtype.element_ty), mask=tile_mask)
-            if NEED_DLNW:
-                tl.store(dlnw_part_ptr + part_row + cols, tl.sum(tl.where(tile_mask, grad * xhat, 0.0), axis=0), mask=col_mask)
-            if NEED_DLNB:
-                tl.store(dlnb_part_ptr + part_row + cols, tl.sum(grad, axis=0), mask=col_mask)
-        else:
-            dy = grad
-        du = dy * scale
-        if NEED_DSCALE:
-            tl.store(dscale_part_ptr + part_row + cols, tl.sum(tl.where(tile_mask, dy * u, 0.0), axis=0), mask=col_mask)
-        da = tl.dot(du.to(wu.dtype), wu, da, input_precision=DOT_PRECISION)
-
-    dz = da * _activation_derivative(z, ACTIVATION, negative_slope)
+        mean_g, mean_g_xhat = ln_backward_sums(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, rows64,
+                                               row_mask, r_offsets, r_mask, mean, rstd, H, R, stride_grad, stride_res,
+                                               scale_value, SCALE_MODE, HAS_UP_BIAS, HAS_LN_WEIGHT, DOT_PRECISION,
+                                               BLOCK_M, BLOCK_H)
+    # dy sweeps backwards after the LayerNorm sums' forward sweep; dx below sweeps opposite to dy
+    dy_reversed = REVERSE_SWEEPS and HAS_LN
+    da = dy_da_pass(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, dy_ptr,
+                    dz_ptr,  # in the dbu partials' place, never written: NEED_DBU is False here
+                    dscale_part_ptr, dlnw_part_ptr, dlnb_part_ptr, pid.to(tl.int64) * H, rows64, row_mask, r_offsets,
+                    r_mask, mean, rstd, mean_g, mean_g_xhat, out_of_range, H, R, stride_grad, stride_res, stride_dy,
+                    scale_value,
+                    SCALE_MODE, HAS_UP_BIAS, HAS_LN, HAS_LN_WEIGHT, NEED_U, False, NEED_DSCALE, NEED_DLNW,
+                    NEED_DLNB, True, DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_H, dy_reversed)
+    dz = da * activation_derivative(z, ACTIVATION, negative_slope)
     dz = tl.where(out_of_range, float("nan"), dz)
     tl.store(dz_ptr + rows64[:, None] * R + r_offsets[None, :], dz, mask=row_mask[:, None] & r_mask[None, :])
 
@@ -336,13 +224,10 @@ def multi_adapter_bwd_rows_kernel(
         # Pass 3: dx = dz @ Wd_i (+ dy), chunk by chunk over H.
         if DX_ADD_DY and HAS_LN:
             tl.debug_barrier()  # this program's dy stores above are read back below
-        if DOT_FP32:
-            dz_dot = dz
-        else:
-            dz_dot = dz.to(dx_ptr.dtype.element_ty)
+        dz_dot = dz if DOT_FP32 else dz.to(dx_ptr.dtype.element_ty)
+        wd_ptr += adapter * R * H
         for h_start in range(0, H, BLOCK_H):
-            cols = h_start + tl.arange(0, BLOCK_H)
-            col_mask = cols < H
+            chunk_start, cols, col_mask = chunk_columns(h_start, H, BLOCK_H, REVERSE_SWEEPS and not dy_reversed)
             tile_mask = row_mask[:, None] & col_mask[None, :]
             wd = tl.load(  # [BLOCK_R, BLOCK_H]
                 wd_ptr + r_offsets[:, None].to(tl.int64) * H + cols[None, :],
@@ -353,10 +238,12 @@ def multi_adapter_bwd_rows_kernel(
             dx = tl.dot(dz_dot, wd, input_precision=DOT_PRECISION)
             if DX_ADD_DY:
                 if HAS_LN:
-                    dx += tl.load(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                    dy = tl.load(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], mask=tile_mask, other=0.0)
                 else:
-                    dx += tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+                    dy = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0)
+                dx += dy.to(tl.float32)
+            tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=tile_mask)
 
 
 @triton.jit
@@ -398,7 +285,7 @@ def multi_adapter_bwd_weights_kernel(
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < H
     scale_ptr = _scale_base(scale_ptr, adapter, H, SCALE_MODE)
-    scale = _chunk_scale(scale_ptr, cols, col_mask, scale_value, SCALE_MODE)
+    scale = chunk_scale(scale_ptr, cols, col_mask, scale_value, SCALE_MODE)
 
     acc_dwd = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
     acc_dwu = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
@@ -426,7 +313,7 @@ def multi_adapter_bwd_weights_kernel(
                 acc_dbu += tl.sum(du, axis=0)
             if NEED_DWU:
                 z = tl.load(z_ptr + rows64[:, None] * R + r_offsets[None, :], mask=rr_mask, other=0.0)
-                a = _activation(z, ACTIVATION, negative_slope)
+                a = activation(z, ACTIVATION, negative_slope)
                 if DOT_FP32:
                     acc_dwu = tl.dot(tl.trans(du), a, acc_dwu, input_precision=DOT_PRECISION)
                 else:
@@ -456,13 +343,10 @@ _TUNING_KEY = ["H", "R", "ACTIVATION", "SCALE_MODE", "HAS_LN", "BLOCK_M", "t_buc
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    block_r = max(16, triton.next_power_of_2(named_args["R"]))
-    kept = [c for c in configs if block_r * c.kwargs["BLOCK_H"] <= 32768] or configs[:1]
-    pointer = "x_ptr" if "x_ptr" in named_args else "grad_ptr"
-    fp32 = named_args[pointer].dtype == torch.float32
-    _, _, block_h, warps = _tile_sizes(named_args["R"], named_args["H"], named_args["T"], 1, fp32,
-                                       backward=pointer == "grad_ptr")
-    return limit_configs(kept, {"BLOCK_H": block_h}, warps)
+    backward = "x_ptr" not in named_args  # the backward rows kernel reads grad_ptr, no x
+    _, _, block_h, warps = _tile_sizes(named_args["R"], named_args["H"], named_args["T"], 1,
+                                       rows_.operands_fp32(named_args, backward), backward=backward)
+    return rows_.prune_row_configs(configs, named_args, (None, block_h, warps), backward=backward)
 
 
 _FORWARD_CONFIGS = [
@@ -504,7 +388,7 @@ def _tile_sizes(rank: int, hidden: int, tokens: int, adapters: int, fp32: bool, 
     rows and, in backward, also computes dx): 16 for fp32 operands (8 warps), 32 for the 16-bit
     backward with LayerNorm (kernels/compile_check.py). With `sms` (a GPU's SM count) BLOCK_M
     also halves, down to 16, until the grid gives every SM at least two programs."""
-    block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden, backward=backward, fp32=fp32)
+    block_m, block_r, block_h, num_warps = row_block_sizes(rank, hidden, backward=backward, fp32=fp32)
     mean_rows = triton.cdiv(max(tokens, 1), max(1, min(adapters, tokens)))
     block_m = max(16, min(block_m, triton.next_power_of_2(mean_rows)))
     while sms and block_m > 16 and triton.cdiv(tokens, block_m) < 2 * sms:
@@ -659,7 +543,8 @@ def multi_adapter_forward(
         ACTIVATION=activation, SCALE_MODE=scale_mode,
         HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None,
         HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision, REVERSE_SWEEPS=rows_.REVERSE_SWEEPS,
+        BLOCK_M=block_m, BLOCK_R=block_r,
     )
     grid = (work.shape[0],)
     if not autotuning():
@@ -748,7 +633,8 @@ def multi_adapter_backward(
             HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None,
             NEED_U=layer_norm or need_dscale, NEED_DSCALE=need_dscale, NEED_DLNW=need_dlnw, NEED_DLNB=need_dlnb,
             NEED_DX=need["x"], DX_ADD_DY=residual is None,
-            DOT_FP32=dot_fp32, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_R=block_r,
+            DOT_FP32=dot_fp32, DOT_PRECISION=precision, REVERSE_SWEEPS=rows_.REVERSE_SWEEPS,
+            BLOCK_M=block_m, BLOCK_R=block_r,
         )
         if not autotuning():
             multi_adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
@@ -827,7 +713,8 @@ def compile_variants(hidden: int = 4096):
                 yield (f"fwd-{dtype}-r{rank}-{ln}", multi_adapter_fwd_kernel, dtype,
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True,
                             HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, DOT_FP32=dot_fp32,
-                            DOT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
+                            DOT_PRECISION="ieee", REVERSE_SWEEPS=True, BLOCK_M=block_m, BLOCK_R=block_r,
+                            BLOCK_H=block_h),
                        DATA_POINTERS, warps, 3, values)
                 block_m, block_r, block_h, warps = _tile_sizes(rank, hidden, 1 << 20, 1, dot_fp32, backward=True,
                                                                layer_norm=layer_norm)
@@ -835,7 +722,8 @@ def compile_variants(hidden: int = 4096):
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_UP_BIAS=True, HAS_LN=layer_norm,
                             HAS_LN_WEIGHT=True, NEED_U=layer_norm, NEED_DSCALE=False, NEED_DLNW=layer_norm,
                             NEED_DLNB=layer_norm, NEED_DX=True, DX_ADD_DY=True, DOT_FP32=dot_fp32,
-                            DOT_PRECISION="ieee", BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
+                            DOT_PRECISION="ieee", REVERSE_SWEEPS=True, BLOCK_M=block_m, BLOCK_R=block_r,
+                            BLOCK_H=block_h),
                        DATA_POINTERS, warps, 2, values)
             block_m, block_r, block_h, warps = _weight_block_sizes(rank, hidden, dot_fp32)
             yield (f"bwd-weights-{dtype}-r{rank}", multi_adapter_bwd_weights_kernel, dtype,
