@@ -283,8 +283,9 @@ class AdapterLayer(nn.Module):
 
 
 def _post_ln_forward(module, adapter_layer, hidden_states, input_tensor, *args, **kwargs):
-    h = module.dropout(module.dense(hidden_states))
-    return adapter_layer(h, input_tensor, module.LayerNorm)
+    site = adapter_layer.site
+    h = get_submodule(module, site.dropout)(get_submodule(module, site.dense)(hidden_states))
+    return adapter_layer(h, input_tensor, get_submodule(module, site.layer_norm))
 
 
 def _capture_residual(adapter_layer, module, args, kwargs):
@@ -304,7 +305,7 @@ def _adapt_projection_output(adapter_layer, module, args, output):
 
 def _layers(model):
     base = getattr(model, "base_model", model)
-    architecture = architecture_of(model)
+    architecture = architecture_of(model, "sites")
     return base, architecture, get_submodule(base, architecture.layers)
 
 

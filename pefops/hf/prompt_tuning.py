@@ -19,12 +19,12 @@ import contextlib
 import torch
 from torch import nn
 
+from pefops.hf.architectures import architecture_of, model_type_of
 from pefops.hf.prefix_tuning import check_trainable_modules, set_trainable_modules
 from pefops.hf.transaction import transactional
 from pefops.nn.prefix_tuning import PromptEmbedding
 
 ATTRIBUTE = "prompt_tuning"
-MODEL_TYPES = ("gpt2", "llama", "bert", "roberta", "t5")
 
 
 class PromptTuning(nn.Module):
@@ -121,9 +121,8 @@ def apply_prompt_tuning(model, num_virtual_tokens: int, init="random", tokenizer
 
 def _plan_prompt(model, num_virtual_tokens, init, tokenizer, init_std, generator, trainable_modules) -> PromptTuning:
     """Every check apply_prompt_tuning makes, and the PromptTuning it would add; the model is not changed."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"prompt tuning supports model types {', '.join(MODEL_TYPES)}; got {model_type!r}")
+    architecture_of(model, "prompt")
+    model_type = model_type_of(model)
     if getattr(model, ATTRIBUTE, None) is not None:
         raise ValueError("the model already has prompt tuning: call remove_prompt_tuning first")
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
