@@ -29,7 +29,6 @@ At initialisation the prefix is NOT a no-op: every prefix slot takes softmax mas
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 from typing import Optional
@@ -38,7 +37,14 @@ import torch
 from torch import nn
 
 from pefops.hf.architectures import ARCHITECTURES, Architecture, architecture_of, get_submodule, model_type_of
+from pefops.hf.prompt_tuning import ATTRIBUTE as PROMPT_ATTRIBUTE, _commit_prompt, _plan_prompt
 from pefops.hf.transaction import copy_into, transactional
+from pefops.hf.virtual_tokens import (
+    check_trainable_modules,
+    set_trainable_modules,
+    tokens_disabled,
+    trainable_module_parameters,
+)
 from pefops.nn.prefix_tuning import PrefixEncoder
 
 SITE_ATTRIBUTE = "_pefops_prefix_site"  # on an attention module: (PrefixTuning, index into its encoder)
@@ -152,48 +158,6 @@ def _set_implementation(model, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ the module
-
-
-def check_trainable_modules(model, names) -> tuple[str, ...]:
-    """The names of `trainable_modules`, checked (each a submodule of `model` with parameters); the model
-    is not changed."""
-    if isinstance(names, str):
-        names = (names,)
-    if names is None:
-        names = ()
-    try:
-        names = tuple(names)
-    except TypeError:
-        raise ValueError(f"trainable_modules must be a list of submodule names; got {names!r}") from None
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"trainable_modules: names must be non-empty strings; got {name!r}")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            children = [child for child, _ in model.named_children()]
-            raise ValueError(f"trainable_modules: the model has no submodule {name!r} (top-level modules: "
-                             f"{children})") from None
-        if not any(True for _ in module.parameters()):
-            raise ValueError(f"trainable_modules: {name!r} has no parameters")
-    return names
-
-
-@transactional
-def set_trainable_modules(model, names) -> tuple[str, ...]:
-    """Make the named submodules of `model` (e.g. a task head: "classifier", "score") trainable after
-    the base was frozen; save_prefix writes them with the prefix (PEFT's modules_to_save). All names
-    are checked before any changes."""
-    names = check_trainable_modules(model, names)
-    for name in names:
-        model.get_submodule(name).requires_grad_(True)
-    return names
-
-
-def trainable_module_parameters(model, names) -> dict[str, nn.Parameter]:
-    """{"model.<module>.<parameter>": parameter} of the trainable modules (the keys save_prefix uses)."""
-    return {f"model.{name}.{key}": parameter for name in names
-            for key, parameter in model.get_submodule(name).named_parameters()}
 
 
 class PrefixTuning(nn.Module):
@@ -360,15 +324,9 @@ def prefix_parameters(model) -> dict[str, nn.Parameter]:
     return {f"{ATTRIBUTE}.{name}": p for name, p in _owner(model).named_parameters()}
 
 
-@contextlib.contextmanager
 def prefix_disabled(model):
     """Run the base model without its prefix inside the block (exactly the model's original attention)."""
-    owner = _owner(model)
-    previous, owner.enabled = owner.enabled, False
-    try:
-        yield
-    finally:
-        owner.enabled = previous
+    return tokens_disabled(_owner(model))
 
 
 @transactional
@@ -395,8 +353,6 @@ FORMAT = "pefops-prefix-1"
 
 def _tuning_module(model):
     """The model's PrefixTuning or PromptTuning (save_prefix / load_prefix serve both)."""
-    from pefops.hf.prompt_tuning import ATTRIBUTE as PROMPT_ATTRIBUTE
-
     found = [getattr(model, name) for name in (ATTRIBUTE, PROMPT_ATTRIBUTE) if getattr(model, name, None) is not None]
     if len(found) != 1:
         raise ValueError("save_prefix needs a model with exactly one of prefix-tuning / prompt tuning applied; "
@@ -457,7 +413,6 @@ def load_prefix(model, directory):
     from pathlib import Path
 
     from pefops.hf.checkpoint_io import check_names, check_tensor, read_safetensors
-    from pefops.hf.prompt_tuning import ATTRIBUTE as PROMPT_ATTRIBUTE, _commit_prompt, _plan_prompt
 
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME

@@ -14,14 +14,12 @@ that variant is not reproduced.)
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from pefops.hf.architectures import architecture_of, model_type_of
-from pefops.hf.prefix_tuning import check_trainable_modules, set_trainable_modules
 from pefops.hf.transaction import transactional
+from pefops.hf.virtual_tokens import check_trainable_modules, set_trainable_modules, tokens_disabled
 from pefops.nn.prefix_tuning import PromptEmbedding
 
 ATTRIBUTE = "prompt_tuning"
@@ -156,15 +154,9 @@ def _owner(model) -> PromptTuning:
     return owner
 
 
-@contextlib.contextmanager
 def prompt_disabled(model):
     """Run the model without its virtual prompt inside the block."""
-    owner = _owner(model)
-    previous, owner.enabled = owner.enabled, False
-    try:
-        yield
-    finally:
-        owner.enabled = previous
+    return tokens_disabled(_owner(model))
 
 
 @transactional
