@@ -3,9 +3,10 @@
 1. `apply_lsh_attention(model)`: every transformers `LSHSelfAttention` inside a Reformer model
    (ReformerModel, ReformerModelWithLMHead, ReformerForMaskedLM, ...; also mixed "local"/"lsh"
    layers) runs pefops' fused op. Which layers get which replacement forward is the `lsh_patches`
-   field of the model type's entry in pefops.hf.architectures.ARCHITECTURES, not code per model. Same configuration and
-   hash_seed: outputs, loss and every gradient equal the unpatched model (fp32 tolerance), including
-   Reformer's reversible backward, which recomputes each layer with the buckets of its forward pass.
+   field of the model type's entry in pefops.hf.architectures.ARCHITECTURES, not code per model.
+   Same configuration and hash_seed: outputs, loss and every gradient equal the unpatched model
+   (fp32 tolerance), including Reformer's reversible backward, which recomputes each layer with the
+   buckets of its forward pass.
    transformers' own forward still serves what the fused op does not: a decoding step with cached
    buckets/states (`past_buckets_states` already holding this layer) and `output_attentions=True`
    (the op never materialises attention probabilities). num_buckets=None keeps transformers' rule
@@ -58,7 +59,7 @@ ATTN_IMPLEMENTATION = "pefops_lsh"
 # 1. Reformer: patch transformers' LSHSelfAttention in place
 
 def reformer_lsh_forward(self, hidden_states, attention_mask=None, num_hashes=None, buckets=None,
-                          past_buckets_states=None, use_cache=False, output_attentions=False, **kwargs):
+                         past_buckets_states=None, use_cache=False, output_attentions=False, **kwargs):
     """Replacement for transformers' `LSHSelfAttention.forward` (same signature and output)."""
     def transformers_forward():
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, num_hashes=num_hashes,
@@ -133,7 +134,8 @@ def apply_lsh_attention(model) -> LSHAttentionHandle:
                 module._pefops_lsh_patched = True
                 patched.append(module)
     if not patched and not any(getattr(m, "_pefops_lsh_patched", False) for m in model.modules()):
-        raise ValueError(f"no LSH attention layer found in this {model_type_of(model)} model (config.attn_layers has no 'lsh'?)")
+        raise ValueError(f"no LSH attention layer found in this {model_type_of(model)} model (config.attn_layers has "
+                         "no 'lsh'?)")
     return LSHAttentionHandle(patched)
 
 
