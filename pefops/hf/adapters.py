@@ -283,8 +283,9 @@ class AdapterLayer(nn.Module):
 
 
 def _post_ln_forward(module, adapter_layer, hidden_states, input_tensor, *args, **kwargs):
-    h = module.dropout(module.dense(hidden_states))
-    return adapter_layer(h, input_tensor, module.LayerNorm)
+    site = adapter_layer.site
+    h = get_submodule(module, site.dropout)(get_submodule(module, site.dense)(hidden_states))
+    return adapter_layer(h, input_tensor, get_submodule(module, site.layer_norm))
 
 
 def _capture_residual(adapter_layer, module, args, kwargs):
@@ -302,15 +303,16 @@ def _adapt_projection_output(adapter_layer, module, args, output):
     return adapter_layer(output, residual, None)
 
 
-def _layers(model):
+def model_layers(model):
+    """(base model, its Architecture, its ModuleList of layers) for a model with adapter sites."""
     base = getattr(model, "base_model", model)
-    architecture = architecture_of(model)
+    architecture = architecture_of(model, "sites")
     return base, architecture, get_submodule(base, architecture.layers)
 
 
-def _adapter_layers(model):
+def adapter_layers(model):
     """Install the AdapterLayers once (idempotent) and yield (layer_index, site, AdapterLayer)."""
-    base, architecture, layers = _layers(model)
+    base, architecture, layers = model_layers(model)
     for index, layer in enumerate(layers):
         for site in architecture.sites:
             adapter_layer = getattr(layer, site.attribute, None)
@@ -327,7 +329,8 @@ def _adapter_layers(model):
             yield index, site, adapter_layer
 
 
-def _hidden_size(model) -> int:
+def hidden_size_of(model) -> int:
+    """The model's hidden size (config.hidden_size; GPT-2: n_embd)."""
     config = model.config
     return getattr(config, "hidden_size", None) or getattr(config, "n_embd")
 
@@ -344,11 +347,11 @@ def add_adapter(model, name: str, config: Union[str, dict, BottleneckConfig, Non
     config = resolve_config(config)
     if not isinstance(name, str) or not name or "." in name or "," in name:
         raise ValueError(f"adapter name must be a non-empty string without dots or commas; got {name!r}")
-    if name in _adapter_registry(model):
+    if name in adapter_registry(model):
         raise ValueError(f"model already has an adapter named {name!r}; remove it first")
-    hidden_size = _hidden_size(model)
+    hidden_size = hidden_size_of(model)
     reference = next(model.parameters())
-    _, architecture, layers = _layers(model)
+    _, architecture, layers = model_layers(model)
     planned = []
     for index in range(len(layers)):
         for site in architecture.sites:
@@ -360,32 +363,35 @@ def add_adapter(model, name: str, config: Union[str, dict, BottleneckConfig, Non
         raise ValueError(f"config places no adapter in this model (mh_adapter={config.mh_adapter}, "
                          f"output_adapter={config.output_adapter}, leave_out={list(config.leave_out)})")
     planned = set(planned)
-    for index, site, adapter_layer in _adapter_layers(model):
+    for index, site, adapter_layer in adapter_layers(model):
         if name in adapter_layer.adapters:
             raise ValueError(f"model already has an adapter module named {name!r} (layer {index}, {site.location})")
-    for index, site, adapter_layer in _adapter_layers(model):
+    for index, site, adapter_layer in adapter_layers(model):
         if (index, site.location) in planned:
             adapter_layer.add(name, config, hidden_size, index, reference)
-    _adapter_registry(model)[name] = config
+    adapter_registry(model)[name] = config
     if set_active:
         set_active_adapters(model, name)
     return config
 
 
-def _adapter_registry(model) -> dict:
+def adapter_registry(model) -> dict:
+    """The model's adapters, {name: BottleneckConfig} (the dict itself: callers that add or remove
+    adapters write to it)."""
     if not hasattr(model, "_pefops_adapters"):
         model._pefops_adapters = {}
     return model._pefops_adapters
 
 
-def _fusion_registry(model) -> dict:
+def fusion_registry(model) -> dict:
+    """The model's fusions, {"a,b": (fusion config, Fuse)} (the dict itself)."""
     if not hasattr(model, "_pefops_fusions"):
         model._pefops_fusions = {}
     return model._pefops_fusions
 
 
 def list_adapters(model) -> dict[str, BottleneckConfig]:
-    return dict(_adapter_registry(model))
+    return dict(adapter_registry(model))
 
 
 @transactional
@@ -395,18 +401,18 @@ def set_active_adapters(model, names: Union[str, list, tuple, "Fuse", None], row
     names[row_adapter[b]] (a mixed-task batch, one fused call per site)."""
     if row_adapter is not None:
         names = [names] if isinstance(names, str) else list(names)
-        unknown = [n for n in names if n not in _adapter_registry(model)]
+        unknown = [n for n in names if n not in adapter_registry(model)]
         if unknown:
-            raise ValueError(f"no adapters named {unknown}; the model has {sorted(_adapter_registry(model))}")
+            raise ValueError(f"no adapters named {unknown}; the model has {sorted(adapter_registry(model))}")
         routing = RowRouting(names, row_adapter)
-        for _, _, adapter_layer in _adapter_layers(model):
+        for _, _, adapter_layer in adapter_layers(model):
             adapter_layer.active = routing
         model._pefops_active_adapter = routing
         return
     if isinstance(names, Fuse):
-        if names.name not in _fusion_registry(model):
+        if names.name not in fusion_registry(model):
             raise ValueError(f"no fusion {names.name!r}; add it with add_adapter_fusion(model, {names!r})")
-        for _, _, adapter_layer in _adapter_layers(model):
+        for _, _, adapter_layer in adapter_layers(model):
             adapter_layer.active = names
         model._pefops_active_adapter = names
         return
@@ -414,9 +420,9 @@ def set_active_adapters(model, names: Union[str, list, tuple, "Fuse", None], row
         if len(names) > 1:
             raise ValueError("one bottleneck adapter can be active at a time here; got " + ", ".join(map(str, names)))
         names = names[0] if names else None
-    if names is not None and names not in _adapter_registry(model):
-        raise ValueError(f"no adapter named {names!r}; the model has {sorted(_adapter_registry(model)) or 'none'}")
-    for _, _, adapter_layer in _adapter_layers(model):
+    if names is not None and names not in adapter_registry(model):
+        raise ValueError(f"no adapter named {names!r}; the model has {sorted(adapter_registry(model)) or 'none'}")
+    for _, _, adapter_layer in adapter_layers(model):
         adapter_layer.active = names
     model._pefops_active_adapter = names
 
@@ -427,10 +433,23 @@ def active_adapter(model) -> Optional[str]:
 
 def adapter_parameters(model, name: str) -> dict[str, nn.Parameter]:
     """The parameters of adapter `name`, by their full names in the model."""
-    if name not in _adapter_registry(model):
-        raise ValueError(f"no adapter named {name!r}; the model has {sorted(_adapter_registry(model)) or 'none'}")
+    if name not in adapter_registry(model):
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(adapter_registry(model)) or 'none'}")
     marker = f".adapters.{name}."
     return {n: p for n, p in model.named_parameters() if marker in n}
+
+
+def train_only(model, parameters: dict[str, nn.Parameter], active) -> int:
+    """Freeze every parameter of `model` but `parameters`, activate `active` (an adapter name or a
+    Fuse), put the model in training mode; returns the number of trainable parameters. Callers wrap
+    it in their own @transactional call."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in parameters.values():
+        parameter.requires_grad_(True)
+    set_active_adapters(model, active)
+    model.train()
+    return sum(p.numel() for p in parameters.values())
 
 
 @transactional
@@ -438,13 +457,7 @@ def train_adapter(model, name: str) -> int:
     """Freeze everything but adapter `name`, activate it, put the model in training mode; returns
     (and logs) the number of trainable parameters."""
     parameters = adapter_parameters(model, name)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for parameter in parameters.values():
-        parameter.requires_grad_(True)
-    set_active_adapters(model, name)
-    model.train()
-    trainable = sum(p.numel() for p in parameters.values())
+    trainable = train_only(model, parameters, name)
     total = sum(p.numel() for p in model.parameters())
     logger.info("training adapter %r: %d trainable parameters of %d (%.3f%%)", name, trainable, total, 100.0 * trainable / total)
     return trainable
@@ -456,15 +469,15 @@ def remove_adapter(model, name: str):
     fusion first with remove_adapter_fusion): the fusion's trained weights are not dropped silently.
     If the active setting uses the adapter (alone or in a mixed-task routing), the model falls back
     to the base (no active adapter)."""
-    if name not in _adapter_registry(model):
-        raise ValueError(f"no adapter named {name!r}; the model has {sorted(_adapter_registry(model)) or 'none'}")
-    users = [fusion for fusion, (_, fuse) in _fusion_registry(model).items() if name in fuse.names]
+    if name not in adapter_registry(model):
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(adapter_registry(model)) or 'none'}")
+    users = [fusion for fusion, (_, fuse) in fusion_registry(model).items() if name in fuse.names]
     if users:
         raise ValueError(f"adapter {name!r} is fused by {users}: remove_adapter_fusion(model, ...) first")
-    for _, _, adapter_layer in _adapter_layers(model):
+    for _, _, adapter_layer in adapter_layers(model):
         if name in adapter_layer.adapters:
             adapter_layer.remove(name)
-    del _adapter_registry(model)[name]
+    del adapter_registry(model)[name]
     active = active_adapter(model)
     if active == name or (isinstance(active, RowRouting) and name in active.names):
         set_active_adapters(model, None)

@@ -18,11 +18,11 @@ import torch
 import pefops
 from pefops.hf.adapters import (
     AdapterLayer,
-    _adapter_layers,
-    _adapter_registry,
-    _hidden_size,
-    _layers,
+    adapter_layers,
+    adapter_registry,
     add_adapter,
+    hidden_size_of,
+    model_layers,
     set_active_adapters,
 )
 from pefops.hf.architectures import architecture_of
@@ -66,13 +66,13 @@ def save_adapter(model, directory: str, name: str) -> None:
     """Write adapter `name` (config + weights as safetensors) to `directory`."""
     from safetensors.torch import save_file
 
-    registry = _adapter_registry(model)
+    registry = adapter_registry(model)
     if name not in registry:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(registry) or 'none'}")
     config = registry[name]
     layers_path = architecture_of(model).layers
     tensors = {}
-    for index, site, adapter_layer in _adapter_layers(model):
+    for index, site, adapter_layer in adapter_layers(model):
         if name not in adapter_layer.adapters:
             continue
         prefix = f"{layers_path}.{index}.{site.adapterhub_prefix}.{name}."
@@ -83,7 +83,7 @@ def save_adapter(model, directory: str, name: str) -> None:
     save_file(tensors, os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
     meta = {
         "config": config.to_dict(),
-        "hidden_size": _hidden_size(model),
+        "hidden_size": hidden_size_of(model),
         "model_class": type(model).__name__,
         "model_name": getattr(model.config, "name_or_path", "") or "",
         "model_type": model.config.model_type,
@@ -94,17 +94,30 @@ def save_adapter(model, directory: str, name: str) -> None:
         json.dump(meta, handle, indent=2, sort_keys=True)
 
 
-def _read_weights(directory: str) -> tuple[dict, str]:
-    safetensors_path = os.path.join(directory, SAFETENSORS_FILE)
-    pickle_path = os.path.join(directory, PICKLE_FILE)
+def read_config(directory, config_file: str, what: str) -> tuple[str, str, dict]:
+    """(directory, config path, the JSON object) of an AdapterHub-layout directory; `what` names the
+    kind of directory in the error when the config file is missing."""
+    directory = str(directory)
+    config_path = os.path.join(directory, config_file)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} not found: not {what}")
+    return directory, config_path, read_json_object(config_path)
+
+
+def read_weights(directory: str, safetensors_file: str = SAFETENSORS_FILE,
+                 pickle_file: str = PICKLE_FILE) -> tuple[dict, str]:
+    """(tensors, path) of the weights in `directory`: the safetensors file, else AdapterHub's pickle
+    (read with torch.load(weights_only=True) only)."""
+    safetensors_path = os.path.join(directory, safetensors_file)
+    pickle_path = os.path.join(directory, pickle_file)
     if os.path.exists(safetensors_path):
         return read_safetensors(safetensors_path), safetensors_path
     if os.path.exists(pickle_path):
         return read_pickled_tensors(pickle_path), pickle_path
-    raise FileNotFoundError(f"{directory} has neither {SAFETENSORS_FILE} nor {PICKLE_FILE}")
+    raise FileNotFoundError(f"{directory} has neither {safetensors_file} nor {pickle_file}")
 
 
-def _strip_model_prefix(key: str, layers_path: str) -> str:
+def strip_model_prefix(key: str, layers_path: str) -> str:
     """AdapterHub prefixes keys with the base model's name ("bert.", "transformer.") when the model
     has a head; drop whatever precedes the layers path."""
     if key.startswith(layers_path + "."):
@@ -115,7 +128,7 @@ def _strip_model_prefix(key: str, layers_path: str) -> str:
 
 def _expected_shapes(model, config, hidden_size: int) -> dict:
     """{(layer index, site): {parameter: shape}} of the adapter `config` places, without touching the model."""
-    _, architecture, layers = _layers(model)
+    _, architecture, layers = model_layers(model)
     shapes = {}
     for index in range(len(layers)):
         for site in architecture.sites:
@@ -133,11 +146,7 @@ def load_adapter(model, directory: str, load_as: str | None = None, set_active: 
     """Load a pefops or AdapterHub adapter directory into `model`; returns the adapter's name.
     The config and every tensor (names, exact shapes, dtypes) are checked before the model changes;
     errors name the file and the key."""
-    directory = str(directory)
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: not an adapter directory")
-    meta = read_json_object(config_path)
+    directory, config_path, meta = read_config(directory, CONFIG_FILE, "an adapter directory")
     config_data = meta.get("config")
     if not isinstance(config_data, dict):
         raise ValueError(f"{config_path}: field 'config' must be an object of adapter settings; got {config_data!r}")
@@ -152,7 +161,7 @@ def load_adapter(model, directory: str, load_as: str | None = None, set_active: 
     if meta.get("model_type") not in (None, model_type):
         raise ValueError(f"{config_path}: adapter was trained for model type {meta['model_type']!r}; this model is "
                          f"{model_type!r}")
-    hidden_size = _hidden_size(model)
+    hidden_size = hidden_size_of(model)
     if meta.get("hidden_size") not in (None, hidden_size):
         raise ValueError(f"{config_path}: adapter hidden size {meta['hidden_size']} does not match the model's "
                          f"{hidden_size}")
@@ -164,7 +173,7 @@ def load_adapter(model, directory: str, load_as: str | None = None, set_active: 
     name = load_as or file_name
     if not name:
         raise ValueError(f"{config_path} names no adapter: pass load_as=")
-    if name in _adapter_registry(model):
+    if name in adapter_registry(model):
         raise ValueError(f"model already has an adapter named {name!r}; remove it first or pass load_as=")
     try:
         shapes = _expected_shapes(model, config, hidden_size)
@@ -172,14 +181,14 @@ def load_adapter(model, directory: str, load_as: str | None = None, set_active: 
         raise ValueError(f"{config_path}: {error}") from None
     if not shapes:
         raise ValueError(f"{config_path}: the config places no adapter in this model")
-    weights, weights_path = _read_weights(directory)
+    weights, weights_path = read_weights(directory)
 
     layers_path = architecture_of(model).layers
     prefixes = {f"{layers_path}.{index}.{site.adapterhub_prefix}.{file_name or name}.": (index, site)
                 for (index, site) in shapes}
     loaded = {}
     for key, tensor in weights.items():
-        local_key = _strip_model_prefix(key, layers_path)
+        local_key = strip_model_prefix(key, layers_path)
         prefix = next((p for p in prefixes if local_key.startswith(p)), None)
         if prefix is None:
             raise ValueError(f"{weights_path}: unexpected key {key!r}: not a parameter of adapter "
@@ -201,7 +210,7 @@ def load_adapter(model, directory: str, load_as: str | None = None, set_active: 
 
     add_adapter(model, name, config)  # validated: the commit
     pairs = []
-    for index, site, adapter_layer in _adapter_layers(model):
+    for index, site, adapter_layer in adapter_layers(model):
         if (index, site) in shapes:
             state = adapter_layer.adapters[name].state_dict(keep_vars=True)
             pairs.extend((state[parameter], loaded[((index, site), parameter)]) for parameter in shapes[(index, site)])

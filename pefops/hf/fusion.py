@@ -16,10 +16,10 @@ import os
 import torch
 
 import pefops
-from pefops.hf.adapters import Fuse, _adapter_layers, _adapter_registry, _fusion_registry, _hidden_size
+from pefops.hf.adapters import Fuse, adapter_layers, adapter_registry, fusion_registry, hidden_size_of, train_only
 from pefops.hf.architectures import architecture_of
-from pefops.hf.checkpoint import _strip_model_prefix
-from pefops.hf.checkpoint_io import check_names, check_tensor, field, read_json_object, read_pickled_tensors, read_safetensors
+from pefops.hf.checkpoint import read_config, read_weights, strip_model_prefix
+from pefops.hf.checkpoint_io import check_names, check_tensor, field
 from pefops.hf.transaction import copy_into, transactional
 from pefops.nn.adapter_fusion import AdapterFusion, resolve_fusion_config
 
@@ -49,21 +49,21 @@ def add_adapter_fusion(model, names, config="dynamic", set_active: bool = False)
     fusion_config = resolve_fusion_config(config)
     if len(set(fuse.names)) != len(fuse.names):
         raise ValueError(f"a fusion fuses distinct adapters; got {list(fuse.names)}")
-    registry = _adapter_registry(model)
+    registry = adapter_registry(model)
     missing = [n for n in fuse.names if n not in registry]
     if missing:
         raise ValueError(f"cannot fuse unknown adapters {missing}; the model has {sorted(registry)}")
-    if fuse.name in _fusion_registry(model):
+    if fuse.name in fusion_registry(model):
         raise ValueError(f"the model already has a fusion {fuse.name!r}")
     parallel = [n for n in fuse.names if registry[n].is_parallel]
     if parallel:
         raise ValueError(f"AdapterFusion over parallel (par_bn) adapters is not supported; {parallel} are parallel")
-    hidden = _hidden_size(model)
+    hidden = hidden_size_of(model)
     # AdapterHub: `dropout_prob or the model's attention dropout`, so 0.0 also falls back to the model's
     dropout = fusion_config.dropout_prob or getattr(model.config, "attention_probs_dropout_prob", 0.0) or 0.0
     reference = next(model.parameters())
     added = 0
-    for _, _, adapter_layer in _adapter_layers(model):
+    for _, _, adapter_layer in adapter_layers(model):
         if all(n in adapter_layer.adapters for n in fuse.names):
             layer = AdapterFusion(hidden, fusion_config, dropout_prob=dropout)
             layer.train(model.training)  # a layer added to a model in eval mode must not run dropout
@@ -71,7 +71,7 @@ def add_adapter_fusion(model, names, config="dynamic", set_active: bool = False)
             added += 1
     if added == 0:
         raise ValueError(f"no site holds all of {list(fuse.names)}: nothing to fuse")
-    _fusion_registry(model)[fuse.name] = (fusion_config, fuse)
+    fusion_registry(model)[fuse.name] = (fusion_config, fuse)
     if set_active:
         from pefops.hf.adapters import set_active_adapters
 
@@ -81,7 +81,7 @@ def add_adapter_fusion(model, names, config="dynamic", set_active: bool = False)
 
 def fusion_parameters(model, names) -> dict[str, torch.nn.Parameter]:
     fuse = _as_fuse(names)
-    if fuse.name not in _fusion_registry(model):
+    if fuse.name not in fusion_registry(model):
         raise ValueError(f"no fusion {fuse.name!r}; add it with add_adapter_fusion")
     marker = f".fusions.{fuse.name}."
     return {n: p for n, p in model.named_parameters() if marker in n}
@@ -91,17 +91,8 @@ def fusion_parameters(model, names) -> dict[str, torch.nn.Parameter]:
 def train_adapter_fusion(model, names) -> int:
     """Freeze everything but the fusion layers of `names` (the fused adapters stay frozen),
     activate the fusion, put the model in training mode; returns the trainable parameter count."""
-    from pefops.hf.adapters import set_active_adapters
-
     fuse = _as_fuse(names)
-    parameters = fusion_parameters(model, fuse)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for parameter in parameters.values():
-        parameter.requires_grad_(True)
-    set_active_adapters(model, fuse)
-    model.train()
-    trainable = sum(p.numel() for p in parameters.values())
+    trainable = train_only(model, fusion_parameters(model, fuse), fuse)
     logger.info("training fusion %r: %d trainable parameters", fuse.name, trainable)
     return trainable
 
@@ -111,7 +102,7 @@ def fusion_regularization_loss(model):
     value matrix trains (None when there is none). As there, the config's `regularization` flag is
     not consulted: the caller adds this loss when it wants the regulariser."""
     total = None
-    for _, _, adapter_layer in _adapter_layers(model):
+    for _, _, adapter_layer in adapter_layers(model):
         for layer in adapter_layer.fusions.values():
             if layer.value is not None and layer.value.weight.requires_grad:
                 loss = layer.regularization_loss()
@@ -123,12 +114,12 @@ def save_adapter_fusion(model, directory: str, names) -> None:
     from safetensors.torch import save_file
 
     fuse = _as_fuse(names)
-    if fuse.name not in _fusion_registry(model):
+    if fuse.name not in fusion_registry(model):
         raise ValueError(f"no fusion {fuse.name!r}")
-    fusion_config, _ = _fusion_registry(model)[fuse.name]
+    fusion_config, _ = fusion_registry(model)[fuse.name]
     layers_path = architecture_of(model).layers
     tensors = {}
-    for index, site, adapter_layer in _adapter_layers(model):
+    for index, site, adapter_layer in adapter_layers(model):
         if fuse.name in adapter_layer.fusions:
             prefix = f"{layers_path}.{index}.{_fusion_prefix(site)}.{fuse.name}."
             for key, tensor in adapter_layer.fusions[fuse.name].state_dict().items():
@@ -136,7 +127,7 @@ def save_adapter_fusion(model, directory: str, names) -> None:
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
     meta = {"config": fusion_config.to_dict(), "adapter_names": list(fuse.names), "name": fuse.name,
-            "hidden_size": _hidden_size(model), "model_type": model.config.model_type,
+            "hidden_size": hidden_size_of(model), "model_type": model.config.model_type,
             "model_class": type(model).__name__, "version": f"pefops.{pefops.__version__}"}
     with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
@@ -149,12 +140,12 @@ def remove_adapter_fusion(model, names) -> None:
     from pefops.hf.adapters import active_adapter, set_active_adapters
 
     fuse = _as_fuse(names)
-    if fuse.name not in _fusion_registry(model):
-        raise ValueError(f"no fusion {fuse.name!r}; the model has {sorted(_fusion_registry(model)) or 'none'}")
-    for _, _, adapter_layer in _adapter_layers(model):
+    if fuse.name not in fusion_registry(model):
+        raise ValueError(f"no fusion {fuse.name!r}; the model has {sorted(fusion_registry(model)) or 'none'}")
+    for _, _, adapter_layer in adapter_layers(model):
         if fuse.name in adapter_layer.fusions:
             del adapter_layer.fusions[fuse.name]
-    del _fusion_registry(model)[fuse.name]
+    del fusion_registry(model)[fuse.name]
     if active_adapter(model) == fuse:
         set_active_adapters(model, None)
 
@@ -163,11 +154,7 @@ def remove_adapter_fusion(model, names) -> None:
 def load_adapter_fusion(model, directory: str, set_active: bool = False) -> Fuse:
     """Load a pefops or AdapterHub fusion directory; the fused adapters must be loaded already.
     The config and every tensor (names, exact shapes, dtypes) are checked before the model changes."""
-    directory = str(directory)
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: not an adapter fusion directory")
-    meta = read_json_object(config_path)
+    directory, config_path, meta = read_config(directory, CONFIG_FILE, "an adapter fusion directory")
     names = meta.get("adapter_names")
     if names is None:
         name = field(meta, "name", config_path, str)
@@ -186,38 +173,31 @@ def load_adapter_fusion(model, directory: str, set_active: bool = False) -> Fuse
     if meta.get("model_type") not in (None, model.config.model_type):
         raise ValueError(f"{config_path}: fusion was trained for model type {meta['model_type']!r}; this model is "
                          f"{model.config.model_type!r}")
-    hidden = _hidden_size(model)
+    hidden = hidden_size_of(model)
     if meta.get("hidden_size") not in (None, hidden):
         raise ValueError(f"{config_path}: fusion hidden size {meta['hidden_size']} does not match the model's {hidden}")
-    registry = _adapter_registry(model)
+    registry = adapter_registry(model)
     missing = [n for n in fuse.names if n not in registry]
     if missing:
         raise ValueError(f"{config_path} fuses adapters {missing} the model does not have (load them first); the model "
                          f"has {sorted(registry) or 'none'}")
-    if fuse.name in _fusion_registry(model):
+    if fuse.name in fusion_registry(model):
         raise ValueError(f"the model already has a fusion {fuse.name!r}")
-    safetensors_path = os.path.join(directory, SAFETENSORS_FILE)
-    pickle_path = os.path.join(directory, PICKLE_FILE)
-    if os.path.exists(safetensors_path):
-        weights, weights_path = read_safetensors(safetensors_path), safetensors_path
-    elif os.path.exists(pickle_path):
-        weights, weights_path = read_pickled_tensors(pickle_path), pickle_path
-    else:
-        raise FileNotFoundError(f"{directory} has neither {SAFETENSORS_FILE} nor {PICKLE_FILE}")
+    weights, weights_path = read_weights(directory, SAFETENSORS_FILE, PICKLE_FILE)
 
     layers_path = architecture_of(model).layers
     with torch.device("meta"):
         probe = AdapterFusion(hidden, fusion_config)
     shapes = {key: tuple(t.shape) for key, t in probe.state_dict().items()}
     expected = {}
-    for index, site, adapter_layer in _adapter_layers(model):
+    for index, site, adapter_layer in adapter_layers(model):
         if all(n in adapter_layer.adapters for n in fuse.names):
             prefix = f"{layers_path}.{index}.{_fusion_prefix(site)}.{file_name}."
             for key, shape in shapes.items():
                 expected[prefix + key] = (index, site.location, key, shape)
     found = {}
     for key, tensor in weights.items():
-        local = _strip_model_prefix(key, layers_path)
+        local = strip_model_prefix(key, layers_path)
         if local not in expected:
             raise ValueError(f"{weights_path}: unexpected key {key!r}: not a parameter of fusion {file_name!r} at a "
                              "site of this model that holds all its adapters")
@@ -227,7 +207,7 @@ def load_adapter_fusion(model, directory: str, set_active: bool = False) -> Fuse
 
     add_adapter_fusion(model, fuse, fusion_config)  # validated: the commit
     pairs = []
-    for index, site, adapter_layer in _adapter_layers(model):
+    for index, site, adapter_layer in adapter_layers(model):
         if fuse.name in adapter_layer.fusions:
             state = adapter_layer.fusions[fuse.name].state_dict(keep_vars=True)
             prefix = f"{layers_path}.{index}.{_fusion_prefix(site)}.{file_name}."

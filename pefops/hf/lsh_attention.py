@@ -2,10 +2,11 @@
 
 1. `apply_lsh_attention(model)`: every transformers `LSHSelfAttention` inside a Reformer model
    (ReformerModel, ReformerModelWithLMHead, ReformerForMaskedLM, ...; also mixed "local"/"lsh"
-   layers) runs pefops' fused op. The patch is an entry of `LSH_PATCHES`, a table from (model
-   type, module class) to the replacement forward, not code per model. Same configuration and
-   hash_seed: outputs, loss and every gradient equal the unpatched model (fp32 tolerance), including
-   Reformer's reversible backward, which recomputes each layer with the buckets of its forward pass.
+   layers) runs pefops' fused op. Which layers get which replacement forward is the `lsh_patches`
+   field of the model type's entry in pefops.hf.architectures.ARCHITECTURES, not code per model.
+   Same configuration and hash_seed: outputs, loss and every gradient equal the unpatched model
+   (fp32 tolerance), including Reformer's reversible backward, which recomputes each layer with the
+   buckets of its forward pass.
    transformers' own forward still serves what the fused op does not: a decoding step with cached
    buckets/states (`past_buckets_states` already holding this layer) and `output_attentions=True`
    (the op never materialises attention probabilities). num_buckets=None keeps transformers' rule
@@ -35,11 +36,11 @@ from __future__ import annotations
 import importlib
 import types
 import weakref
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from pefops.hf.architectures import architecture_of, model_type_of
 from pefops.hf.transaction import transactional
 from pefops.nn.lsh_attention import (
     BucketsMismatch,
@@ -57,8 +58,8 @@ ATTN_IMPLEMENTATION = "pefops_lsh"
 # ---------------------------------------------------------------------------------------------------
 # 1. Reformer: patch transformers' LSHSelfAttention in place
 
-def _reformer_lsh_forward(self, hidden_states, attention_mask=None, num_hashes=None, buckets=None,
-                          past_buckets_states=None, use_cache=False, output_attentions=False, **kwargs):
+def reformer_lsh_forward(self, hidden_states, attention_mask=None, num_hashes=None, buckets=None,
+                         past_buckets_states=None, use_cache=False, output_attentions=False, **kwargs):
     """Replacement for transformers' `LSHSelfAttention.forward` (same signature and output)."""
     def transformers_forward():
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, num_hashes=num_hashes,
@@ -92,21 +93,10 @@ def _reformer_lsh_forward(self, hidden_states, attention_mask=None, num_hashes=N
     return output_class(hidden_states=merge_heads(out), attention_probs=(), buckets=new_buckets)
 
 
-@dataclass(frozen=True)
-class LSHPatch:
-    module: str  # "<python module>:<class name>" of the transformers layer
-    forward: object  # the replacement forward, bound to each instance
-
-
-# (model type) -> the layers to patch and their replacement: a table, not code per model
-LSH_PATCHES = {
-    "reformer": (LSHPatch("transformers.models.reformer.modeling_reformer:LSHSelfAttention", _reformer_lsh_forward),),
-}
-
-
-def _patch_class(patch: LSHPatch):
-    module_name, class_name = patch.module.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+def _import_object(reference: str):
+    """The object a "<python module>:<name>" reference names (the architecture table's LSH patches)."""
+    module_name, name = reference.split(":")
+    return getattr(importlib.import_module(module_name), name)
 
 
 class LSHAttentionHandle:
@@ -130,22 +120,22 @@ class LSHAttentionHandle:
 def apply_lsh_attention(model) -> LSHAttentionHandle:
     """Make every LSH attention layer of a transformers Reformer model run pefops' fused op.
     Returns a handle whose `.remove()` undoes it (as does `remove_lsh_attention(model)`)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in LSH_PATCHES:
-        raise ValueError(
-            f"apply_lsh_attention supports model types {', '.join(sorted(LSH_PATCHES))}; got {model_type!r} "
-            f"(other architectures: attn_implementation={ATTN_IMPLEMENTATION!r}, see configure_lsh_attention)"
-        )
+    try:
+        architecture = architecture_of(model, "lsh_patches")
+    except ValueError as error:
+        raise ValueError(f"{error} (other architectures: attn_implementation={ATTN_IMPLEMENTATION!r}, see "
+                         "configure_lsh_attention)") from None
     patched = []
-    for patch in LSH_PATCHES[model_type]:
-        layer_class = _patch_class(patch)
+    for patch in architecture.lsh_patches:
+        layer_class, forward = _import_object(patch.layer), _import_object(patch.forward)
         for module in model.modules():
             if type(module) is layer_class and not getattr(module, "_pefops_lsh_patched", False):
-                module.forward = types.MethodType(patch.forward, module)
+                module.forward = types.MethodType(forward, module)
                 module._pefops_lsh_patched = True
                 patched.append(module)
     if not patched and not any(getattr(m, "_pefops_lsh_patched", False) for m in model.modules()):
-        raise ValueError(f"no LSH attention layer found in this {model_type} model (config.attn_layers has no 'lsh'?)")
+        raise ValueError(f"no LSH attention layer found in this {model_type_of(model)} model (config.attn_layers has "
+                         "no 'lsh'?)")
     return LSHAttentionHandle(patched)
 
 

@@ -29,59 +29,27 @@ At initialisation the prefix is NOT a no-op: every prefix slot takes softmax mas
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from pefops.hf.architectures import get_submodule
+from pefops.hf.architectures import ARCHITECTURES, Architecture, architecture_of, get_submodule, model_type_of
+from pefops.hf.prompt_tuning import ATTRIBUTE as PROMPT_ATTRIBUTE, _commit_prompt, _plan_prompt
 from pefops.hf.transaction import copy_into, transactional
+from pefops.hf.virtual_tokens import (
+    check_trainable_modules,
+    set_trainable_modules,
+    tokens_disabled,
+    trainable_module_parameters,
+)
 from pefops.nn.prefix_tuning import PrefixEncoder
 
 SITE_ATTRIBUTE = "_pefops_prefix_site"  # on an attention module: (PrefixTuning, index into its encoder)
 ATTRIBUTE = "prefix_tuning"  # the PrefixTuning module on the model
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class SiteGroup:
-    kind: str  # "self" (decoder-only / encoder-only), "encoder", "decoder" or "cross" (T5)
-    layers: str  # path from the base model to the layers' ModuleList
-    attention: str  # path inside one layer to the module that calls the attention function
-
-
-@dataclass(frozen=True)
-class PrefixArchitecture:
-    groups: tuple
-    head_dim: str  # config attribute with the head size ("" = hidden_size // num_attention_heads)
-    positions: bool  # whether peft_compatible_positions is supported (positions are arange + offset)
-
-
-_BERT_LIKE = PrefixArchitecture((SiteGroup("self", "encoder.layer", "attention.self"),), "", positions=True)
-PREFIX_ARCHITECTURES = {
-    "gpt2": PrefixArchitecture((SiteGroup("self", "h", "attn"),), "", positions=True),
-    "llama": PrefixArchitecture((SiteGroup("self", "layers", "self_attn"),), "head_dim", positions=True),
-    "bert": _BERT_LIKE,
-    # RoBERTa numbers positions from padding_idx + 1 over non-pad tokens: no simple shift by P
-    "roberta": PrefixArchitecture(_BERT_LIKE.groups, "", positions=False),
-    "t5": PrefixArchitecture(
-        (SiteGroup("encoder", "encoder.block", "layer.0.SelfAttention"),
-         SiteGroup("decoder", "decoder.block", "layer.0.SelfAttention"),
-         SiteGroup("cross", "decoder.block", "layer.1.EncDecAttention")),
-        "d_kv", positions=False),
-}
-
-
-def _model_type(model) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in PREFIX_ARCHITECTURES:
-        raise ValueError(f"prefix-tuning supports model types {', '.join(sorted(PREFIX_ARCHITECTURES))}; "
-                         f"got {model_type!r}")
-    return model_type
 
 
 def _base(model):
@@ -192,48 +160,6 @@ def _set_implementation(model, name: str) -> None:
 # ------------------------------------------------------------------------------------ the module
 
 
-def check_trainable_modules(model, names) -> tuple[str, ...]:
-    """The names of `trainable_modules`, checked (each a submodule of `model` with parameters); the model
-    is not changed."""
-    if isinstance(names, str):
-        names = (names,)
-    if names is None:
-        names = ()
-    try:
-        names = tuple(names)
-    except TypeError:
-        raise ValueError(f"trainable_modules must be a list of submodule names; got {names!r}") from None
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"trainable_modules: names must be non-empty strings; got {name!r}")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            children = [child for child, _ in model.named_children()]
-            raise ValueError(f"trainable_modules: the model has no submodule {name!r} (top-level modules: "
-                             f"{children})") from None
-        if not any(True for _ in module.parameters()):
-            raise ValueError(f"trainable_modules: {name!r} has no parameters")
-    return names
-
-
-@transactional
-def set_trainable_modules(model, names) -> tuple[str, ...]:
-    """Make the named submodules of `model` (e.g. a task head: "classifier", "score") trainable after
-    the base was frozen; save_prefix writes them with the prefix (PEFT's modules_to_save). All names
-    are checked before any changes."""
-    names = check_trainable_modules(model, names)
-    for name in names:
-        model.get_submodule(name).requires_grad_(True)
-    return names
-
-
-def trainable_module_parameters(model, names) -> dict[str, nn.Parameter]:
-    """{"model.<module>.<parameter>": parameter} of the trainable modules (the keys save_prefix uses)."""
-    return {f"model.{name}.{key}": parameter for name in names
-            for key, parameter in model.get_submodule(name).named_parameters()}
-
-
 class PrefixTuning(nn.Module):
     """The prefix of one model: the PrefixEncoder (one "layer" per attention site) plus what
     apply_prefix_tuning changed, so it can be undone. Lives on the model as `model.prefix_tuning`."""
@@ -269,22 +195,22 @@ class PrefixTuning(nn.Module):
                 f"peft_compatible_positions={self.peft_compatible_positions}, enabled={self.enabled}")
 
 
-def _heads(config, architecture: PrefixArchitecture) -> tuple[int, int]:
+def _heads(config, architecture: Architecture) -> tuple[int, int]:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, architecture.head_dim, None) if architecture.head_dim else None
+    head_dim = getattr(config, architecture.prefix.head_dim, None) if architecture.prefix.head_dim else None
     return kv_heads, head_dim or config.hidden_size // heads
 
 
-def _sites(model, architecture: PrefixArchitecture, cross_attention: bool) -> list[tuple[str, nn.Module]]:
+def _sites(model, architecture: Architecture, cross_attention: bool) -> list[tuple[str, nn.Module]]:
     base = _base(model)
     names = {id(module): name for name, module in model.named_modules()}
     sites = []
-    for group in architecture.groups:
+    for group in architecture.prefix.groups:
         if group.kind == "cross" and not cross_attention:
             continue
         try:
-            layers = get_submodule(base, group.layers)
+            layers = get_submodule(base, architecture.stack(group.layers))
         except AttributeError:
             continue  # e.g. T5EncoderModel has no decoder
         if layers is None:
@@ -338,17 +264,19 @@ def apply_prefix_tuning(model, num_virtual_tokens: int, projection: bool = True,
 def _plan_prefix(model, num_virtual_tokens, projection, projection_hidden, peft_compatible_positions, cross_attention,
                  zero_init, embedding_dim, trainable_modules):
     """Every check apply_prefix_tuning makes, and the PrefixTuning it would add; the model is not changed."""
-    model_type = _model_type(model)
+    architecture = architecture_of(model, "prefix")
+    model_type = model_type_of(model)
     if getattr(model, ATTRIBUTE, None) is not None:
         raise ValueError("the model already has prefix-tuning: call remove_prefix_tuning first")
     if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise ValueError(f"num_virtual_tokens must be a positive int; got {num_virtual_tokens!r}")
-    architecture = PREFIX_ARCHITECTURES[model_type]
-    if peft_compatible_positions and not architecture.positions:
-        raise ValueError(f"peft_compatible_positions is supported for GPT-2, LLaMA and BERT; {model_type} numbers "
-                         "positions differently (RoBERTa: from the padding index, T5: relative buckets)")
-    if cross_attention and model_type != "t5":
-        raise ValueError("cross_attention=True is for T5 (encoder-decoder) models")
+    if peft_compatible_positions and not architecture.prefix.positions:
+        shifted = [name for name, entry in ARCHITECTURES.items() if entry.prefix is not None and entry.prefix.positions]
+        raise ValueError(f"peft_compatible_positions is supported for model types {', '.join(sorted(shifted))}; "
+                         f"{model_type} numbers positions differently (RoBERTa: from the padding index, T5: relative "
+                         "buckets)")
+    if cross_attention and not any(group.kind == "cross" for group in architecture.prefix.groups):
+        raise ValueError(f"cross_attention=True is for encoder-decoder models (T5); this is {model_type!r}")
     base_implementation = model.config._attn_implementation
     if base_implementation not in BASE_IMPLEMENTATIONS:
         raise ValueError(f"prefix-tuning wraps the 'sdpa' or 'eager' attention implementation; the model uses "
@@ -396,15 +324,9 @@ def prefix_parameters(model) -> dict[str, nn.Parameter]:
     return {f"{ATTRIBUTE}.{name}": p for name, p in _owner(model).named_parameters()}
 
 
-@contextlib.contextmanager
 def prefix_disabled(model):
     """Run the base model without its prefix inside the block (exactly the model's original attention)."""
-    owner = _owner(model)
-    previous, owner.enabled = owner.enabled, False
-    try:
-        yield
-    finally:
-        owner.enabled = previous
+    return tokens_disabled(_owner(model))
 
 
 @transactional
@@ -431,8 +353,6 @@ FORMAT = "pefops-prefix-1"
 
 def _tuning_module(model):
     """The model's PrefixTuning or PromptTuning (save_prefix / load_prefix serve both)."""
-    from pefops.hf.prompt_tuning import ATTRIBUTE as PROMPT_ATTRIBUTE
-
     found = [getattr(model, name) for name in (ATTRIBUTE, PROMPT_ATTRIBUTE) if getattr(model, name, None) is not None]
     if len(found) != 1:
         raise ValueError("save_prefix needs a model with exactly one of prefix-tuning / prompt tuning applied; "
@@ -493,7 +413,6 @@ def load_prefix(model, directory):
     from pathlib import Path
 
     from pefops.hf.checkpoint_io import check_names, check_tensor, read_safetensors
-    from pefops.hf.prompt_tuning import ATTRIBUTE as PROMPT_ATTRIBUTE, _commit_prompt, _plan_prompt
 
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME

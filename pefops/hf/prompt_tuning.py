@@ -14,17 +14,15 @@ that variant is not reproduced.)
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
-from pefops.hf.prefix_tuning import check_trainable_modules, set_trainable_modules
+from pefops.hf.architectures import architecture_of, model_type_of
 from pefops.hf.transaction import transactional
+from pefops.hf.virtual_tokens import check_trainable_modules, set_trainable_modules, tokens_disabled
 from pefops.nn.prefix_tuning import PromptEmbedding
 
 ATTRIBUTE = "prompt_tuning"
-MODEL_TYPES = ("gpt2", "llama", "bert", "roberta", "t5")
 
 
 class PromptTuning(nn.Module):
@@ -121,9 +119,8 @@ def apply_prompt_tuning(model, num_virtual_tokens: int, init="random", tokenizer
 
 def _plan_prompt(model, num_virtual_tokens, init, tokenizer, init_std, generator, trainable_modules) -> PromptTuning:
     """Every check apply_prompt_tuning makes, and the PromptTuning it would add; the model is not changed."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"prompt tuning supports model types {', '.join(MODEL_TYPES)}; got {model_type!r}")
+    architecture_of(model, "prompt")
+    model_type = model_type_of(model)
     if getattr(model, ATTRIBUTE, None) is not None:
         raise ValueError("the model already has prompt tuning: call remove_prompt_tuning first")
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
@@ -157,15 +154,9 @@ def _owner(model) -> PromptTuning:
     return owner
 
 
-@contextlib.contextmanager
 def prompt_disabled(model):
     """Run the model without its virtual prompt inside the block."""
-    owner = _owner(model)
-    previous, owner.enabled = owner.enabled, False
-    try:
-        yield
-    finally:
-        owner.enabled = previous
+    return tokens_disabled(_owner(model))
 
 
 @transactional

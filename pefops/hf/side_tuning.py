@@ -20,43 +20,35 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pefops.hf.architectures import Architecture, SideWeights, architecture_of, get_submodule
 from pefops.hf.checkpoint_io import check_names, check_tensor, read_safetensors
 from pefops.hf.transaction import copy_into, transactional
-from pefops.nn.side_tuning import LadderSideNetwork, SideTuned, _blend_output
+from pefops.nn.side_tuning import LadderSideNetwork, SideTuned
+from pefops.ops.gated_blend import alpha_blend
 
 METHODS = ("side", "ladder")
-# per architecture: the base's layers, its token embedding, and the Linear-oriented ([out, in])
-# weights of one layer as (q, k, v, o, fc_in, fc_out)
-_SIDE_TABLE = {
-    "bert": ("encoder.layer", "embeddings.word_embeddings.weight",
-             lambda l: (l.attention.self.query.weight, l.attention.self.key.weight, l.attention.self.value.weight,
-                        l.attention.output.dense.weight, l.intermediate.dense.weight, l.output.dense.weight)),
-    "gpt2": ("h", "wte.weight",
-             lambda l: (*l.attn.c_attn.weight.t().chunk(3, dim=0), l.attn.c_proj.weight.t(), l.mlp.c_fc.weight.t(),
-                        l.mlp.c_proj.weight.t())),
-    "llama": ("layers", "embed_tokens.weight",
-              lambda l: (l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight,
-                         l.self_attn.o_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight)),
-    "t5": ("encoder.block", "shared.weight",
-           lambda l: (l.layer[0].SelfAttention.q.weight, l.layer[0].SelfAttention.k.weight,
-                      l.layer[0].SelfAttention.v.weight, l.layer[0].SelfAttention.o.weight,
-                      getattr(l.layer[1].DenseReluDense, "wi", None) or l.layer[1].DenseReluDense.wi_1,
-                      l.layer[1].DenseReluDense.wo.weight)),
-}
-_SIDE_TABLE["roberta"] = _SIDE_TABLE["bert"]
 
 
-def _model_type(model) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _SIDE_TABLE:
-        raise ValueError(f"side_tune supports model types {', '.join(sorted(_SIDE_TABLE))}; got {model_type!r}")
-    return model_type
+def _linear_weight(layer: nn.Module, path, part: int = 0, parts: int = 1) -> torch.Tensor:
+    """The weight at `path` inside `layer`, Linear-oriented [out, in] (a Conv1D's is transposed);
+    `parts` > 1: the `part`-th row block of a fused projection. A tuple of paths: the first the layer has."""
+    paths = (path,) if isinstance(path, str) else path
+    for candidate in paths:
+        try:
+            module = get_submodule(layer, candidate)
+        except AttributeError:
+            continue
+        weight = module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+        return weight.chunk(parts, dim=0)[part]
+    raise ValueError(f"side_tune: the {type(layer).__name__} layer has none of {list(paths)}")
 
 
-def _get(root, path):
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
+def _layer_weights(layer: nn.Module, side: SideWeights) -> tuple:
+    """(q, k, v, o, fc_in, fc_out) of one base layer, each [out, in]."""
+    fused = side.query == side.key == side.value  # one [q; k; v] projection
+    q, k, v = (_linear_weight(layer, path, index if fused else 0, 3 if fused else 1)
+               for index, path in enumerate((side.query, side.key, side.value)))
+    return (q, k, v, *(_linear_weight(layer, path) for path in (side.output, side.fc_in, side.fc_out)))
 
 
 class SideTunedModel(nn.Module):
@@ -118,7 +110,8 @@ class SideTunedModel(nn.Module):
             side_out = self.side(input_ids=input_ids, attention_mask=attention_mask)
         from transformers.modeling_outputs import BaseModelOutput
 
-        return _blend_output(BaseModelOutput(last_hidden_state=last_hidden), side_out, self.tuned.alpha)
+        side_hidden = side_out if isinstance(side_out, torch.Tensor) else side_out.last_hidden_state
+        return BaseModelOutput(last_hidden_state=alpha_blend(last_hidden, side_hidden, self.tuned.alpha))
 
     def side_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if not name.startswith("tuned.base.")}
@@ -134,7 +127,7 @@ def side_tune(model, method: str = "ladder", reduction_factor: float = 8, side: 
     input_ids and attention_mask; returns a tensor or an output with last_hidden_state)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    model_type = _model_type(model)
+    architecture = architecture_of(model, "side")
     if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) or not reduction_factor > 0:
         raise ValueError(f"reduction_factor must be a positive number; got {reduction_factor!r}")
     if side is not None and not isinstance(side, nn.Module):
@@ -144,14 +137,14 @@ def side_tune(model, method: str = "ladder", reduction_factor: float = 8, side: 
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or config.n_embd
     num_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None) or config.n_layer
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None) or config.n_head
-    causal = model_type in ("gpt2", "llama")
+    causal = architecture.causal
     if side is None:
         side = LadderSideNetwork(hidden, num_layers, reduction_factor, temperature=temperature, causal=causal,
                                  ladder=method == "ladder", base_num_heads=heads)
         reference = next(base.parameters())
         side = side.to(device=reference.device, dtype=torch.float32)
         if init_from_base:
-            _initialise_from_base(side, base, model_type)
+            _initialise_from_base(side, base, architecture)
     elif method == "ladder" and not isinstance(side, LadderSideNetwork):
         raise ValueError("method='ladder' needs a LadderSideNetwork side (or side=None to build one)")
     wrapped = SideTunedModel(base, side, method, alpha_init=alpha_init, cache_base=cache_base)
@@ -161,10 +154,10 @@ def side_tune(model, method: str = "ladder", reduction_factor: float = 8, side: 
 
 
 @torch.no_grad()
-def _initialise_from_base(side: LadderSideNetwork, base: nn.Module, model_type: str) -> None:
-    layers_path, embedding_path, layer_weights = _SIDE_TABLE[model_type]
+def _initialise_from_base(side: LadderSideNetwork, base: nn.Module, architecture: Architecture) -> None:
+    weights = architecture.side
     width = side.width
-    embedding = _get(base, embedding_path).float()
+    embedding = get_submodule(base, weights.embedding).weight.float()
     kept = embedding.norm(dim=0).topk(width).indices.sort().values  # residual-stream units kept
     selection = torch.zeros(width, side.hidden_size, device=embedding.device)
     selection[torch.arange(width), kept] = 1.0
@@ -173,9 +166,9 @@ def _initialise_from_base(side: LadderSideNetwork, base: nn.Module, model_type: 
         down.bias.zero_()
     side.up.weight.copy_(selection.t())
     side.up.bias.zero_()
-    layers = _get(base, layers_path)
+    layers = get_submodule(base, architecture.stack(weights.layers))
     for block, layer in zip(side.blocks, layers):
-        q, k, v, o, fc_in, fc_out = (w.weight if isinstance(w, nn.Linear) else w for w in layer_weights(layer))
+        q, k, v, o, fc_in, fc_out = _layer_weights(layer, weights)
         columns = lambda w: w.float()[:, kept]  # noqa: E731  inputs restricted to the kept units
         qk_rows = _top_rows(q, k, width)
         v_rows = _top_rows(v, None, width)

@@ -335,9 +335,9 @@ def test_errors():
     model = make_model("gpt2")
     with pytest.raises(ValueError, match="positive int"):
         hf.apply_prefix_tuning(model, 0)
-    with pytest.raises(ValueError, match="cross_attention=True is for T5"):
+    with pytest.raises(ValueError, match="cross_attention=True is for encoder-decoder models"):
         hf.apply_prefix_tuning(model, 2, cross_attention=True)
-    with pytest.raises(ValueError, match="peft_compatible_positions is supported for GPT-2, LLaMA and BERT"):
+    with pytest.raises(ValueError, match="peft_compatible_positions is supported for model types bert, gpt2, llama;"):
         hf.apply_prefix_tuning(make_model("t5"), 2, peft_compatible_positions=True)
     with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
         model.config._attn_implementation_internal = "flash_attention_2"
