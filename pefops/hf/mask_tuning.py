@@ -78,7 +78,9 @@ def apply_mask_tuning(model, threshold: float = 1e-2, init_sparsity: float = 0.5
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MaskedLinear.from_linear(module, threshold, init_sparsity, train_bias=train_bias))
+        masked = MaskedLinear.from_linear(module, threshold, init_sparsity, train_bias=train_bias)
+        _carry_hooks(module, masked)
+        setattr(parent, child, masked)
         replaced.append(name)
     if not replaced:
         raise ValueError(f"no Linear layer matched targets={targets} in the transformer layers")
@@ -93,6 +95,14 @@ def apply_mask_tuning(model, threshold: float = 1e-2, init_sparsity: float = 0.5
     for parameter in _head_parameters(model).values():
         parameter.requires_grad_(True)
     return replaced
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The replaced layer's forward hooks go to its MaskedLinear: a pre-norm adapter site hooks the
+    output projection (GPT-2 mlp.c_proj, LLaMA o_proj), and masking it must not drop the adapter."""
+    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        getattr(new, hooks).update(getattr(old, hooks, {}))
 
 
 def _head_parameters(model) -> dict[str, nn.Parameter]:
