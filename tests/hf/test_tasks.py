@@ -172,3 +172,27 @@ def test_mixed_gradients_equal_each_task_alone(checkpoints):
     assert all(mixed[n].abs().sum() > 0 for n in fusion_only)
     for n, p in trained.items():
         torch.testing.assert_close(mixed[n], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_and_prompt_checkpoints_load_as_inactive_tasks(tmp_path):
+    for method, apply in (("prefix_tuning", lambda m: hf.apply_prefix_tuning(m, 3, projection_hidden=8)),
+                          ("prompt_tuning", lambda m: hf.apply_prompt_tuning(m, 2))):
+        source = tiny("gpt2")
+        apply(source)
+        hf.save_prefix(source, tmp_path / method)
+    model = tiny("gpt2")
+    with torch.no_grad():
+        base = model(input_ids=TOKENS, attention_mask=ATTENTION).last_hidden_state
+    implementation = model.config._attn_implementation
+    assert hf.load_task(model, "p", tmp_path / "prefix_tuning") == "prefix_tuning"
+    assert hf.load_task(model, "q", tmp_path / "prompt_tuning") == "prompt_tuning"
+    assert model.config._attn_implementation == implementation  # inactive: the model's own attention
+    assert getattr(model, "prefix_tuning", None) is None and getattr(model, "prompt_tuning", None) is None
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("pefops_task_modules."))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=TOKENS, attention_mask=ATTENTION).last_hidden_state, base)
+    listing = hf.list_tasks(model)
+    assert (listing["p"]["method"], listing["q"]["method"]) == ("prefix_tuning", "prompt_tuning")
+    assert listing["q"]["stored_parameters"] == 2 * 32 and listing["q"]["trainable_parameters"] == 0
+    with pytest.raises(ValueError, match="prefix and prompt tasks are not routed per row yet"):
+        hf.set_row_tasks(model, ["p", None], torch.tensor([0, 1]))
