@@ -46,6 +46,7 @@ from pefops.hf.prefix_tuning import (
     save_prefix,
 )
 from pefops.hf.prompt_tuning import PromptTuning, apply_prompt_tuning, prompt_disabled, remove_prompt_tuning
+from pefops.hf.tasks import list_tasks, load_task, set_row_tasks
 from pefops.hf.transaction import model_transaction
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "PrefixTuning", "PromptTuning", "apply_prefix_tuning", "apply_prompt_tuning", "load_peft_prefix", "load_peft_prompt",
     "load_prefix", "prefix_disabled", "prefix_parameters", "prompt_disabled", "remove_prefix_tuning",
     "remove_prompt_tuning", "save_prefix", "model_transaction",
+    "list_tasks", "load_task", "set_row_tasks",
 ]

@@ -124,9 +124,15 @@ class AdapterLayer(nn.Module):
         active = self.active
         if isinstance(active, Fuse):
             return active.name in self.fusions
-        if isinstance(active, RowRouting):
-            return any(name in self.adapters for name in active.names)
+        if isinstance(active, RowRouting):  # names: adapter names, Fuse compositions (set_row_tasks) or None
+            return any(self._serves(name) for name in active.names)
         return active is not None and active in self.adapters
+
+    def _serves(self, name) -> bool:
+        """Whether a routing entry has a module at this site."""
+        if isinstance(name, Fuse):
+            return name.name in self.fusions
+        return isinstance(name, str) and name in self.adapters
 
     def forward(self, h: torch.Tensor, r: Optional[torch.Tensor], layer_norm: Optional[nn.Module]) -> torch.Tensor:
         """post_ln sites return the block output; pre_norm sites return the new sublayer output (the
@@ -161,11 +167,12 @@ class AdapterLayer(nn.Module):
             return out - r  # the block adds r back: the result is `out`, as AdapterHub's
         return out
 
-    def _fused_forward(self, h, r, layer_norm, pre_norm):
+    def _fused_forward(self, h, r, layer_norm, pre_norm, fuse=None):
         """AdapterHub's compose_fuse: the last fused adapter's pre_forward gives the input, the
         residual and (query_before_ln) the query; the fusion layer attends over the adapters' up
-        projections; the last adapter's post_forward adds r and the model's LayerNorm."""
-        fuse = self.active
+        projections; the last adapter's post_forward adds r and the model's LayerNorm. `fuse`: the
+        composition of a mixed-task batch's rows (default: the active one)."""
+        fuse = fuse if fuse is not None else self.active
         fusion = self.fusions[fuse.name]
         config = self.configs[fuse.last()]
         if config.is_parallel:
@@ -202,7 +209,9 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"row_adapter has {index.numel()} entries; the batch has {h.shape[0]} rows")
         groups: dict = {}
         for position, name in enumerate(routing.names):
-            if name in self.adapters:
+            if isinstance(name, Fuse) and name.name in self.fusions:
+                groups[("fuse", position)] = [position]
+            elif self._serves(name):
                 key = self._route_key(name)
                 groups.setdefault(key if key is not None else ("alone", position), []).append(position)
         out = None
@@ -212,7 +221,9 @@ class AdapterLayer(nn.Module):
                 continue
             h_g = h if rows is None else h.index_select(0, rows)
             r_g = r if rows is None or r is None else r.index_select(0, rows)
-            if key[0] == "alone":
+            if key[0] == "fuse":
+                part = self._fused_forward(h_g, r_g, layer_norm, pre_norm, fuse=routing.names[positions[0]])
+            elif key[0] == "alone":
                 name = routing.names[positions[0]]
                 part = self._single_forward(self.adapters[name], self.configs[name], h_g, r_g, layer_norm, pre_norm)
             else:

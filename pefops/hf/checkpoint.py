@@ -28,6 +28,7 @@ from pefops.hf.adapters import (
 from pefops.hf.architectures import architecture_of
 from pefops.hf.checkpoint_io import check_tensor, field, read_json_object, read_pickled_tensors, read_safetensors
 from pefops.hf.config import resolve_config
+from pefops.hf.task_io import base_fields
 from pefops.hf.transaction import copy_into, transactional
 
 CONFIG_FILE = "adapter_config.json"
@@ -82,6 +83,7 @@ def save_adapter(model, directory: str, name: str) -> None:
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
     meta = {
+        **base_fields(model, "bottleneck_adapter"),
         "config": config.to_dict(),
         "hidden_size": hidden_size_of(model),
         "model_class": type(model).__name__,

@@ -20,6 +20,7 @@ from pefops.hf.adapters import Fuse, adapter_layers, adapter_registry, fusion_re
 from pefops.hf.architectures import architecture_of
 from pefops.hf.checkpoint import read_config, read_weights, strip_model_prefix
 from pefops.hf.checkpoint_io import check_names, check_tensor, field
+from pefops.hf.task_io import base_fields
 from pefops.hf.transaction import copy_into, transactional
 from pefops.nn.adapter_fusion import AdapterFusion, resolve_fusion_config
 
@@ -126,8 +127,8 @@ def save_adapter_fusion(model, directory: str, names) -> None:
                 tensors[prefix + key] = tensor.detach().cpu().clone().contiguous()
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
-    meta = {"config": fusion_config.to_dict(), "adapter_names": list(fuse.names), "name": fuse.name,
-            "hidden_size": hidden_size_of(model), "model_type": model.config.model_type,
+    meta = {**base_fields(model, "adapter_fusion"), "config": fusion_config.to_dict(), "adapter_names": list(fuse.names),
+            "name": fuse.name, "hidden_size": hidden_size_of(model), "model_type": model.config.model_type,
             "model_class": type(model).__name__, "version": f"pefops.{pefops.__version__}"}
     with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)

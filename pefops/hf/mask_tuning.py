@@ -15,12 +15,15 @@ from torch import nn
 
 from pefops.hf.architectures import architecture_of, get_submodule
 from pefops.hf.checkpoint_io import check_tensor, read_safetensors
+from pefops.hf.task_io import base_fields, is_single_file, weights_path, write_checkpoint
 from pefops.hf.transaction import copy_into, transactional
 from pefops.ops.common import check_index_tensor, describe
 from pefops.nn.masked_linear import MaskedLinear
 from pefops.ops.masked_linear import packed_columns
 
 FORMAT = "pefops-masks-1"
+CONFIG_NAME = "masks_config.json"
+WEIGHTS_NAME = "masks.safetensors"
 
 
 def _is_maskable(module: nn.Module) -> bool:
@@ -75,7 +78,9 @@ def apply_mask_tuning(model, threshold: float = 1e-2, init_sparsity: float = 0.5
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MaskedLinear.from_linear(module, threshold, init_sparsity, train_bias=train_bias))
+        masked = MaskedLinear.from_linear(module, threshold, init_sparsity, train_bias=train_bias)
+        _carry_hooks(module, masked)
+        setattr(parent, child, masked)
         replaced.append(name)
     if not replaced:
         raise ValueError(f"no Linear layer matched targets={targets} in the transformer layers")
@@ -90,6 +95,14 @@ def apply_mask_tuning(model, threshold: float = 1e-2, init_sparsity: float = 0.5
     for parameter in _head_parameters(model).values():
         parameter.requires_grad_(True)
     return replaced
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The replaced layer's forward hooks go to its MaskedLinear: a pre-norm adapter site hooks the
+    output projection (GPT-2 mlp.c_proj, LLaMA o_proj), and masking it must not drop the adapter."""
+    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        getattr(new, hooks).update(getattr(old, hooks, {}))
 
 
 def _head_parameters(model) -> dict[str, nn.Parameter]:
@@ -108,8 +121,10 @@ def freeze_masks(model) -> None:
 
 
 def save_masks(model, path: str) -> None:
-    """Write the task: packed masks ("<module>.mask", uint8) and the head's parameters
-    ("<name>"), with the threshold and format in the metadata. Base weights are not written."""
+    """Write the task to the directory `path`: masks_config.json (method, version, base model type and
+    hidden size) and masks.safetensors with the packed masks ("<module>.mask", uint8) and the head's
+    parameters ("<name>"), the threshold and format in its metadata. Base weights are not written.
+    A path ending in ".safetensors" writes the older single file instead."""
     from safetensors.torch import save_file
 
     modules = masked_modules(model)
@@ -124,7 +139,16 @@ def save_masks(model, path: str) -> None:
     thresholds = sorted({module.threshold for module in modules.values()})
     metadata = {"format": FORMAT, "thresholds": json.dumps(thresholds),
                 "in_features": json.dumps({name: m.in_features for name, m in modules.items()})}
-    save_file(tensors, path, metadata=metadata)
+    if is_single_file(path):
+        save_file(tensors, str(path), metadata=metadata)
+        return
+    config = {**base_fields(model, "mask_tuning"), "format": FORMAT, "thresholds": thresholds}
+    write_checkpoint(path, CONFIG_NAME, config, WEIGHTS_NAME, tensors, metadata)
+
+
+def mask_weights_path(model, path) -> str:
+    """The safetensors file of a mask checkpoint (a save_masks directory, checked, or a mask file)."""
+    return weights_path(model, path, "mask_tuning", FORMAT, CONFIG_NAME, WEIGHTS_NAME)
 
 
 def _mask_shape(module) -> tuple[int, int]:
@@ -143,7 +167,8 @@ def load_masks(model, path: str) -> None:
     """Switch the model to the task saved in `path`: masks (inference form) and head. If the model
     has no MaskedLinear layers yet, they are created where the file has masks. The whole file is
     checked first (names, shapes, dtypes); it may only hold masks, the masked layers' biases and
-    the head's parameters (never other base weights)."""
+    the head's parameters (never other base weights). `path`: a save_masks directory or a mask file."""
+    path = mask_weights_path(model, path)
     tensors, metadata = read_safetensors(path, with_metadata=True)
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a pefops mask file (format {metadata.get('format')!r})")
@@ -196,7 +221,7 @@ def load_masks(model, path: str) -> None:
 @transactional
 def set_row_masks(model, paths: Optional[list] = None, row_task: Optional[torch.Tensor] = None) -> None:
     """Mixed-task batch for mask-tuning: sequence b of the next batches runs every masked layer with
-    the mask of task paths[row_task[b]] (files written by save_masks) over the one shared base
+    the mask of task paths[row_task[b]] (directories or files written by save_masks) over the one shared base
     weight. The tasks' heads are not routed (apply each row's head yourself). paths=None clears."""
     modules = masked_modules(model)
     if not modules:
@@ -212,7 +237,8 @@ def set_row_masks(model, paths: Optional[list] = None, row_task: Optional[torch.
 
     per_task = []
     for path in paths:
-        with safe_open(str(path), framework="pt") as handle:
+        path = mask_weights_path(model, path)
+        with safe_open(path, framework="pt") as handle:
             if (handle.metadata() or {}).get("format") != FORMAT:
                 raise ValueError(f"{path} is not a pefops mask file")
             keys = set(handle.keys())

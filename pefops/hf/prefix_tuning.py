@@ -373,7 +373,9 @@ def save_prefix(model, directory) -> None:
     tuning = _tuning_module(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"format": FORMAT, **tuning.config_dict()}
+    from pefops.hf.task_io import base_fields
+
+    config = {**base_fields(model, tuning.config_dict()["method"]), "format": FORMAT, **tuning.config_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     parameters = {**dict(tuning.named_parameters()), **trainable_module_parameters(model, tuning.trainable_modules)}
     tensors = {name: p.detach().cpu().contiguous() for name, p in parameters.items()}
@@ -418,11 +420,14 @@ def load_prefix(model, directory):
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file():
         raise ValueError(f"{directory} has no {CONFIG_NAME} (not written by save_prefix)")
+    from pefops.hf.task_io import BASE_FIELDS, check_base_fields
+
     config = _read_prefix_config(config_path)
     method = config["method"]
     if config["model_type"] != getattr(model.config, "model_type", None):
         raise ValueError(f"{config_path}: the prefix was trained on a {config['model_type']!r} model; this is "
                          f"{getattr(model.config, 'model_type', None)!r}")
+    check_base_fields(model, config, config_path)
     tensors = read_safetensors(weights_path)
     commit = None
     if method == "prefix_tuning":
@@ -448,7 +453,7 @@ def load_prefix(model, directory):
             commit = functools.partial(_commit_prompt, model, tuning)
     saved = tuning.config_dict()
     differences = {key: (value, saved.get(key)) for key, value in config.items()
-                   if key != "format" and saved.get(key) != value}
+                   if key != "format" and key not in BASE_FIELDS[1:] and saved.get(key) != value}
     if differences:
         raise ValueError(f"{config_path}: the model's {method} differs from the saved one (saved, model): "
                          f"{differences}")

@@ -22,6 +22,7 @@ from torch import nn
 
 from pefops.hf.architectures import Architecture, SideWeights, architecture_of, get_submodule
 from pefops.hf.checkpoint_io import check_names, check_tensor, read_safetensors
+from pefops.hf.task_io import base_fields, is_single_file, weights_path, write_checkpoint
 from pefops.hf.transaction import copy_into, transactional
 from pefops.nn.side_tuning import LadderSideNetwork, SideTuned
 from pefops.ops.gated_blend import alpha_blend
@@ -203,24 +204,38 @@ def _copy(linear: nn.Linear, weight, rows):
         linear.bias.zero_()
 
 
+SIDE_FORMAT = "pefops-side-1"
+CONFIG_NAME = "side_config.json"
+WEIGHTS_NAME = "side.safetensors"
+
+
 def save_side(model: SideTunedModel, path: str) -> None:
-    """Write the side parameters only (safetensors), with the method in the metadata."""
+    """Write the side parameters only to the directory `path`: side_config.json (method, version, base
+    model type and hidden size, side method) and side.safetensors. A path ending in ".safetensors"
+    writes the older single file instead."""
     from safetensors.torch import save_file
 
     if not isinstance(model, SideTunedModel):
         raise ValueError(f"save_side takes the model side_tune returned; got {type(model).__name__}")
     tensors = {name: p.detach().cpu().contiguous() for name, p in model.side_parameters().items()}
-    save_file(tensors, path, metadata={"format": "pefops-side-1", "method": model.method})
+    metadata = {"format": SIDE_FORMAT, "method": model.method}
+    if is_single_file(path):
+        save_file(tensors, str(path), metadata=metadata)
+        return
+    config = {**base_fields(model, "side_tuning"), "format": SIDE_FORMAT, "side_method": model.method}
+    write_checkpoint(path, CONFIG_NAME, config, WEIGHTS_NAME, tensors, metadata)
 
 
 @transactional
 def load_side(model: SideTunedModel, path: str) -> None:
-    """Load side parameters written by save_side into a side_tune'd model of the same shape. The
-    whole file (names, exact shapes, dtypes) is checked before any parameter is written."""
+    """Load side parameters written by save_side (a directory, or the older single file) into a
+    side_tune'd model of the same shape. The whole checkpoint (base model type and hidden size, names,
+    exact shapes, dtypes) is checked before any parameter is written."""
     if not isinstance(model, SideTunedModel):
         raise ValueError(f"load_side takes the model side_tune returned; got {type(model).__name__}")
+    path = weights_path(model, path, "side_tuning", SIDE_FORMAT, CONFIG_NAME, WEIGHTS_NAME)
     tensors, metadata = read_safetensors(path, with_metadata=True)
-    if metadata.get("format") != "pefops-side-1":
+    if metadata.get("format") != SIDE_FORMAT:
         raise ValueError(f"{path} is not a pefops side-network file")
     if metadata.get("method") != model.method:
         raise ValueError(f"{path} holds a {metadata.get('method')!r} side network; this model uses {model.method!r}")

