@@ -1,4 +1,5 @@
-"""DDP with every pefops method, 2 processes over gloo on CPU (#16): after K steps the trainable
+"""DDP and FSDP2 (fully_shard per layer, the frozen base sharded too) with every pefops method, 2
+processes over gloo on CPU (#16): after K steps the trainable
 parameters equal a single-process run over the whole batch and are identical on both ranks
 (mixed-task batches included: each rank routes its own rows)."""
 
@@ -21,8 +22,15 @@ def run_workers(mode, methods, tmp_path):
             for method in methods}
 
 
-def test_ddp_equals_one_process_over_the_whole_batch(tmp_path):
-    results = run_workers("ddp", METHODS, tmp_path)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_equals_one_process_over_the_whole_batch(mode, tmp_path):
+    if mode == "fsdp":
+        pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 fully_shard needs torch >= 2.6")
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
+    results = run_workers(mode, METHODS, tmp_path)
     for method in METHODS:
         expected = single_process(method)
         first, second = results[method]
