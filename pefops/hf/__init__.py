@@ -47,6 +47,13 @@ from pefops.hf.prefix_tuning import (
 )
 from pefops.hf.prompt_tuning import PromptTuning, apply_prompt_tuning, prompt_disabled, remove_prompt_tuning
 from pefops.hf.tasks import list_tasks, load_task, set_row_tasks
+from pefops.hf.training import (
+    TrainingCheckpointMixin,
+    is_training_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    trainable_parameters,
+)
 from pefops.hf.transaction import model_transaction
 
 __all__ = [
@@ -62,4 +69,14 @@ __all__ = [
     "load_prefix", "prefix_disabled", "prefix_parameters", "prompt_disabled", "remove_prefix_tuning",
     "remove_prompt_tuning", "save_prefix", "model_transaction",
     "list_tasks", "load_task", "set_row_tasks",
+    "PefopsTrainer", "TrainingCheckpointMixin", "is_training_checkpoint", "load_training_checkpoint",
+    "save_training_checkpoint", "trainable_parameters",
 ]
+
+
+def __getattr__(name):
+    if name == "PefopsTrainer":  # a transformers.Trainer subclass: built on first use (transformers is optional)
+        from pefops.hf import training
+
+        return training.PefopsTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

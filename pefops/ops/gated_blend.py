@@ -127,7 +127,13 @@ def _check(a, b, alpha, temperature):
 
 
 def gated_blend(a, b, alpha, temperature: float = 1.0, *, backend: Optional[str] = None):
-    """sigmoid(alpha / temperature) * a + (1 - sigmoid(alpha / temperature)) * b, gradients to all three."""
+    """sigmoid(alpha / temperature) * a + (1 - sigmoid(alpha / temperature)) * b, gradients to all three.
+    Under autocast the two tensors may differ in dtype (a float32 LayerNorm output blended with a
+    bfloat16 Linear output): both go to the wider one, as autocast's elementwise ops promote."""
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype != b.dtype
+            and a.is_floating_point() and b.is_floating_point() and torch.is_autocast_enabled(a.device.type)):
+        wider = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(wider), b.to(wider)
     _check(a, b, alpha, temperature)
     backends.forced_backend(backend)  # rejects a misspelt backend before any work
     channels = a.shape[-1]

@@ -239,7 +239,16 @@ def chunked_forward_torch(q, k, v, q_idx, k_idx, key_mask, *, chunk_length, chun
 def _forward_impl(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, chunks_after, causal, self_mask,
                   scale, mask_value, self_mask_value, dropout_p=0.0):
     """Forward returning also what the eager backward keeps (no gather or softmax again):
-    (layout, padded queries, key buffer, value buffer, probs, dropped-out probs or None, lse)."""
+    (layout, padded queries, key buffer, value buffer, probs, dropped-out probs or None, lse).
+    Autocast is off inside: the op picks its own compute dtype (float32 for 16-bit inputs), and the
+    backward, which runs outside autocast, finds the saved tensors in that dtype."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _forward_in_compute_dtype(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, chunks_after,
+                                         causal, self_mask, scale, mask_value, self_mask_value, dropout_p)
+
+
+def _forward_in_compute_dtype(q, k, v, q_idx, k_idx, key_mask, chunk_length, chunks_before, chunks_after, causal,
+                              self_mask, scale, mask_value, self_mask_value, dropout_p):
     seq = q.shape[2]
     layout = _layout(q_idx, k_idx, seq, chunk_length, chunks_before, chunks_after)
     cdt = compute_dtype(q.dtype)
@@ -440,7 +449,8 @@ def _general_recorded(q, k, v, q_idx, k_idx, key_mask, config, dropout_p=0.0):
     def core(q_, k_, v_):
         return _general_core(q_, k_, v_, q_idx, k_idx, key_mask, *config, dropout_p=dropout_p)
 
-    return torch.func.vjp(core, q, k, v)
+    with torch.autocast(q.device.type, enabled=False):  # as _forward_impl: the op's own compute dtype
+        return torch.func.vjp(core, q, k, v)
 
 
 def _general_grads(outputs, vjp, grad_out_rounds, grad_lse_rounds, like):
