@@ -2,8 +2,8 @@
 methods (bottleneck adapters of three configs, an AdapterFusion, mask sets, the base), run as one
 batch with `hf.set_row_tasks` against the loop a user writes today (each task's rows as their own
 batch with that task activated), forward (no_grad) and one training step (forward + backward of every
-trainable task parameter), timed interleaved (bench.runner.time_cpu_interleaved, median/p20/p80 ms)
-with peak memory (bench.runner.peak_memory), plus the bytes per task by method for the storage table.
+trainable task parameter), timed interleaved (bench.timing.time_cpu_interleaved, median/p20/p80 ms)
+with peak memory (bench.memory.peak_memory), plus the bytes per task by method for the storage table.
 
     python -m bench.mixed_tasks [--model bert-base|llama] [--batch 16] [--seq 128] [--layers 12]
 
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from bench.runner import Timing, cpu_model, now_iso, peak_memory, time_cpu_interleaved, versions
+from bench.environment import cpu_model, now_iso, versions
+from bench.memory import peak_memory
+from bench.timing import Timing, time_cpu_interleaved
 
 ADAPTERS = (("houlsby", "double_seq_bn"), ("pfeiffer", "seq_bn"), ("parallel", "par_bn"), ("pfeiffer2", "seq_bn"))
 MASKS = ("masks_a", "masks_b")
