@@ -64,7 +64,8 @@ SPILLS_BEFORE_TRITON_3_8 = {
     "prefix_attention:bwd-dkdv-float32-d64-bool4d": 612,
     "prefix_attention:bwd-dkdv-float32-d64-causal-additive4d": 1028,
     "prefix_attention:bwd-dkdv-float32-d64-causal-padding": 936,
-    "prefix_attention:bwd-dkdv-float32-d64-causal-padding-dropout": 712,
+    # 712 -> 716 when _dkdv_step took the query rows from kernels/prefix_common.py (#14 cycle break)
+    "prefix_attention:bwd-dkdv-float32-d64-causal-padding-dropout": 716,
     "prefix_attention:bwd-dkdv-float32-d64-nomask": 580,
     "prefix_attention:bwd-dkdv-float32-d64-padding-dropout": 596,
     "prefix_attention:bwd-dkdv-prefix-float32-d64": 580,
