@@ -27,6 +27,8 @@
 #   7 pytest_gpu.*          the rest of the gpu tier (csrc decode kernels, real-size kernel tests,
 #                           hf on cuda); limit GPU_TEST_S (120)
 #   8 pytest_triton.*       the Triton tier compiled for the device; what is left up to TRITON_TEST_S (90)
+#   8b launch_overhead.*    python -m bench.launch_overhead: host µs per call of every op at tiny
+#                           shapes (enqueue cost and synced cost); limit LAUNCH_OVERHEAD_S (45)
 #   9 bench_full.log        full grids (results_full/), only if BENCH_FULL_MIN_S (60) are left
 #  10 results_table.md      merged results and the README table
 # Autotuning: PEFOPS_AUTOTUNE_CONFIGS (default 2 here: the two configs nearest each kernel's
@@ -55,6 +57,7 @@ HEADLINE_TEST_S="${HEADLINE_TEST_S:-120}"
 BENCH_HEADLINE_S="${BENCH_HEADLINE_S:-150}"
 GPU_TEST_S="${GPU_TEST_S:-120}"
 TRITON_TEST_S="${TRITON_TEST_S:-90}"
+LAUNCH_OVERHEAD_S="${LAUNCH_OVERHEAD_S:-45}"
 BENCH_FULL_MIN_S="${BENCH_FULL_MIN_S:-60}"
 REPORT_S=25                              # kept for the merge and the table at the end
 
@@ -64,7 +67,8 @@ else
   # dry run: the same steps on CPU with short limits (gpu tests skip, benchmarks are the CPU quick set)
   DEVICE=cpu; DRY_RUN=1
   DEADLINE_S="${DRY_DEADLINE_S:-300}"; CSRC_BUILD_S=30; WARMUP_S=60; HEADLINE_TEST_S=60
-  BENCH_HEADLINE_S="${DRY_BENCH_S:-40}"; GPU_TEST_S=60; TRITON_TEST_S=30; BENCH_FULL_MIN_S=100000
+  BENCH_HEADLINE_S="${DRY_BENCH_S:-40}"; GPU_TEST_S=60; TRITON_TEST_S=30; LAUNCH_OVERHEAD_S=40
+  BENCH_FULL_MIN_S=100000
   export TRITON_INTERPRET=1
 fi
 
@@ -183,6 +187,12 @@ run_tests gpu "$GPU_TEST_S" tests/kernels tests/ops tests/hf tests/csrc -m "gpu 
 # ---- 8 the Triton tier, compiled for the device
 run_tests triton "$TRITON_TEST_S" tests -m "triton and not gpu and not slow"
 
+# ---- 8b per-call host overhead at tiny shapes (the small headline cases; a SIGINT keeps the rows measured)
+echo "== 8b launch overhead (limit ${LAUNCH_OVERHEAD_S}s)  t=$(elapsed)s"
+timeout -s INT -k 10 "$(limit "$LAUNCH_OVERHEAD_S")" "$PY" -m bench.launch_overhead --device "$DEVICE" --calls 20 \
+  --rounds 3 --out "$OUT/launch_overhead.json" 2>&1 | tee "$OUT/launch_overhead.log" | tail -n 30
+STEP_RC[launch_overhead]=${PIPESTATUS[0]}
+
 # ---- 9 full benchmark grids with what is left
 if [ "$(left)" -ge "$BENCH_FULL_MIN_S" ]; then
   run_bench full "$(left)"
@@ -216,7 +226,7 @@ done
 # read first stay beside it (this log, the table, the warm-up's compile times, the merged results).
 tar -czf "$OUT/gpu_check_all.tar.gz" -C "$OUT" --exclude=gpu_check_all.tar.gz . 2>/dev/null
 find "$OUT" -mindepth 1 -maxdepth 1 ! -name gpu_check.log ! -name gpu_check_all.tar.gz ! -name results_table.md \
-  ! -name warmup.json ! -name results -exec rm -rf {} +
+  ! -name warmup.json ! -name launch_overhead.json ! -name results -exec rm -rf {} +
 find "$OUT/results" -mindepth 1 ! -name 'latest-*.json' ! -name 'latest-*.md' -exec rm -rf {} + 2>/dev/null
 ls -la "$OUT" "$OUT/results"
 head -n 30 "$OUT/results_table.md" 2>/dev/null
