@@ -50,13 +50,13 @@ from .adapter_rows import (
     SCALE_CHANNEL,
     SCALE_FLOAT,
     SCALE_SCALAR,
+    backward_row_state,
     activation,
     activation_derivative,
     chunk_columns,
     chunk_scale,
     down_projection,
     dy_da_pass,
-    ln_backward_sums,
     row_block_sizes,
     up_projection_passes,
 )
@@ -195,18 +195,10 @@ def multi_adapter_bwd_rows_kernel(
     r_offsets = tl.arange(0, BLOCK_R)
     r_mask = r_offsets < R
 
-    z = tl.load(z_ptr + rows64[:, None] * R + r_offsets[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-    a = activation(z, ACTIVATION, negative_slope)
-    a_dot = a if DOT_FP32 else a.to(grad_ptr.dtype.element_ty)
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rstd, mean_g, mean_g_xhat = mean, mean, mean
-    if HAS_LN:
-        mean = tl.load(mean_ptr + rows64, mask=row_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + rows64, mask=row_mask, other=0.0)
-        mean_g, mean_g_xhat = ln_backward_sums(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, rows64,
-                                               row_mask, r_offsets, r_mask, mean, rstd, H, R, stride_grad, stride_res,
-                                               scale_value, SCALE_MODE, HAS_UP_BIAS, HAS_LN_WEIGHT, DOT_PRECISION,
-                                               BLOCK_M, BLOCK_H)
+    z, a_dot, mean, rstd, mean_g, mean_g_xhat = backward_row_state(
+        grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, z_ptr, mean_ptr, rstd_ptr, rows64, row_mask, r_offsets,
+        r_mask, H, R, stride_grad, stride_res, scale_value, negative_slope, ACTIVATION, SCALE_MODE, HAS_UP_BIAS,
+        HAS_LN, HAS_LN_WEIGHT, DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_H)
     # dy sweeps backwards after the LayerNorm sums' forward sweep; dx below sweeps opposite to dy
     dy_reversed = REVERSE_SWEEPS and HAS_LN
     da = dy_da_pass(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, dy_ptr,
