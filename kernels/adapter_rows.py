@@ -288,6 +288,33 @@ def ln_backward_sums(
 
 
 @triton.jit
+def backward_row_state(
+    grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, z_ptr, mean_ptr, rstd_ptr, rows64, row_mask,
+    r_offsets, r_mask, H, R, stride_grad, stride_res, scale_value, negative_slope,
+    ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
+    HAS_LN_WEIGHT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """The start of the backward for a block of rows: the saved fp32 pre-activation z, act(z) as the
+    up-projection's operand (fp32, or grad's dtype) and, with LayerNorm, the saved mean and rstd and
+    the row sums mean(g) and mean(g * xhat) of ln_backward_sums (zeros without LayerNorm).
+    Returns (z, a_dot, mean, rstd, mean_g, mean_g_xhat)."""
+    z = tl.load(z_ptr + rows64[:, None] * R + r_offsets[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+    a = activation(z, ACTIVATION, negative_slope)
+    a_dot = a if DOT_FP32 else a.to(grad_ptr.dtype.element_ty)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rstd, mean_g, mean_g_xhat = mean, mean, mean
+    if HAS_LN:
+        mean = tl.load(mean_ptr + rows64, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows64, mask=row_mask, other=0.0)
+        mean_g, mean_g_xhat = ln_backward_sums(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, rows64,
+                                               row_mask, r_offsets, r_mask, mean, rstd, H, R, stride_grad, stride_res,
+                                               scale_value, SCALE_MODE, HAS_UP_BIAS, HAS_LN_WEIGHT, DOT_PRECISION,
+                                               BLOCK_M, BLOCK_H)
+    return z, a_dot, mean, rstd, mean_g, mean_g_xhat
+
+
+@triton.jit
 def dy_da_pass(
     a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, dy_ptr,
     dbu_part_ptr, dscale_part_ptr, dlnw_part_ptr, dlnb_part_ptr, part_row,

@@ -12,9 +12,11 @@ and per-block column partial sums for the bias, scaling and LayerNorm gradients.
 remaining products (dx = dz @ Wd + dy, dWd = dz.T @ x, dWu = (s * dy).T @ a) are plain GEMMs that
 the ops layer hands to the BLAS.
 
-The row passes themselves live in kernels/adapter_rows.py (shared with kernels/multi_adapter.py);
-a pass over H that follows another over the same rows runs in the opposite column order, so it
-starts on the columns still in L2. Forward and backward tune BLOCK_M per token bucket.
+Both kernels are kernels/adapter_kernels.py's, launched with GROUPED=False (rows in order, one
+adapter); kernels/multi_adapter.py launches the same two with GROUPED=True. Their row passes live in
+kernels/adapter_rows.py; a pass over H that follows another over the same rows runs in the opposite
+column order, so it starts on the columns still in L2. Forward and backward tune BLOCK_M per token
+bucket; this file keeps the launchers, the autotuning and the compile variants.
 
 References: Triton tutorials 03 (matrix multiplication) and 05 (layer norm); Liger-Kernel's
 layer_norm; Welford / Chan et al. for merging chunk statistics.
@@ -24,122 +26,15 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from . import adapter_rows as rows_
-from .adapter_rows import (
-    SCALE_CHANNEL,
-    SCALE_FLOAT,
-    SCALE_SCALAR,
-    activation,
-    activation_derivative,
-    down_projection,
-    dy_da_pass,
-    ln_backward_sums,
-    up_projection_passes,
-)
+from .adapter_kernels import adapter_bwd_rows_kernel, adapter_fwd_kernel, forward_launch, forward_outputs
+from .adapter_rows import SCALE_CHANNEL, SCALE_FLOAT, SCALE_SCALAR
 from .launch import autotuning, dot_settings, token_bucket
 from .shared import GELU
 
 __all__ = ["SCALE_FLOAT", "SCALE_SCALAR", "SCALE_CHANNEL", "bottleneck_adapter_forward",
            "bottleneck_adapter_backward_rows", "compile_variants"]
-
-
-@triton.jit
-def bottleneck_adapter_fwd_kernel(
-    x_ptr,  # [T, H]
-    wd_ptr,  # [R, H]
-    bd_ptr,  # [R]
-    wu_ptr,  # [H, R]
-    bu_ptr,  # [H]
-    scale_ptr,  # [H] or [1], float32
-    res_ptr,  # [T, H] (x_ptr when the residual is x)
-    lnw_ptr,  # [H]
-    lnb_ptr,  # [H]
-    out_ptr,  # [T, H]
-    z_ptr,  # [T, R] float32, pre-activation, saved for backward
-    mean_ptr,  # [T] float32
-    rstd_ptr,  # [T] float32
-    T, H, R,
-    stride_x, stride_res, stride_out,
-    scale_value, eps, negative_slope,
-    t_bucket,  # autotuning key only: launch.token_bucket(T)
-    ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
-    HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
-    HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE_SWEEPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < T
-    rows64 = rows.to(tl.int64)
-    r_offsets = tl.arange(0, BLOCK_R)
-    r_mask = r_offsets < R
-
-    a_dot = down_projection(x_ptr, wd_ptr, bd_ptr, z_ptr, out_ptr, rows64, row_mask, r_offsets, r_mask, False, H, R,
-                            stride_x, negative_slope, ACTIVATION, HAS_DOWN_BIAS, False, DOT_FP32, DOT_PRECISION,
-                            BLOCK_M, BLOCK_R, BLOCK_H)
-    up_projection_passes(a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, lnb_ptr, out_ptr, mean_ptr, rstd_ptr,
-                         rows64, row_mask, r_offsets, r_mask, False, H, R, stride_res, stride_out, scale_value, eps,
-                         SCALE_MODE, HAS_UP_BIAS, HAS_LN, HAS_LN_WEIGHT, HAS_LN_BIAS, False, DOT_PRECISION,
-                         REVERSE_SWEEPS, BLOCK_M, BLOCK_H)
-
-
-@triton.jit
-def bottleneck_adapter_bwd_rows_kernel(
-    grad_ptr,  # [T, H] upstream gradient of the output
-    res_ptr,  # [T, H] residual (x when the residual is x); read only with LayerNorm
-    wu_ptr,  # [H, R]
-    bu_ptr,  # [H]
-    scale_ptr,  # [H] or [1], float32
-    lnw_ptr,  # [H]
-    z_ptr,  # [T, R] float32, saved pre-activation
-    mean_ptr,  # [T] float32
-    rstd_ptr,  # [T] float32
-    dy_ptr,  # [T, H] out: gradient at the pre-LayerNorm sum y (written only with LayerNorm)
-    dz_ptr,  # [T, R] out float32: gradient at the pre-activation
-    dbu_part_ptr,  # [>= num_blocks, H] out float32: per-block column sums of s * dy
-    dscale_part_ptr,  # [>= num_blocks, H] out float32: per-block column sums of dy * u
-    dlnw_part_ptr,  # [>= num_blocks, H] out float32: per-block column sums of grad * xhat
-    dlnb_part_ptr,  # [>= num_blocks, H] out float32: per-block column sums of grad
-    T, H, R,
-    stride_grad, stride_res, stride_dy,
-    scale_value, negative_slope,
-    t_bucket,  # autotuning key only: launch.token_bucket(T)
-    ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
-    HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr,
-    NEED_U: tl.constexpr, NEED_DBU: tl.constexpr, NEED_DSCALE: tl.constexpr,
-    NEED_DLNW: tl.constexpr, NEED_DLNB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    REVERSE_SWEEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < T
-    rows64 = rows.to(tl.int64)
-    r_offsets = tl.arange(0, BLOCK_R)
-    r_mask = r_offsets < R
-
-    z = tl.load(z_ptr + rows64[:, None] * R + r_offsets[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-    a = activation(z, ACTIVATION, negative_slope)
-    a_dot = a if DOT_FP32 else a.to(grad_ptr.dtype.element_ty)
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rstd, mean_g, mean_g_xhat = mean, mean, mean
-    if HAS_LN:
-        mean = tl.load(mean_ptr + rows64, mask=row_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + rows64, mask=row_mask, other=0.0)
-        mean_g, mean_g_xhat = ln_backward_sums(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, rows64,
-                                               row_mask, r_offsets, r_mask, mean, rstd, H, R, stride_grad, stride_res,
-                                               scale_value, SCALE_MODE, HAS_UP_BIAS, HAS_LN_WEIGHT, DOT_PRECISION,
-                                               BLOCK_M, BLOCK_H)
-    # the dy sweep runs backwards after the LayerNorm sums' forward sweep (the columns still in L2 first)
-    da = dy_da_pass(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, dy_ptr, dbu_part_ptr,
-                    dscale_part_ptr, dlnw_part_ptr, dlnb_part_ptr, pid.to(tl.int64) * H, rows64, row_mask, r_offsets,
-                    r_mask, mean, rstd, mean_g, mean_g_xhat, False, H, R, stride_grad, stride_res, stride_dy,
-                    scale_value, SCALE_MODE, HAS_UP_BIAS, HAS_LN, HAS_LN_WEIGHT, NEED_U, NEED_DBU, NEED_DSCALE,
-                    NEED_DLNW, NEED_DLNB, False, DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_H,
-                    REVERSE_SWEEPS and HAS_LN)
-    dz = da * activation_derivative(z, ACTIVATION, negative_slope)
-    tl.store(dz_ptr + rows64[:, None] * R + r_offsets[None, :], dz, mask=row_mask[:, None] & r_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------- autotuning
@@ -171,7 +66,7 @@ _FORWARD_CONFIGS = [
 _TUNING_KEY = ["H", "R", "ACTIVATION", "SCALE_MODE", "HAS_LN", "t_bucket"]
 bottleneck_adapter_fwd_tuned = triton.autotune(
     configs=_FORWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune_forward_configs},
-)(bottleneck_adapter_fwd_kernel)
+)(adapter_fwd_kernel)
 
 # BLOCK_M is tuned backward too: the launcher sizes the partial-sum buffers for the smallest
 # candidate and sums only the rows the chosen config wrote.
@@ -185,7 +80,7 @@ _BACKWARD_CONFIGS = [
 bottleneck_adapter_bwd_rows_tuned = triton.autotune(
     configs=_BACKWARD_CONFIGS, key=_TUNING_KEY + ["NEED_DSCALE"],
     prune_configs_by={"early_config_prune": _prune_backward_configs},
-)(bottleneck_adapter_bwd_rows_kernel)
+)(adapter_bwd_rows_kernel)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -206,38 +101,20 @@ def bottleneck_adapter_forward(
     Returns (out [T, H] in x's dtype, z [T, R] fp32, mean [T] / rstd [T] fp32, or [0] without LN)."""
     tokens, hidden = x.shape
     rank = down_weight.shape[0]
-    out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
-    z = torch.empty((tokens, rank), dtype=torch.float32, device=x.device)
-    stats_size = tokens if layer_norm else 0
-    mean = torch.empty(stats_size, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(stats_size, dtype=torch.float32, device=x.device)
+    outputs = forward_outputs(x, rank, layer_norm)
     if tokens == 0:
-        return out, z, mean, rstd
-    residual = x if residual is None else residual
+        return outputs
     scale_mode, scale = _scale_arguments(scale, scale_value, hidden, x.device)
-    dot_fp32, precision = dot_settings(x.dtype)
     block_m, block_r, block_h, num_warps = _block_sizes(rank, hidden, fp32=x.dtype == torch.float32)
-    dummy = z  # any pointer for arguments a constexpr switch leaves unread
-    arguments = (
-        x, down_weight, down_bias if down_bias is not None else dummy, up_weight,
-        up_bias if up_bias is not None else dummy, scale, residual,
-        ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
-        out, z, mean if layer_norm else dummy, rstd if layer_norm else dummy,
-        tokens, hidden, rank, x.stride(0), residual.stride(0), out.stride(0),
-        float(scale_value), float(ln_eps), float(negative_slope), token_bucket(tokens),
-    )
-    options = dict(
-        ACTIVATION=activation, SCALE_MODE=scale_mode,
-        HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None,
-        HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision, REVERSE_SWEEPS=rows_.REVERSE_SWEEPS, BLOCK_R=block_r,
-    )
+    arguments, options = forward_launch(outputs, x, None, down_weight, down_bias, up_weight, up_bias, scale_mode,
+                                        scale, scale_value, residual, ln_weight, ln_bias, ln_eps, layer_norm,
+                                        activation, negative_slope, block_r)
     if not autotuning():
         grid = (triton.cdiv(tokens, block_m),)
-        bottleneck_adapter_fwd_kernel[grid](*arguments, **options, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps)
+        adapter_fwd_kernel[grid](*arguments, **options, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps)
     else:
         bottleneck_adapter_fwd_tuned[lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]),)](*arguments, **options)
-    return out, z, mean, rstd
+    return outputs
 
 
 def bottleneck_adapter_backward_rows(
@@ -270,27 +147,27 @@ def bottleneck_adapter_backward_rows(
         return (dy, dz, *sums)
     scale_mode, scale = _scale_arguments(scale, scale_value, hidden, device)
     dot_fp32, precision = dot_settings(grad.dtype)
-    dummy = dz
+    dummy = dz  # also order_ptr, work_ptr (unread without GROUPED), wd_ptr and dx_ptr (without NEED_DX)
     arguments = (
-        grad, residual if residual is not None else dummy, up_weight,
+        grad, residual if residual is not None else dummy, dummy, dummy, dummy, up_weight,
         up_bias if up_bias is not None else dummy, scale, ln_weight if ln_weight is not None else dummy,
         z, mean if layer_norm else dummy, rstd if layer_norm else dummy,
-        dy if dy is not None else dummy, dz,
+        dy if dy is not None else dummy, dz, dummy,
         *(p if p is not None else dummy for p in (dbu_part, dscale_part, dlnw_part, dlnb_part)),
         tokens, hidden, rank, grad.stride(0), residual.stride(0) if residual is not None else 0,
-        dy.stride(0) if dy is not None else 0,
+        dy.stride(0) if dy is not None else 0, 0,
         float(scale_value), float(negative_slope), token_bucket(tokens),
     )
     options = dict(
         ACTIVATION=activation, SCALE_MODE=scale_mode, HAS_UP_BIAS=up_bias is not None,
         HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None,
         NEED_U=layer_norm or need_scale_grad, NEED_DBU=need_up_bias_grad, NEED_DSCALE=need_scale_grad,
-        NEED_DLNW=need_ln_weight_grad, NEED_DLNB=need_ln_bias_grad,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision, REVERSE_SWEEPS=rows_.REVERSE_SWEEPS, BLOCK_R=block_r,
+        NEED_DLNW=need_ln_weight_grad, NEED_DLNB=need_ln_bias_grad, NEED_DX=False, DX_ADD_DY=False,
+        GROUPED=False, DOT_FP32=dot_fp32, DOT_PRECISION=precision, REVERSE_SWEEPS=rows_.REVERSE_SWEEPS, BLOCK_R=block_r,
     )
     if not tuned:
-        bottleneck_adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_M=block_m, BLOCK_H=block_h,
-                                                          num_warps=num_warps)
+        adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_M=block_m, BLOCK_H=block_h,
+                                               num_warps=num_warps)
     else:
         bottleneck_adapter_bwd_rows_tuned[lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]),)](*arguments, **options)
         # the rows of the partial sums this launch wrote (best_config: the config the call ran, a host value)
@@ -321,17 +198,16 @@ def compile_variants(hidden: int = 4096):
             for rank in (16, 64, 256):
                 dot_fp32 = dtype == "float32"
                 block_m, block_r, block_h, warps = _block_sizes(rank, hidden, fp32=dot_fp32)
-                yield (f"fwd-{dtype}-r{rank}-{'ln' if layer_norm else 'noln'}", bottleneck_adapter_fwd_kernel, dtype,
+                yield (f"fwd-{dtype}-r{rank}-{'ln' if layer_norm else 'noln'}", adapter_fwd_kernel, dtype,
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True,
-                            HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, DOT_FP32=dot_fp32,
-                            DOT_PRECISION="ieee", REVERSE_SWEEPS=True, BLOCK_M=block_m, BLOCK_R=block_r,
-                            BLOCK_H=block_h),
+                            HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, GROUPED=False,
+                            DOT_FP32=dot_fp32, DOT_PRECISION="ieee", REVERSE_SWEEPS=True, BLOCK_M=block_m,
+                            BLOCK_R=block_r, BLOCK_H=block_h),
                        DATA_POINTERS, warps, 3, _launch_values(hidden, rank))
                 block_m, block_r, block_h, warps = _block_sizes(rank, hidden, backward=True, fp32=dot_fp32)
-                yield (f"bwd-{dtype}-r{rank}-{'ln' if layer_norm else 'noln'}", bottleneck_adapter_bwd_rows_kernel,
-                       dtype,
+                yield (f"bwd-{dtype}-r{rank}-{'ln' if layer_norm else 'noln'}", adapter_bwd_rows_kernel, dtype,
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_UP_BIAS=True, HAS_LN=layer_norm,
                             HAS_LN_WEIGHT=True, NEED_U=layer_norm, NEED_DBU=True, NEED_DSCALE=False,
-                            NEED_DLNW=layer_norm, NEED_DLNB=layer_norm, DOT_FP32=dot_fp32, DOT_PRECISION="ieee",
-                            REVERSE_SWEEPS=True, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
+                            NEED_DLNW=layer_norm, NEED_DLNB=layer_norm, NEED_DX=False, DX_ADD_DY=False,
+                            GROUPED=False, DOT_FP32=dot_fp32, DOT_PRECISION="ieee", REVERSE_SWEEPS=True, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_H=block_h),
                        DATA_POINTERS, warps, 2, _launch_values(hidden, rank))

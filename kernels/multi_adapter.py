@@ -18,10 +18,12 @@ one groups its index itself. Rows whose index is out of range [0, N) form two ex
 segments (below 0, at or above N) marked -1: their outputs come back NaN (forward and dx), they never
 index outside the stacked weights and never reach a weight gradient.
 
-Forward: one program per work item, the fused bottleneck adapter forward of kernels/
-bottleneck_adapter.py (down GEMM, activation, up GEMM + bias + scale + residual, LayerNorm by
-merged chunk statistics) with the weight pointers offset to the block's adapter; rows are gathered
-through the sorted order and outputs written back to their original positions.
+Forward: one program per work item, the fused bottleneck adapter forward (down GEMM, activation,
+up GEMM + bias + scale + residual, LayerNorm by merged chunk statistics) with the weight pointers
+offset to the block's adapter; rows are gathered through the sorted order and outputs written back
+to their original positions. The forward and the backward rows kernel are kernels/adapter_kernels.py's,
+launched with GROUPED=True (kernels/bottleneck_adapter.py launches the same two with GROUPED=False);
+this file keeps their launchers, autotuning and compile variants, and the weights kernel.
 
 Backward: (1) a rows kernel per work item: recomputes the up-projection from the saved fp32
 pre-activation z, forms dy (through LayerNorm), accumulates da = (s dy) @ Wu_i on chip, writes dz,
@@ -46,19 +48,23 @@ import triton
 import triton.language as tl
 
 from . import adapter_rows as rows_
+from .adapter_kernels import (
+    OUT_OF_RANGE,
+    SPARE,
+    adapter_bwd_rows_kernel,
+    adapter_fwd_kernel,
+    adapter_scale,
+    forward_launch,
+    forward_outputs,
+    index_pointers,
+)
 from .adapter_rows import (
     SCALE_CHANNEL,
     SCALE_FLOAT,
     SCALE_SCALAR,
     activation,
-    activation_derivative,
-    chunk_columns,
     chunk_scale,
-    down_projection,
-    dy_da_pass,
-    ln_backward_sums,
     row_block_sizes,
-    up_projection_passes,
 )
 from .launch import autotuning, dot_settings, multiprocessors, token_bucket
 from .shared import GELU
@@ -68,183 +74,6 @@ __all__ = ["RowGroups", "group_rows", "multi_adapter_forward", "multi_adapter_ba
 # Scaling modes (per adapter): SCALE_FLOAT a Python float for all, SCALE_SCALAR ("per adapter") one
 # value per adapter [N], SCALE_CHANNEL one per adapter and channel [N, H].
 SCALE_ADAPTER = SCALE_SCALAR
-
-# Work table markers
-OUT_OF_RANGE, SPARE = -1, -2
-
-
-@triton.jit
-def _scale_base(scale_ptr, adapter, H, SCALE_MODE: tl.constexpr):
-    """The adapter's slice of the scaling tensor, in the layout adapter_rows.chunk_scale reads."""
-    if SCALE_MODE == 2:
-        scale_ptr += adapter * H
-    elif SCALE_MODE == 1:
-        scale_ptr += adapter
-    return scale_ptr
-
-
-@triton.jit
-def _index_pointers(order_ptr, table_ptr, TABLE_TYPE: tl.constexpr = tl.int32):
-    """The index arrays' element types, stated (a no-op for the launchers' int64 / int32 tensors;
-    kernels/compile_check.py types every non-data pointer as fp32)."""
-    return order_ptr.to(tl.pointer_type(tl.int64)), table_ptr.to(tl.pointer_type(TABLE_TYPE))
-
-
-@triton.jit
-def _block_rows(order_ptr, work_ptr, pid, BLOCK_M: tl.constexpr):
-    """The original row numbers (int64) of work item pid's rows, and their mask."""
-    first = tl.load(work_ptr + pid * 3 + 1)
-    end = tl.load(work_ptr + pid * 3 + 2)
-    positions = first + tl.arange(0, BLOCK_M)
-    row_mask = positions < end
-    return tl.load(order_ptr + positions, mask=row_mask, other=0).to(tl.int64), row_mask
-
-
-@triton.jit
-def multi_adapter_fwd_kernel(
-    x_ptr,  # [T, H]
-    order_ptr,  # [T] int64: the row at each position of the adapter-sorted order
-    work_ptr,  # [num_blocks, 3] int32: (adapter | -1 out of range | -2 spare, first, end) sorted positions
-    wd_ptr,  # [N, R, H]
-    bd_ptr,  # [N, R]
-    wu_ptr,  # [N, H, R]
-    bu_ptr,  # [N, H]
-    scale_ptr,  # [N] or [N, H] float32
-    res_ptr,  # [T, H] (x_ptr when the residual is x)
-    lnw_ptr,  # [H]
-    lnb_ptr,  # [H]
-    out_ptr,  # [T, H]
-    z_ptr,  # [T, R] float32, pre-activation, saved for backward
-    mean_ptr,  # [T] float32
-    rstd_ptr,  # [T] float32
-    T, H, R,
-    stride_x, stride_res, stride_out,
-    scale_value, eps, negative_slope,
-    t_bucket,  # autotuning key only: launch.token_bucket(T)
-    ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr,
-    HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
-    HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE_SWEEPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    order_ptr, work_ptr = _index_pointers(order_ptr, work_ptr)
-    label = tl.load(work_ptr + pid * 3)
-    if label == -2:
-        return
-    rows64, row_mask = _block_rows(order_ptr, work_ptr, pid, BLOCK_M)
-    out_of_range = label < 0
-    adapter = tl.maximum(label, 0).to(tl.int64)
-    wu_ptr += adapter * H * R
-    bu_ptr += adapter * H
-    scale_ptr = _scale_base(scale_ptr, adapter, H, SCALE_MODE)
-    r_offsets = tl.arange(0, BLOCK_R)
-    r_mask = r_offsets < R
-
-    a_dot = down_projection(x_ptr, wd_ptr + adapter * R * H, bd_ptr + adapter * R, z_ptr, out_ptr, rows64, row_mask,
-                            r_offsets, r_mask, out_of_range, H, R, stride_x, negative_slope, ACTIVATION,
-                            HAS_DOWN_BIAS, True, DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_H)
-    up_projection_passes(a_dot, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, lnb_ptr, out_ptr, mean_ptr, rstd_ptr,
-                         rows64, row_mask, r_offsets, r_mask, out_of_range, H, R, stride_res, stride_out, scale_value,
-                         eps, SCALE_MODE, HAS_UP_BIAS, HAS_LN, HAS_LN_WEIGHT, HAS_LN_BIAS, True, DOT_PRECISION,
-                         REVERSE_SWEEPS, BLOCK_M, BLOCK_H)
-
-
-@triton.jit
-def multi_adapter_bwd_rows_kernel(
-    grad_ptr,  # [T, H] upstream gradient of the output
-    res_ptr,  # [T, H] residual (x when the residual is x); read only when the up-projection is needed
-    order_ptr,  # [T] int64: the row at each position of the adapter-sorted order
-    work_ptr,  # [num_blocks, 3] int32: (adapter | -1 out of range | -2 spare, first, end) sorted positions
-    wd_ptr,  # [N, R, H]
-    wu_ptr,  # [N, H, R]
-    bu_ptr,  # [N, H]
-    scale_ptr,  # [N] or [N, H] float32
-    lnw_ptr,  # [H]
-    z_ptr,  # [T, R] float32, saved pre-activation
-    mean_ptr,  # [T] float32
-    rstd_ptr,  # [T] float32
-    dy_ptr,  # [T, H] out: gradient at the pre-LayerNorm sum y (written only with LayerNorm)
-    dz_ptr,  # [T, R] out float32: gradient at the pre-activation
-    dx_ptr,  # [T, H] out: dz @ Wd_i (+ dy when the residual is x)
-    dscale_part_ptr,  # [num_blocks, H] out float32: per-block column sums of dy * u
-    dlnw_part_ptr,  # [num_blocks, H] out float32: per-block column sums of grad * xhat
-    dlnb_part_ptr,  # [num_blocks, H] out float32: per-block column sums of grad
-    T, H, R,
-    stride_grad, stride_res, stride_dy, stride_dx,
-    scale_value, negative_slope,
-    t_bucket,  # autotuning key only: launch.token_bucket(T)
-    ACTIVATION: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
-    HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr,
-    NEED_U: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DLNW: tl.constexpr, NEED_DLNB: tl.constexpr,
-    NEED_DX: tl.constexpr, DX_ADD_DY: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE_SWEEPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    order_ptr, work_ptr = _index_pointers(order_ptr, work_ptr)
-    label = tl.load(work_ptr + pid * 3)
-    if label == -2:
-        return
-    rows64, row_mask = _block_rows(order_ptr, work_ptr, pid, BLOCK_M)
-    out_of_range = label < 0
-    adapter = tl.maximum(label, 0).to(tl.int64)
-    wu_ptr += adapter * H * R
-    bu_ptr += adapter * H
-    scale_ptr = _scale_base(scale_ptr, adapter, H, SCALE_MODE)
-    r_offsets = tl.arange(0, BLOCK_R)
-    r_mask = r_offsets < R
-
-    z = tl.load(z_ptr + rows64[:, None] * R + r_offsets[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-    a = activation(z, ACTIVATION, negative_slope)
-    a_dot = a if DOT_FP32 else a.to(grad_ptr.dtype.element_ty)
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rstd, mean_g, mean_g_xhat = mean, mean, mean
-    if HAS_LN:
-        mean = tl.load(mean_ptr + rows64, mask=row_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + rows64, mask=row_mask, other=0.0)
-        mean_g, mean_g_xhat = ln_backward_sums(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, rows64,
-                                               row_mask, r_offsets, r_mask, mean, rstd, H, R, stride_grad, stride_res,
-                                               scale_value, SCALE_MODE, HAS_UP_BIAS, HAS_LN_WEIGHT, DOT_PRECISION,
-                                               BLOCK_M, BLOCK_H)
-    # dy sweeps backwards after the LayerNorm sums' forward sweep; dx below sweeps opposite to dy
-    dy_reversed = REVERSE_SWEEPS and HAS_LN
-    da = dy_da_pass(a_dot, grad_ptr, wu_ptr, bu_ptr, scale_ptr, res_ptr, lnw_ptr, dy_ptr,
-                    dz_ptr,  # in the dbu partials' place, never written: NEED_DBU is False here
-                    dscale_part_ptr, dlnw_part_ptr, dlnb_part_ptr, pid.to(tl.int64) * H, rows64, row_mask, r_offsets,
-                    r_mask, mean, rstd, mean_g, mean_g_xhat, out_of_range, H, R, stride_grad, stride_res, stride_dy,
-                    scale_value,
-                    SCALE_MODE, HAS_UP_BIAS, HAS_LN, HAS_LN_WEIGHT, NEED_U, False, NEED_DSCALE, NEED_DLNW,
-                    NEED_DLNB, True, DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_H, dy_reversed)
-    dz = da * activation_derivative(z, ACTIVATION, negative_slope)
-    dz = tl.where(out_of_range, float("nan"), dz)
-    tl.store(dz_ptr + rows64[:, None] * R + r_offsets[None, :], dz, mask=row_mask[:, None] & r_mask[None, :])
-
-    if NEED_DX:
-        # Pass 3: dx = dz @ Wd_i (+ dy), chunk by chunk over H.
-        if DX_ADD_DY and HAS_LN:
-            tl.debug_barrier()  # this program's dy stores above are read back below
-        dz_dot = dz if DOT_FP32 else dz.to(dx_ptr.dtype.element_ty)
-        wd_ptr += adapter * R * H
-        for h_start in range(0, H, BLOCK_H):
-            chunk_start, cols, col_mask = chunk_columns(h_start, H, BLOCK_H, REVERSE_SWEEPS and not dy_reversed)
-            tile_mask = row_mask[:, None] & col_mask[None, :]
-            wd = tl.load(  # [BLOCK_R, BLOCK_H]
-                wd_ptr + r_offsets[:, None].to(tl.int64) * H + cols[None, :],
-                mask=r_mask[:, None] & col_mask[None, :], other=0.0,
-            )
-            if DOT_FP32:
-                wd = wd.to(tl.float32)
-            dx = tl.dot(dz_dot, wd, input_precision=DOT_PRECISION)
-            if DX_ADD_DY:
-                if HAS_LN:
-                    dy = tl.load(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], mask=tile_mask, other=0.0)
-                else:
-                    dy = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :], mask=tile_mask, other=0.0)
-                dx += dy.to(tl.float32)
-            tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=tile_mask)
-
 
 @triton.jit
 def multi_adapter_bwd_weights_kernel(
@@ -268,7 +97,7 @@ def multi_adapter_bwd_weights_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    order_ptr, bounds_ptr = _index_pointers(order_ptr, bounds_ptr, tl.int64)
+    order_ptr, bounds_ptr = index_pointers(order_ptr, bounds_ptr, tl.int64)
     pid_r = tl.program_id(1)
     pid_h = tl.program_id(2)
     adapter = (pid // SPLIT).to(tl.int64)
@@ -284,7 +113,7 @@ def multi_adapter_bwd_weights_kernel(
     r_mask = r_offsets < R
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < H
-    scale_ptr = _scale_base(scale_ptr, adapter, H, SCALE_MODE)
+    scale_ptr = adapter_scale(scale_ptr, adapter, H, SCALE_MODE)
     scale = chunk_scale(scale_ptr, cols, col_mask, scale_value, SCALE_MODE)
 
     acc_dwd = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
@@ -356,7 +185,7 @@ _FORWARD_CONFIGS = [
 ]
 multi_adapter_fwd_tuned = triton.autotune(
     configs=_FORWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune_configs},
-)(multi_adapter_fwd_kernel)
+)(adapter_fwd_kernel)
 
 _BACKWARD_CONFIGS = [
     triton.Config({"BLOCK_H": block_h}, num_warps=warps, num_stages=stages)
@@ -366,7 +195,7 @@ _BACKWARD_CONFIGS = [
 multi_adapter_bwd_rows_tuned = triton.autotune(
     configs=_BACKWARD_CONFIGS, key=_TUNING_KEY + ["NEED_DSCALE", "NEED_DX"],
     prune_configs_by={"early_config_prune": _prune_configs},
-)(multi_adapter_bwd_rows_kernel)
+)(adapter_bwd_rows_kernel)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -516,42 +345,23 @@ def multi_adapter_forward(
     Returns (out [T, H] in x's dtype, z [T, R] fp32, mean [T] / rstd [T] fp32, or [0] without LN)."""
     tokens, hidden = x.shape
     adapters, rank = down_weight.shape[0], down_weight.shape[1]
-    out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
-    z = torch.empty((tokens, rank), dtype=torch.float32, device=x.device)
-    stats_size = tokens if layer_norm else 0
-    mean = torch.empty(stats_size, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(stats_size, dtype=torch.float32, device=x.device)
+    outputs = forward_outputs(x, rank, layer_norm)
     if tokens == 0:
-        return out, z, mean, rstd
-    residual = x if residual is None else residual
+        return outputs
     scale_mode, scale = _scale_arguments(scale, x.device)
-    dot_fp32, precision = dot_settings(x.dtype)
     block_m, block_r, block_h, num_warps = _tile_sizes(rank, hidden, tokens, adapters, x.dtype == torch.float32,
                                                        sms=multiprocessors(x.device) if x.is_cuda else None)
     groups = _groups(groups, index, adapters)
-    order, work = groups.order, groups.work(block_m)
-    dummy = z  # any pointer for arguments a constexpr switch leaves unread
-    arguments = (
-        x, order, work, down_weight, down_bias if down_bias is not None else dummy, up_weight,
-        up_bias if up_bias is not None else dummy, scale, residual,
-        ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
-        out, z, mean if layer_norm else dummy, rstd if layer_norm else dummy,
-        tokens, hidden, rank, x.stride(0), residual.stride(0), out.stride(0),
-        float(scale_value), float(ln_eps), float(negative_slope), token_bucket(tokens),
-    )
-    options = dict(
-        ACTIVATION=activation, SCALE_MODE=scale_mode,
-        HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None,
-        HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision, REVERSE_SWEEPS=rows_.REVERSE_SWEEPS,
-        BLOCK_M=block_m, BLOCK_R=block_r,
-    )
-    grid = (work.shape[0],)
+    work = groups.work(block_m)
+    arguments, options = forward_launch(outputs, x, (groups.order, work), down_weight, down_bias, up_weight, up_bias,
+                                        scale_mode, scale, scale_value, residual, ln_weight, ln_bias, ln_eps,
+                                        layer_norm, activation, negative_slope, block_r)
+    grid = (work.shape[0],)  # BLOCK_M is the work table's
     if not autotuning():
-        multi_adapter_fwd_kernel[grid](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
+        adapter_fwd_kernel[grid](*arguments, **options, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps)
     else:
-        multi_adapter_fwd_tuned[grid](*arguments, **options)
-    return out, z, mean, rstd
+        multi_adapter_fwd_tuned[grid](*arguments, **options, BLOCK_M=block_m)
+    return outputs
 
 
 def _weight_block_sizes(rank: int, hidden: int, fp32: bool) -> tuple[int, int, int, int]:
@@ -623,6 +433,7 @@ def multi_adapter_backward(
             up_bias if up_bias is not None else dummy, scale_tensor, ln_weight if ln_weight is not None else dummy,
             z, mean if layer_norm else dummy, rstd if layer_norm else dummy,
             dy if dy is not None else dummy, dz, dx if dx is not None else dummy,
+            dummy,  # the up bias' partial sums: its gradient comes from the weights kernel (NEED_DBU=False)
             *(p if p is not None else dummy for p in (dscale_part, dlnw_part, dlnb_part)),
             tokens, hidden, rank, grad.stride(0), (residual if residual is not None else x).stride(0),
             dy.stride(0) if dy is not None else 0, dx.stride(0) if dx is not None else 0,
@@ -631,13 +442,13 @@ def multi_adapter_backward(
         options = dict(
             ACTIVATION=activation, SCALE_MODE=scale_mode, HAS_UP_BIAS=up_bias is not None,
             HAS_LN=layer_norm, HAS_LN_WEIGHT=ln_weight is not None,
-            NEED_U=layer_norm or need_dscale, NEED_DSCALE=need_dscale, NEED_DLNW=need_dlnw, NEED_DLNB=need_dlnb,
-            NEED_DX=need["x"], DX_ADD_DY=residual is None,
+            NEED_U=layer_norm or need_dscale, NEED_DBU=False, NEED_DSCALE=need_dscale, NEED_DLNW=need_dlnw,
+            NEED_DLNB=need_dlnb, NEED_DX=need["x"], DX_ADD_DY=residual is None, GROUPED=True,
             DOT_FP32=dot_fp32, DOT_PRECISION=precision, REVERSE_SWEEPS=rows_.REVERSE_SWEEPS,
             BLOCK_M=block_m, BLOCK_R=block_r,
         )
         if not autotuning():
-            multi_adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
+            adapter_bwd_rows_kernel[(num_blocks,)](*arguments, **options, BLOCK_H=block_h, num_warps=num_warps)
         else:
             multi_adapter_bwd_rows_tuned[(num_blocks,)](*arguments, **options)
     if dy is None:
@@ -710,18 +521,19 @@ def compile_variants(hidden: int = 4096):
             for layer_norm in (False, True):
                 ln = "ln" if layer_norm else "noln"
                 block_m, block_r, block_h, warps = _tile_sizes(rank, hidden, 1 << 20, 1, dot_fp32)
-                yield (f"fwd-{dtype}-r{rank}-{ln}", multi_adapter_fwd_kernel, dtype,
+                yield (f"fwd-{dtype}-r{rank}-{ln}", adapter_fwd_kernel, dtype,
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True,
-                            HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, DOT_FP32=dot_fp32,
-                            DOT_PRECISION="ieee", REVERSE_SWEEPS=True, BLOCK_M=block_m, BLOCK_R=block_r,
-                            BLOCK_H=block_h),
+                            HAS_LN=layer_norm, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, GROUPED=True,
+                            DOT_FP32=dot_fp32, DOT_PRECISION="ieee", REVERSE_SWEEPS=True, BLOCK_M=block_m,
+                            BLOCK_R=block_r, BLOCK_H=block_h),
                        DATA_POINTERS, warps, 3, values)
                 block_m, block_r, block_h, warps = _tile_sizes(rank, hidden, 1 << 20, 1, dot_fp32, backward=True,
                                                                layer_norm=layer_norm)
-                yield (f"bwd-rows-{dtype}-r{rank}-{ln}", multi_adapter_bwd_rows_kernel, dtype,
+                yield (f"bwd-rows-{dtype}-r{rank}-{ln}", adapter_bwd_rows_kernel, dtype,
                        dict(ACTIVATION=GELU, SCALE_MODE=SCALE_CHANNEL, HAS_UP_BIAS=True, HAS_LN=layer_norm,
-                            HAS_LN_WEIGHT=True, NEED_U=layer_norm, NEED_DSCALE=False, NEED_DLNW=layer_norm,
-                            NEED_DLNB=layer_norm, NEED_DX=True, DX_ADD_DY=True, DOT_FP32=dot_fp32,
+                            HAS_LN_WEIGHT=True, NEED_U=layer_norm, NEED_DBU=False, NEED_DSCALE=False,
+                            NEED_DLNW=layer_norm, NEED_DLNB=layer_norm, NEED_DX=True, DX_ADD_DY=True,
+                            GROUPED=True, DOT_FP32=dot_fp32,
                             DOT_PRECISION="ieee", REVERSE_SWEEPS=True, BLOCK_M=block_m, BLOCK_R=block_r,
                             BLOCK_H=block_h),
                        DATA_POINTERS, warps, 2, values)
