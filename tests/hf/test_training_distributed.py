@@ -6,6 +6,8 @@ loads into an unsharded and a sharded model with equal outputs and equals the sa
 unsharded model; calls that would change a sharded model's parameters are refused, the model unchanged.
 One spawn per mode runs every method (a spawn costs seconds of imports); failures still name the method."""
 
+import functools
+
 import pytest
 import torch
 
@@ -42,6 +44,12 @@ def runs(tmp_path_factory):
     return run
 
 
+@functools.cache
+def one_process(method) -> dict:
+    """single_process(method), computed once for both modes."""
+    return single_process(method)
+
+
 def per_rank(directory, name):
     return [torch.load(directory / f"{name}-{rank}.pt") for rank in range(WORLD)]
 
@@ -52,7 +60,7 @@ def test_equals_one_process_over_the_whole_batch(mode, runs):
         needs_fsdp2()
     directory = runs(mode)
     for method in METHODS:
-        expected = single_process(method)
+        expected = one_process(method)
         first, second = per_rank(directory, f"{mode}-{method}")
         assert first.keys() == second.keys() == expected.keys(), method
         for name, value in expected.items():
