@@ -116,10 +116,13 @@ def _prefix_attention_function(module, query, key, value, attention_mask, *, bas
     owner, index = site
     prefix_k, prefix_v = owner.encoder.layer(index)
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", False))
-    if causal and attention_mask is not None and position_bias is None and query.shape[2] == key.shape[2] > 1:
+    if (causal and attention_mask is not None and position_bias is None and query.shape[2] == key.shape[2] > 1
+            and not torch.compiler.is_compiling()):
         # a padded causal batch: transformers hands over causal & key padding as one 4-D mask; as key
         # padding [B, S] + causal=True the kernels skip the blocks above the diagonal instead of reading
-        # a [B, 1, S, S] mask (read once per mask object, shared by every layer)
+        # a [B, 1, S, S] mask (read once per mask object, shared by every layer). Not while torch.compile
+        # traces: reading the mask on the host is data-dependent (a graph break per layer), and the
+        # 4-D mask, which holds causality itself, gives the same result on the masked path
         attention_mask, causal = _causal_key_padding(attention_mask, query, key)
     else:
         # transformers passes mask None for a plain causal (or no) mask; a given mask already holds causality
