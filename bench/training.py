@@ -34,6 +34,7 @@ import torch
 
 from bench.environment import cpu_model, now_iso, versions
 from bench.memory import peak_memory
+from bench.results import append_run
 
 MAX_GRAD_NORM, LEARNING_RATE = 1.0, 1e-3
 
@@ -177,20 +178,14 @@ def fsdp_memory(batch: int, seq: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    for option, default in (("--batch", 8), ("--seq", 128), ("--steps", 10), ("--rounds", 3)):
+        parser.add_argument(option, type=int, default=default)
     parser.add_argument("--no-fsdp", action="store_true", help="skip the FSDP2 memory rows")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     result = trainer_overhead(args.batch, args.seq, args.steps, args.rounds)
     if not args.no_fsdp:
         result["fsdp_rows"] = fsdp_memory(args.batch, args.seq)
-    path = Path(__file__).parent / "results" / "training-cpu.json"
-    previous = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    previous["runs"].append(result)
-    path.write_text(json.dumps(previous, indent=1) + os.linesep)
+    append_run(Path(__file__).parent / "results" / "training-cpu.json", result)
     print("| provider | batch x seq | median ms/step | p20 | p80 | steps |\n|---|---|---|---|---|---|")
     for row in result["rows"]:
         print(f"| {row['provider']} | {row['shape']['batch']} x {row['shape']['seq']} | {row['median_ms']:.1f} | "
