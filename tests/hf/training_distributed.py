@@ -107,6 +107,9 @@ def sharded_refusals(model) -> dict:
         "remove_adapter": lambda: hf.remove_adapter(model, "task"),
         "apply_mask_tuning": lambda: hf.apply_mask_tuning(model),
         "apply_prefix_tuning": lambda: hf.apply_prefix_tuning(model, num_virtual_tokens=2),
+        "freeze_masks": lambda: hf.freeze_masks(model),
+        "load_adapter": lambda: hf.load_adapter(model, "a directory that is never read"),
+        "load_task": lambda: hf.load_task(model, "other", "a directory that is never read"),
     }
     messages = {}
     for call, run in calls.items():
