@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from bench.environment import cpu_model, now_iso, versions
 from bench.memory import peak_memory
+from bench.results import append_run
 from bench.timing import Timing, time_cpu_interleaved
 
 ADAPTERS = (("houlsby", "double_seq_bn"), ("pfeiffer", "seq_bn"), ("parallel", "par_bn"), ("pfeiffer2", "seq_bn"))
@@ -148,10 +148,7 @@ def main() -> None:
     result = {"rows": rows}
     if args.storage:
         result["storage_bytes"] = storage_bytes(args.model, args.layers)
-    path = Path(__file__).parent / "results" / "mixed_tasks-cpu.json"
-    previous = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    previous["runs"].append(result)
-    path.write_text(json.dumps(previous, indent=1) + os.linesep)
+    append_run(Path(__file__).parent / "results" / "mixed_tasks-cpu.json", result)
     print("| model | mode | provider | median ms | p20 | p80 | peak MB |\n|---|---|---|---|---|---|---|")
     for row in rows:
         peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f}"

@@ -103,3 +103,10 @@ def load_results(path: Path) -> RunResult:
     if isinstance(data, list):  # a bare list of rows
         return RunResult(meta={}, rows=data, skipped=[])
     return RunResult(meta=data.get("meta", {}), rows=data.get("rows", []), skipped=data.get("skipped", []))
+
+
+def append_run(path: Path, result: dict) -> None:
+    """Add one run to a result file that keeps every run ({"runs": [...]}), creating it if needed."""
+    previous = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    previous["runs"].append(result)
+    path.write_text(json.dumps(previous, indent=1) + "\n")

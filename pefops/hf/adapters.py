@@ -22,6 +22,7 @@ from torch import nn
 
 from pefops.hf.architectures import Site, architecture_of, get_submodule
 from pefops.hf.config import BottleneckConfig, resolve_config
+from pefops.hf.sharding import CHANGES_PARAMETERS, refuse_sharded
 from pefops.hf.transaction import transactional
 from pefops.nn import BottleneckAdapter
 
@@ -355,6 +356,7 @@ def add_adapter(model, name: str, config: Union[str, dict, BottleneckConfig, Non
     """Add a bottleneck adapter `name` to every layer (except config.leave_out) at the sites the
     config asks for (mh_adapter: after attention; output_adapter: after the feed-forward block).
     Everything is checked before the model changes; on any error the model is as before."""
+    refuse_sharded(model, "add_adapter", CHANGES_PARAMETERS)
     config = resolve_config(config)
     if not isinstance(name, str) or not name or "." in name or "," in name:
         raise ValueError(f"adapter name must be a non-empty string without dots or commas; got {name!r}")
@@ -480,6 +482,7 @@ def remove_adapter(model, name: str):
     fusion first with remove_adapter_fusion): the fusion's trained weights are not dropped silently.
     If the active setting uses the adapter (alone or in a mixed-task routing), the model falls back
     to the base (no active adapter)."""
+    refuse_sharded(model, "remove_adapter", CHANGES_PARAMETERS)
     if name not in adapter_registry(model):
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(adapter_registry(model)) or 'none'}")
     users = [fusion for fusion, (_, fuse) in fusion_registry(model).items() if name in fuse.names]

@@ -28,6 +28,7 @@ from pefops.hf.adapters import (
 from pefops.hf.architectures import architecture_of
 from pefops.hf.checkpoint_io import check_tensor, field, read_json_object, read_pickled_tensors, read_safetensors
 from pefops.hf.config import resolve_config
+from pefops.hf.sharding import CHANGES_PARAMETERS, host_copy, model_class_name, refuse_sharded, writes_files
 from pefops.hf.task_io import base_fields
 from pefops.hf.transaction import copy_into, transactional
 
@@ -64,7 +65,8 @@ def _from_adapterhub_name(name: str, ln_before: bool) -> str:
 
 
 def save_adapter(model, directory: str, name: str) -> None:
-    """Write adapter `name` (config + weights as safetensors) to `directory`."""
+    """Write adapter `name` (config + weights as safetensors) to `directory`. A sharded (FSDP2) model:
+    every rank calls it, the parameters are gathered and rank 0 writes one unsharded checkpoint."""
     from safetensors.torch import save_file
 
     registry = adapter_registry(model)
@@ -79,14 +81,16 @@ def save_adapter(model, directory: str, name: str) -> None:
         prefix = f"{layers_path}.{index}.{site.adapterhub_prefix}.{name}."
         for parameter, tensor in adapter_layer.adapters[name].state_dict().items():
             for key in _to_adapterhub_names(parameter, config.ln_before):
-                tensors[prefix + key] = tensor.detach().to("cpu").clone().contiguous()
+                tensors[prefix + key] = host_copy(tensor)
+    if not writes_files(model):
+        return
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
     meta = {
         **base_fields(model, "bottleneck_adapter"),
         "config": config.to_dict(),
         "hidden_size": hidden_size_of(model),
-        "model_class": type(model).__name__,
+        "model_class": model_class_name(model),
         "model_name": getattr(model.config, "name_or_path", "") or "",
         "model_type": model.config.model_type,
         "name": name,
@@ -148,6 +152,7 @@ def load_adapter(model, directory: str, load_as: str | None = None, set_active: 
     """Load a pefops or AdapterHub adapter directory into `model`; returns the adapter's name.
     The config and every tensor (names, exact shapes, dtypes) are checked before the model changes;
     errors name the file and the key."""
+    refuse_sharded(model, "load_adapter", CHANGES_PARAMETERS)
     directory, config_path, meta = read_config(directory, CONFIG_FILE, "an adapter directory")
     config_data = meta.get("config")
     if not isinstance(config_data, dict):

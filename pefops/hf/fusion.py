@@ -20,6 +20,7 @@ from pefops.hf.adapters import Fuse, adapter_layers, adapter_registry, fusion_re
 from pefops.hf.architectures import architecture_of
 from pefops.hf.checkpoint import read_config, read_weights, strip_model_prefix
 from pefops.hf.checkpoint_io import check_names, check_tensor, field
+from pefops.hf.sharding import CHANGES_PARAMETERS, host_copy, model_class_name, refuse_sharded, writes_files
 from pefops.hf.task_io import base_fields
 from pefops.hf.transaction import copy_into, transactional
 from pefops.nn.adapter_fusion import AdapterFusion, resolve_fusion_config
@@ -46,6 +47,7 @@ def _fusion_prefix(site) -> str:
 def add_adapter_fusion(model, names, config="dynamic", set_active: bool = False) -> Fuse:
     """Add a fusion layer over the adapters `names` (a Fuse, a list, or "a,b,c") at every site
     where all of them are present. The adapters must exist already."""
+    refuse_sharded(model, "add_adapter_fusion", CHANGES_PARAMETERS)
     fuse = _as_fuse(names)
     fusion_config = resolve_fusion_config(config)
     if len(set(fuse.names)) != len(fuse.names):
@@ -112,6 +114,8 @@ def fusion_regularization_loss(model):
 
 
 def save_adapter_fusion(model, directory: str, names) -> None:
+    """Write fusion `names` to `directory` (AdapterHub's layout). A sharded (FSDP2) model: every rank
+    calls it, rank 0 writes."""
     from safetensors.torch import save_file
 
     fuse = _as_fuse(names)
@@ -124,12 +128,14 @@ def save_adapter_fusion(model, directory: str, names) -> None:
         if fuse.name in adapter_layer.fusions:
             prefix = f"{layers_path}.{index}.{_fusion_prefix(site)}.{fuse.name}."
             for key, tensor in adapter_layer.fusions[fuse.name].state_dict().items():
-                tensors[prefix + key] = tensor.detach().cpu().clone().contiguous()
+                tensors[prefix + key] = host_copy(tensor)
+    if not writes_files(model):
+        return
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
     meta = {**base_fields(model, "adapter_fusion"), "config": fusion_config.to_dict(), "adapter_names": list(fuse.names),
             "name": fuse.name, "hidden_size": hidden_size_of(model), "model_type": model.config.model_type,
-            "model_class": type(model).__name__, "version": f"pefops.{pefops.__version__}"}
+            "model_class": model_class_name(model), "version": f"pefops.{pefops.__version__}"}
     with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
 
@@ -138,6 +144,7 @@ def save_adapter_fusion(model, directory: str, names) -> None:
 def remove_adapter_fusion(model, names) -> None:
     """Delete the fusion layers of `names` (the fused adapters stay). If that fusion is active, the
     model falls back to the base (no active adapter)."""
+    refuse_sharded(model, "remove_adapter_fusion", CHANGES_PARAMETERS)
     from pefops.hf.adapters import active_adapter, set_active_adapters
 
     fuse = _as_fuse(names)
@@ -155,6 +162,7 @@ def remove_adapter_fusion(model, names) -> None:
 def load_adapter_fusion(model, directory: str, set_active: bool = False) -> Fuse:
     """Load a pefops or AdapterHub fusion directory; the fused adapters must be loaded already.
     The config and every tensor (names, exact shapes, dtypes) are checked before the model changes."""
+    refuse_sharded(model, "load_adapter_fusion", CHANGES_PARAMETERS)
     directory, config_path, meta = read_config(directory, CONFIG_FILE, "an adapter fusion directory")
     names = meta.get("adapter_names")
     if names is None:

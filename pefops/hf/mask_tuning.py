@@ -15,11 +15,12 @@ from torch import nn
 
 from pefops.hf.architectures import architecture_of, get_submodule
 from pefops.hf.checkpoint_io import check_tensor, read_safetensors
+from pefops.hf.sharding import CHANGES_PARAMETERS, full_tensor, host_copy, refuse_sharded, writes_files
 from pefops.hf.task_io import base_fields, is_single_file, weights_path, write_checkpoint
 from pefops.hf.transaction import copy_into, transactional
 from pefops.ops.common import check_index_tensor, describe
 from pefops.nn.masked_linear import MaskedLinear
-from pefops.ops.masked_linear import packed_columns
+from pefops.ops.masked_linear import pack_mask, packed_columns
 
 FORMAT = "pefops-masks-1"
 CONFIG_NAME = "masks_config.json"
@@ -63,6 +64,7 @@ def apply_mask_tuning(model, threshold: float = 1e-2, init_sparsity: float = 0.5
     MaskedLinear, freeze the base model, keep the head (everything outside the base model) dense
     and trainable. `targets`: names or name suffixes to restrict to (e.g. ["query", "value"]).
     Returns the replaced modules' names."""
+    refuse_sharded(model, "apply_mask_tuning", CHANGES_PARAMETERS)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
         raise ValueError(f"threshold must be a number; got {threshold!r}")
     if isinstance(init_sparsity, bool) or not isinstance(init_sparsity, (int, float)) or not 0 <= init_sparsity <= 1:
@@ -116,6 +118,7 @@ def _head_parameters(model) -> dict[str, nn.Parameter]:
 @transactional
 def freeze_masks(model) -> None:
     """Pack every mask and drop the scores (inference form)."""
+    refuse_sharded(model, "freeze_masks", CHANGES_PARAMETERS)
     for module in masked_modules(model).values():
         module.freeze()
 
@@ -124,18 +127,21 @@ def save_masks(model, path: str) -> None:
     """Write the task to the directory `path`: masks_config.json (method, version, base model type and
     hidden size) and masks.safetensors with the packed masks ("<module>.mask", uint8) and the head's
     parameters ("<name>"), the threshold and format in its metadata. Base weights are not written.
-    A path ending in ".safetensors" writes the older single file instead."""
+    A path ending in ".safetensors" writes the older single file instead. A sharded (FSDP2) model: every
+    rank calls it, the scores are gathered and rank 0 writes."""
     from safetensors.torch import save_file
 
     modules = masked_modules(model)
     if not modules:
         raise ValueError("the model has no MaskedLinear layers: call apply_mask_tuning first")
-    tensors = {f"{name}.mask": module.packed_mask().cpu().contiguous() for name, module in modules.items()}
+    tensors = {f"{name}.mask": _whole_packed_mask(module) for name, module in modules.items()}
     for name, module in modules.items():
         if module.bias is not None and module.bias.requires_grad:
-            tensors[f"{name}.bias"] = module.bias.detach().cpu().clone()
+            tensors[f"{name}.bias"] = host_copy(module.bias)
     for name, parameter in _head_parameters(model).items():
-        tensors[name] = parameter.detach().cpu().clone()
+        tensors[name] = host_copy(parameter)
+    if not writes_files(model):
+        return
     thresholds = sorted({module.threshold for module in modules.values()})
     metadata = {"format": FORMAT, "thresholds": json.dumps(thresholds),
                 "in_features": json.dumps({name: m.in_features for name, m in modules.items()})}
@@ -144,6 +150,14 @@ def save_masks(model, path: str) -> None:
         return
     config = {**base_fields(model, "mask_tuning"), "format": FORMAT, "thresholds": thresholds}
     write_checkpoint(path, CONFIG_NAME, config, WEIGHTS_NAME, tensors, metadata)
+
+
+def _whole_packed_mask(module: MaskedLinear) -> torch.Tensor:
+    """The layer's packed mask as a CPU tensor; sharded scores are gathered first (packing works on
+    whole rows of 8 columns, which a shard need not hold)."""
+    if module.frozen:
+        return module.mask.cpu().contiguous()
+    return pack_mask(full_tensor(module.scores.detach()), module.threshold).cpu().contiguous()
 
 
 def mask_weights_path(model, path) -> str:
@@ -168,6 +182,10 @@ def load_masks(model, path: str) -> None:
     has no MaskedLinear layers yet, they are created where the file has masks. The whole file is
     checked first (names, shapes, dtypes); it may only hold masks, the masked layers' biases and
     the head's parameters (never other base weights). `path`: a save_masks directory or a mask file."""
+    if not all(module.frozen for module in masked_modules(model).values()) or not masked_modules(model):
+        refuse_sharded(model, "load_masks", "it replaces the masked layers' scores (or the Linear layers) by packed "
+                       "mask buffers, parameters FSDP2 manages; to resume training use load_training_checkpoint, to "
+                       "serve masks load them before fully_shard")
     path = mask_weights_path(model, path)
     tensors, metadata = read_safetensors(path, with_metadata=True)
     if metadata.get("format") != FORMAT:

@@ -38,6 +38,7 @@ from torch import nn
 
 from pefops.hf.architectures import ARCHITECTURES, Architecture, architecture_of, get_submodule, model_type_of
 from pefops.hf.prompt_tuning import ATTRIBUTE as PROMPT_ATTRIBUTE, _commit_prompt, _plan_prompt
+from pefops.hf.sharding import CHANGES_PARAMETERS, host_copy, refuse_sharded, writes_files
 from pefops.hf.transaction import copy_into, transactional
 from pefops.hf.virtual_tokens import (
     check_trainable_modules,
@@ -115,10 +116,13 @@ def _prefix_attention_function(module, query, key, value, attention_mask, *, bas
     owner, index = site
     prefix_k, prefix_v = owner.encoder.layer(index)
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", False))
-    if causal and attention_mask is not None and position_bias is None and query.shape[2] == key.shape[2] > 1:
+    if (causal and attention_mask is not None and position_bias is None and query.shape[2] == key.shape[2] > 1
+            and not torch.compiler.is_compiling()):
         # a padded causal batch: transformers hands over causal & key padding as one 4-D mask; as key
         # padding [B, S] + causal=True the kernels skip the blocks above the diagonal instead of reading
-        # a [B, 1, S, S] mask (read once per mask object, shared by every layer)
+        # a [B, 1, S, S] mask (read once per mask object, shared by every layer). Not while torch.compile
+        # traces: reading the mask on the host is data-dependent (a graph break per layer), and the
+        # 4-D mask, which holds causality itself, gives the same result on the masked path
         attention_mask, causal = _causal_key_padding(attention_mask, query, key)
     else:
         # transformers passes mask None for a plain causal (or no) mask; a given mask already holds causality
@@ -255,6 +259,7 @@ def apply_prefix_tuning(model, num_virtual_tokens: int, projection: bool = True,
     trainable_modules: names of submodules that train too (a task head, e.g. "classifier"; PEFT's
     modules_to_save); save_prefix writes them with the prefix.
     The model must use the "sdpa" or "eager" attention implementation."""
+    refuse_sharded(model, "apply_prefix_tuning", CHANGES_PARAMETERS)
     owner, sites = _plan_prefix(model, num_virtual_tokens, projection, projection_hidden, peft_compatible_positions,
                                 cross_attention, zero_init, embedding_dim, trainable_modules)
     _commit_prefix(model, owner, sites)
@@ -333,6 +338,7 @@ def prefix_disabled(model):
 def remove_prefix_tuning(model) -> PrefixTuning:
     """Undo apply_prefix_tuning: the base attention implementation is restored, the sites and hooks
     removed. Base parameters stay frozen. Returns the removed PrefixTuning."""
+    refuse_sharded(model, "remove_prefix_tuning", CHANGES_PARAMETERS)
     owner = _owner(model)
     for module in model.modules():
         module.__dict__.pop(SITE_ATTRIBUTE, None)
@@ -364,21 +370,24 @@ def save_prefix(model, directory) -> None:
     """Write the trainable prefix (or virtual prompt) to `directory`: prefix_config.json (the
     hyper-parameters apply_prefix_tuning needs) and prefix.safetensors (every parameter, the MLP
     included, so training resumes where it stopped), with the trainable modules' parameters (a task
-    head) under "model.<module>.<parameter>". Other base weights are not written."""
+    head) under "model.<module>.<parameter>". Other base weights are not written. A sharded (FSDP2)
+    model: every rank calls it, the parameters are gathered and rank 0 writes."""
     import json
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    tuning = _tuning_module(model)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     from pefops.hf.task_io import base_fields
 
+    tuning = _tuning_module(model)
+    parameters = {**dict(tuning.named_parameters()), **trainable_module_parameters(model, tuning.trainable_modules)}
+    tensors = {name: host_copy(p) for name, p in parameters.items()}
+    if not writes_files(model):
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     config = {**base_fields(model, tuning.config_dict()["method"]), "format": FORMAT, **tuning.config_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-    parameters = {**dict(tuning.named_parameters()), **trainable_module_parameters(model, tuning.trainable_modules)}
-    tensors = {name: p.detach().cpu().contiguous() for name, p in parameters.items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
 
 
@@ -463,6 +472,7 @@ def load_prefix(model, directory):
     for name, tensor in tensors.items():
         check_tensor(weights_path, name, tensor, parameters[name].shape)
     if commit is not None:  # validated: the commit
+        refuse_sharded(model, "load_prefix into a model without prefix or prompt tuning", CHANGES_PARAMETERS)
         commit()
     copy_into((parameters[name], tensor) for name, tensor in tensors.items())
     return tuning

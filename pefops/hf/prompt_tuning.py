@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pefops.hf.architectures import architecture_of, model_type_of
+from pefops.hf.sharding import CHANGES_PARAMETERS, refuse_sharded
 from pefops.hf.transaction import transactional
 from pefops.hf.virtual_tokens import check_trainable_modules, set_trainable_modules, tokens_disabled
 from pefops.nn.prefix_tuning import PromptEmbedding
@@ -112,6 +113,7 @@ def apply_prompt_tuning(model, num_virtual_tokens: int, init="random", tokenizer
     cycled to P; needs tokenizer) or a list of token ids. trainable_modules: submodules that train too
     (a task head; PEFT's modules_to_save), saved by save_prefix. Returns the PromptTuning module (also
     `model.prompt_tuning`)."""
+    refuse_sharded(model, "apply_prompt_tuning", CHANGES_PARAMETERS)
     owner = _plan_prompt(model, num_virtual_tokens, init, tokenizer, init_std, generator, trainable_modules)
     _commit_prompt(model, owner)
     return owner
@@ -161,6 +163,7 @@ def prompt_disabled(model):
 
 @transactional
 def remove_prompt_tuning(model) -> PromptTuning:
+    refuse_sharded(model, "remove_prompt_tuning", CHANGES_PARAMETERS)
     owner = _owner(model)
     for hook in owner._hooks:
         hook.remove()

@@ -22,6 +22,7 @@ from torch import nn
 
 from pefops.hf.architectures import Architecture, SideWeights, architecture_of, get_submodule
 from pefops.hf.checkpoint_io import check_names, check_tensor, read_safetensors
+from pefops.hf.sharding import CHANGES_PARAMETERS, host_copy, refuse_sharded, writes_files
 from pefops.hf.task_io import base_fields, is_single_file, weights_path, write_checkpoint
 from pefops.hf.transaction import copy_into, transactional
 from pefops.nn.side_tuning import LadderSideNetwork, SideTuned
@@ -126,6 +127,7 @@ def side_tune(model, method: str = "ladder", reduction_factor: float = 8, side: 
     side-tuning ("side") or ladder side-tuning ("ladder"). Only side parameters (the side network
     and the blend's alpha) train. `side`: your own side network for method="side" (called with
     input_ids and attention_mask; returns a tensor or an output with last_hidden_state)."""
+    refuse_sharded(model, "side_tune", CHANGES_PARAMETERS)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     architecture = architecture_of(model, "side")
@@ -212,12 +214,14 @@ WEIGHTS_NAME = "side.safetensors"
 def save_side(model: SideTunedModel, path: str) -> None:
     """Write the side parameters only to the directory `path`: side_config.json (method, version, base
     model type and hidden size, side method) and side.safetensors. A path ending in ".safetensors"
-    writes the older single file instead."""
+    writes the older single file instead. A sharded (FSDP2) model: every rank calls it, rank 0 writes."""
     from safetensors.torch import save_file
 
     if not isinstance(model, SideTunedModel):
         raise ValueError(f"save_side takes the model side_tune returned; got {type(model).__name__}")
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.side_parameters().items()}
+    tensors = {name: host_copy(p) for name, p in model.side_parameters().items()}
+    if not writes_files(model):
+        return
     metadata = {"format": SIDE_FORMAT, "method": model.method}
     if is_single_file(path):
         save_file(tensors, str(path), metadata=metadata)

@@ -14,6 +14,7 @@ import json
 import os
 
 import pefops
+from pefops.hf.sharding import model_class_name
 
 METHODS = ("bottleneck_adapter", "adapter_fusion", "mask_tuning", "side_tuning", "prefix_tuning", "prompt_tuning")
 BASE_FIELDS = ("method", "pefops_version", "model_type", "architecture", "hidden_size")
@@ -34,7 +35,7 @@ def base_fields(model, method: str) -> dict:
         raise ValueError(f"internal: unknown method {method!r}")
     base = getattr(model, "base", model)  # a SideTunedModel names the model it wraps
     return {"method": method, "pefops_version": pefops.__version__,
-            "model_type": getattr(model.config, "model_type", None), "architecture": type(base).__name__,
+            "model_type": getattr(model.config, "model_type", None), "architecture": model_class_name(base),
             "hidden_size": hidden_size_of(model)}
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pefops.hf.adapters import Fuse, RowRouting, adapter_layers, adapter_registry, fusion_registry
+from pefops.hf.sharding import CHANGES_PARAMETERS, refuse_sharded
 from pefops.hf.transaction import transactional
 
 ATTRIBUTE = "pefops_task_modules"  # nn.ModuleDict of prefix / prompt task modules on the model
@@ -113,6 +114,7 @@ def load_task(model, name: str, path, **options) -> str:
     return its method. Everything (model type, hidden size, names, shapes) is checked before the model
     changes; on any error the model is as before. options: `adapters` ({name: directory}) for a
     fusion whose adapters are neither loaded nor in sub-directories of its directory."""
+    refuse_sharded(model, "load_task", CHANGES_PARAMETERS)
     _check_name(model, name)
     path = str(path)
     method = detect_method(path)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pefops.hf.checkpoint_io import check_names, check_tensor, read_json_object, read_safetensors
+from pefops.hf.sharding import host_copy, is_sharded
 from pefops.hf.transaction import copy_into, transactional
 
 FORMAT = "pefops-training-1"
@@ -37,13 +38,6 @@ TRAINING_ARGS_FILE = "training_args.bin"  # transformers' TRAINING_ARGS_NAME
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every parameter of `model` that requires grad, by name: what an optimizer should see."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on this process: a DTensor (FSDP2 shard) is gathered (a collective: every rank
-    must call it), a plain tensor is returned as it is."""
-    gather = getattr(tensor, "full_tensor", None)
-    return gather() if gather is not None else tensor
 
 
 def _exports(model: nn.Module) -> dict:
@@ -76,22 +70,25 @@ def _exports(model: nn.Module) -> dict:
 
 def save_training_checkpoint(model: nn.Module, directory, *, is_main_process: bool = True) -> None:
     """Write the task of `model` (see the module docstring) to `directory`. Under FSDP2 every rank must
-    call it (sharded parameters are gathered); only the main process writes."""
+    call it (sharded parameters are gathered, by the method's own save_* too); only the main process
+    writes."""
     from safetensors.torch import save_file
 
     parameters = trainable_parameters(model)
     if not parameters:
         raise ValueError("the model has no parameter that requires grad: nothing to save (apply a pefops method "
                          "or unfreeze what should train)")
-    tensors = {name: full_tensor(p.detach()).cpu().contiguous() for name, p in parameters.items()}
+    tensors = {name: host_copy(p) for name, p in parameters.items()}  # a collective when sharded
     exports = _exports(model)
+    directory = str(directory)
+    if is_main_process:
+        os.makedirs(directory, exist_ok=True)
+        save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT})
+    if is_main_process or is_sharded(model):  # sharded: every rank gathers in save_*, rank 0 writes
+        for relative, save in exports.values():
+            save(os.path.join(directory, relative))
     if not is_main_process:
         return
-    directory = str(directory)
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT})
-    for relative, save in exports.values():
-        save(os.path.join(directory, relative))
     config = {"format": FORMAT, "trainable": {name: list(t.shape) for name, t in tensors.items()},
               "exports": {method: relative for method, (relative, _) in exports.items()}}
     with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
@@ -107,7 +104,7 @@ def load_training_checkpoint(model: nn.Module, directory) -> None:
     """Copy the trainable parameters saved by save_training_checkpoint into `model`, which must be
     prepared as when it was saved (same base, same pefops calls, the same parameters requiring grad).
     Names and exact shapes are checked before anything is written; sharded (DTensor) parameters
-    receive their own shard."""
+    receive their own shard (every rank calls it)."""
     directory = str(directory)
     config_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
     config = read_json_object(config_path)
@@ -118,23 +115,7 @@ def load_training_checkpoint(model: nn.Module, directory) -> None:
     check_names(weights_path, tensors, parameters, "trainable-parameter")
     for name, tensor in tensors.items():
         check_tensor(weights_path, name, tensor, parameters[name].shape)
-    copy_into((_local(parameters[name]), _shard_like(parameters[name], tensor)) for name, tensor in tensors.items())
-
-
-def _local(parameter: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(parameter, "to_local", None)
-    return to_local() if to_local is not None else parameter
-
-
-def _shard_like(parameter: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of the whole `tensor`, laid out as `parameter` (a DTensor) is; `tensor` itself
-    for a plain parameter."""
-    if getattr(parameter, "device_mesh", None) is None:
-        return tensor
-    from torch.distributed.tensor import distribute_tensor
-
-    whole = tensor.to(device=parameter.device, dtype=parameter.dtype)
-    return distribute_tensor(whole, parameter.device_mesh, parameter.placements).to_local()
+    copy_into((parameters[name], tensor) for name, tensor in tensors.items())
 
 
 class TrainingCheckpointMixin:

@@ -131,12 +131,15 @@ def transactional(function):
 def copy_into(pairs) -> None:
     """The commit step of a loader: copy each (target, source) in place, recording the old contents
     in the active transactions so a later failure restores them. Shapes must match exactly (the
-    caller validated them; a broadcast here is a bug)."""
+    caller validated them; a broadcast here is a bug). A sharded (DTensor) target receives this rank's
+    shard of the source, so every loader works on an FSDP2 model when every rank calls it."""
+    from pefops.hf.sharding import local_pair
+
     pairs = list(pairs)
     for target, source in pairs:
         if tuple(target.shape) != tuple(source.shape):
             raise ValueError(f"internal: copy of shape {tuple(source.shape)} into {tuple(target.shape)}")
-    for target, source in pairs:
+    for target, source in [local_pair(target, source) for target, source in pairs]:
         for transaction in _ACTIVE.get():
             transaction.record_write(target)
         target.copy_(source.to(device=target.device, dtype=target.dtype))
