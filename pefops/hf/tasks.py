@@ -169,17 +169,26 @@ def _all_ones_mask(module) -> torch.Tensor:
                                 device=module.weight.device))
 
 
+def _same_tensor(parameter, handle, key) -> bool:
+    if parameter is None or tuple(handle.get_slice(key).get_shape()) != tuple(parameter.shape):
+        return False
+    return torch.equal(handle.get_tensor(key).to(parameter.device, parameter.dtype), parameter.detach())
+
+
 def _load_mask_task(model, name, path) -> Task:
     """load_masks validates the file and creates the masked layers where needed; the task's masks are
     then taken out and the layers put back to their previous masks (all ones for new layers: the base)."""
     from pefops.hf.mask_tuning import load_masks, mask_weights_path, masked_modules
     from safetensors import safe_open
 
+    own = dict(model.named_parameters())
     with safe_open(mask_weights_path(model, path), framework="pt") as handle:
-        heads = [key for key in handle.keys() if not key.endswith(".mask")]
+        # a head saved untouched (a language model's lm_head, frozen) equals the model's own: nothing to route
+        heads = [key for key in handle.keys() if not key.endswith(".mask") and not _same_tensor(own.get(key),
+                                                                                                 handle, key)]
     if heads:
-        raise ValueError(f"{path} carries head or bias tensors ({heads[:3]}): heads are not routed per row, so it "
-                         "cannot be a task of a shared batch (load it with hf.load_masks)")
+        raise ValueError(f"{path} carries head or bias tensors that differ from the model's ({heads[:3]}): heads are "
+                         "not routed per row, so it cannot be a task of a shared batch (load it with hf.load_masks)")
     modules = masked_modules(model)
     training = [layer for layer, module in modules.items() if not module.frozen]
     if training:
