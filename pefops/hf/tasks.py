@@ -11,8 +11,9 @@ prompt tasks keep their modules in `model.pefops_task_modules`. Side-tuning chan
 network and LSH attention the attention of every row: neither can be a task of a shared batch.
 
 Routing: set_row_tasks builds one RowRouting for the adapter sites (adapters by name, fusions as
-Fuse, every other row passes through) and one stack of packed masks per masked layer (rows of
-non-mask tasks use an all-ones mask: the base weight), so one call per site serves every row.
+Fuse, every other row passes through) and one stack of the distinct packed masks per masked layer
+(rows of non-mask tasks use the base weight unmasked, in one dense GEMM), so one call per site
+serves every row.
 Prefix tasks: every row attends to its own task's prefix slots only, one prefix_attention call per
 layer (hf/row_prefix.py). Prompt tasks lengthen the sequence by their own number of virtual tokens:
 they are refused in a mixed batch.
@@ -353,6 +354,11 @@ def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor]
         model._pefops_active_adapter = routing
     install_row_prefix(model, tunings, row_task)
     for layer, module in modules.items():
-        stack = [tasks[n].masks[layer] if n is not None and tasks[n].method == "mask_tuning" else
-                 _all_ones_mask(module) for n in names]
-        module.set_row_masks(torch.stack([mask.to(module.weight.device) for mask in stack]), row_task)
+        # only the distinct task masks of this layer are stacked; rows of every other task (and of mask
+        # tasks without a mask here) get -1: the shared weight unmasked, one dense GEMM for all of them
+        masked = [n for n in dict.fromkeys(names) if n is not None and tasks[n].method == "mask_tuning"
+                  and layer in tasks[n].masks]
+        slot = torch.tensor([masked.index(n) if n in masked else -1 for n in names], device=row_task.device)
+        stack = [tasks[n].masks[layer].to(module.weight.device) for n in masked]
+        packed = torch.stack(stack) if stack else _all_ones_mask(module)[None][:0]
+        module.set_row_masks(packed, slot[row_task])
