@@ -212,6 +212,9 @@ class MaskedLinear(nn.Module):
             if split is None:  # every row has a task mask
                 return masked_linear_routed(x, weight, packed_masks, row_task, self.bias)
             dense_rows, masked_rows, order = split
+            if x.shape[0] != row_task.numel():
+                raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); "
+                                 f"set_row_masks routed {row_task.numel()} rows")
             parts = [F.linear(x[dense_rows], weight, self.bias)]
             if masked_rows.numel():
                 parts.append(masked_linear_routed(x[masked_rows], weight, packed_masks, row_task[masked_rows],

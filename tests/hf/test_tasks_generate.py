@@ -3,17 +3,16 @@ models. One left-padded batch, the KV cache on, rows of an adapter, a mask set, 
 PEFT prefix and the base: every row's tokens equal generating that row alone (no padding) with its
 task applied by the method's own loader."""
 
-import warnings
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+pytest.importorskip("peft")
 
 import pefops.hf as hf  # noqa: E402
 from tests.hf.test_peft_prefix import make_model  # noqa: E402
 from tests.hf.test_tasks import randomise  # noqa: E402
+from tests.hf.test_tasks_prefix import save_prefixes  # noqa: E402
 
 pytestmark = pytest.mark.hf
 NAMES = ["adapter", "masks", "prefix", "peft", None]
@@ -31,19 +30,7 @@ def save_tasks(kind, root):
     hf.apply_mask_tuning(masked, init_sparsity=0.3)
     hf.freeze_masks(masked)
     hf.save_masks(masked, str(root / "masks"))
-    prefixed = make_model(kind)
-    hf.apply_prefix_tuning(prefixed, 3, projection_hidden=8)
-    randomise(hf.prefix_parameters(prefixed).values())
-    hf.save_prefix(prefixed, root / "prefix")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(make_model(kind), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                                               num_virtual_tokens=4))
-        with torch.no_grad():
-            for parameter in theirs.prompt_encoder.parameters():
-                parameter.normal_(0.0, 1.0)
-        theirs.save_pretrained(str(root / "peft"))
-
+    save_prefixes(lambda: make_model(kind), "CAUSAL_LM", root)
 
 def alone(kind, root, name):
     """The language model with task `name` applied by its method's own loader."""

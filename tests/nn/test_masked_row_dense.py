@@ -35,3 +35,11 @@ def test_row_task_below_minus_one_is_refused():
     masks = pack_mask(torch.ones(8, 5, dtype=torch.bool))[None]
     with pytest.raises(ValueError, match=r"row_task values must be in \[-1, 1\) \(1 task masks; -1: no mask\)"):
         layer.set_row_masks(masks, torch.tensor([0, -2]))
+
+
+def test_a_batch_of_another_size_is_refused():
+    layer = MaskedLinear(torch.randn(8, 5), None)
+    layer.freeze()
+    layer.set_row_masks(pack_mask(torch.ones(8, 5, dtype=torch.bool))[None], torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match=r"row_task must be an integer tensor \[3\].*routed 2 rows"):
+        layer(torch.randn(3, 4, 5))
