@@ -222,16 +222,17 @@ def _normalise_mask(mask, batch, q_heads, sq, sk, device, prefix_len=0):
                          f"(0 / -inf); got {mask.dtype}")
     if mask.dim() == 3:
         mask = mask.unsqueeze(0)
+    covering = f" or every prefix slot and key (last size {prefix_len + sk})" if prefix_len else ""
     if prefix_len and mask.shape[-1] == prefix_len + sk:
         sk = prefix_len + sk  # it covers [prefix ; sequence]
-    if mask.shape[-1] != sk:
-        covering = f" or every prefix slot and key (last size {prefix_len + sk})" if prefix_len else ""
-        raise ValueError(f"attention_mask must cover every sequence key (last size {sk}){covering}; "
-                         f"got shape {tuple(mask.shape)}")
     for size, full, name in zip(mask.shape, (batch, q_heads, sq, sk), ("batch", "heads", "queries", "keys")):
         if size not in (1, full):
             raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not broadcast to "
-                             f"[{batch}, {q_heads}, {sq}, {sk}] (its {name} size {size} must be 1 or {full})")
+                             f"[{batch}, {q_heads}, {sq}, {sk}] (its {name} size {size} must be 1 or {full}"
+                             f"{covering if name == 'keys' else ''})")
+    if mask.shape[-1] != sk:
+        raise ValueError(f"attention_mask must cover every sequence key (last size {sk}){covering}; "
+                         f"got shape {tuple(mask.shape)}")
     return mask
 
 

@@ -58,5 +58,7 @@ def test_triton_refuses_a_prefix_covering_mask_with_a_reason():
 def test_a_mask_of_another_width_is_refused():
     q = torch.randn(1, 2, 3, 8)
     pk = torch.randn(1, 2, 2, 8)
-    with pytest.raises(ValueError, match=r"every prefix slot and key \(last size 5\)"):
+    with pytest.raises(ValueError, match=r"keys size 4 must be 1 or 3 or every prefix slot and key \(last size 5\)"):
         prefix_attention(q, q, q, pk, pk, attention_mask=torch.ones(1, 1, 1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"must cover every sequence key \(last size 3\) or every prefix slot"):
+        prefix_attention(q, q, q, pk, pk, attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool))
