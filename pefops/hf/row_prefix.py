@@ -2,7 +2,8 @@
 (none for rows of other methods and of the base), through one prefix_attention call per layer.
 
 At each attention site, every prefix task's key/values are computed once per forward (one
-PrefixEncoder.layer call per task, never per row), padded with zero slots to the longest prefix of
+PrefixEncoder.layer call per task, never per row; in inference once per routing, reused by every
+forward and decoding step until a prefix parameter changes), padded with zero slots to the longest prefix of
 the batch and gathered per row into [B, Hkv, P_max, D]. The slots that are not a row's own are
 hidden by a mask over the prefix columns ([B, P_max] bool, built once in set_row_tasks), which
 prefix_attention takes in front of the sequence mask. A hidden slot has softmax weight exactly 0,
@@ -51,9 +52,24 @@ class RowPrefix:
             self.row_slot][:, None]  # [B, P_max]
         row_shift = torch.tensor(shifts, device=device)[self.row_slot]
         self.position_shift = row_shift[:, None] if any(shifts) else None  # [B, 1]
+        self._cache: dict = {}  # site index -> (parameter versions, (prefix_k, prefix_v)), inference only
+
+    def _versions(self) -> tuple:
+        return tuple((p._version, p.data_ptr()) for encoder in self.encoders for p in encoder.parameters())
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prefix_k, prefix_v) [B, Hkv, P_max, D] of site `index`: each task's computed once."""
+        """(prefix_k, prefix_v) [B, Hkv, P_max, D] of site `index`: each task's computed once per
+        forward; without autograd (inference, every step of generate()) kept until a prefix
+        parameter changes (its version or storage), so decoding steps do not recompute it."""
+        if torch.is_grad_enabled():
+            return self._compute(index)
+        versions = self._versions()
+        cached = self._cache.get(index)
+        if cached is None or cached[0] != versions:
+            cached = self._cache[index] = (versions, self._compute(index))
+        return cached[1]
+
+    def _compute(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = [], []
         for encoder in self.encoders:
             prefix_k, prefix_v = encoder.layer(index)

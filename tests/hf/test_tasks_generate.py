@@ -84,3 +84,26 @@ def test_a_mask_set_with_a_trained_head_is_refused_as_a_task(tmp_path):
     with pytest.raises(ValueError, match=r"differ from the model's \(\['lm_head.weight'\]\)"):
         hf.load_task(model, "masks", tmp_path / "masks")
     assert hf.list_tasks(model) == {} and not hf.masked_modules(model)
+
+
+def test_prefix_key_values_are_computed_once_per_routing_in_inference(tmp_path):
+    save_prefixes(lambda: make_model("gpt2"), "CAUSAL_LM", tmp_path)
+    model = make_model("gpt2")
+    hf.load_task(model, "prefix", tmp_path / "prefix")
+    hf.load_task(model, "peft", tmp_path / "peft")
+    calls = []
+    for name in ("prefix", "peft"):
+        encoder = model.pefops_task_modules[name].encoder
+        encoder.layer = (lambda original: lambda index: calls.append(index) or original(index))(encoder.layer)
+    hf.set_row_tasks(model, ["prefix", "peft", None], torch.tensor([0, 1, 2]))
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
+    with torch.no_grad():
+        first = greedy(model, ids, torch.ones_like(ids))
+    assert sorted(calls) == [0, 0, 1, 1]  # 2 layers x 2 tasks, not x every decoding step
+    with torch.no_grad():  # a changed prefix parameter is seen: recomputed, other tokens
+        model.pefops_task_modules["prefix"].encoder.embedding.weight.mul_(-3.0)
+        second = greedy(model, ids, torch.ones_like(ids))
+    assert len(calls) == 8 and second[1].tolist() == first[1].tolist() and second[0].tolist() != first[0].tolist()
+    calls.clear()
+    model(input_ids=ids).logits.sum()  # with autograd: computed per forward (gradients flow)
+    assert sorted(calls) == [0, 0, 1, 1]
