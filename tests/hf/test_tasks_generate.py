@@ -1,7 +1,7 @@
 """hf tier: greedy generate() over a mixed-task batch (issue 15) on tiny GPT-2 and LLaMA language
 models. One left-padded batch, the KV cache on, rows of an adapter, a mask set, a pefops prefix, a
-PEFT prefix and the base: every row's tokens equal generating that row alone (no padding) with its
-task applied by the method's own loader."""
+PEFT prefix and the base: every row's prompt logits and generated tokens equal that row alone (no
+padding) with its task applied by the method's own loader."""
 
 import pytest
 import torch
@@ -63,8 +63,14 @@ def test_mixed_greedy_generate_equals_each_row_alone(kind, tmp_path):
     attention_mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in PROMPTS])[:, None]).long()
     hf.set_row_tasks(model, NAMES, ROW_TASK)
     with torch.no_grad():
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
         mixed = greedy(model, input_ids, attention_mask)
     models = {name: alone(kind, tmp_path, name) for name in NAMES}
+    for row, prompt in enumerate(PROMPTS):  # the logits of the left-padded prompt, real positions only
+        with torch.no_grad():
+            expected = models[NAMES[ROW_TASK[row]]](input_ids=torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(logits[row, width - len(prompt):], expected, atol=2e-5, rtol=1e-4)
     for row, prompt in enumerate(PROMPTS):
         single = torch.tensor([prompt])
         with torch.no_grad():
