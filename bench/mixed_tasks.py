@@ -1,5 +1,5 @@
 """Mixed-task batch, end to end (issue 15): one frozen transformers stack, B rows over N tasks of mixed
-methods (bottleneck adapters of three configs, an AdapterFusion, mask sets, the base), run as one
+methods (bottleneck adapters of three configs, an AdapterFusion, mask sets, a prefix, the base), run as one
 batch with `hf.set_row_tasks` against the loop a user writes today (each task's rows as their own
 batch with that task activated), forward (no_grad) and one training step (forward + backward of every
 trainable task parameter), timed interleaved (bench.timing.time_cpu_interleaved, median/p20/p80 ms)
@@ -14,6 +14,7 @@ Providers: ``mixed`` (one batch, set_row_tasks) and ``loop`` (per task: activate
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -25,9 +26,11 @@ from bench.memory import peak_memory
 from bench.results import append_run
 from bench.timing import Timing, time_cpu_interleaved
 
-ADAPTERS = (("houlsby", "double_seq_bn"), ("pfeiffer", "seq_bn"), ("parallel", "par_bn"), ("pfeiffer2", "seq_bn"))
+ADAPTERS = (("houlsby", "double_seq_bn"), ("pfeiffer", "seq_bn"), ("parallel", "par_bn"))
 MASKS = ("masks_a", "masks_b")
-TASKS = ADAPTERS + (("fusion", None), ("masks_a", None), ("masks_b", None), (None, None))  # 8 tasks, None: base
+PREFIX_TOKENS = 20
+TASKS = ADAPTERS + (("fusion", None), ("masks_a", None), ("masks_b", None), ("prefix", None),
+                    (None, None))  # 8 tasks, None: base
 
 
 def build(model_kind: str, layers: int, root: Path):
@@ -52,6 +55,11 @@ def build(model_kind: str, layers: int, root: Path):
         hf.freeze_masks(masked)
         hf.save_masks(masked, str(root / mask))
         hf.load_task(model, mask, root / mask)
+    prefixed = transformers.AutoModel.from_config(copy.deepcopy(config))  # its own config: prefix-tuning switches
+    # the config's attention implementation
+    hf.apply_prefix_tuning(prefixed, PREFIX_TOKENS)  # the MLP form (512 hidden), as trained
+    hf.save_prefix(prefixed, root / "prefix")
+    hf.load_task(model, "prefix", root / "prefix")
     model.requires_grad_(False)
     return model
 
@@ -67,6 +75,7 @@ def trainable(model):
     import pefops.hf as hf
 
     parameters = [p for name, _ in ADAPTERS for p in hf.adapter_parameters(model, name).values()]
+    parameters += list(model.pefops_task_modules["prefix"].parameters())
     return parameters + list(hf.fusion_parameters(model, ["houlsby", "pfeiffer"]).values())
 
 
@@ -112,6 +121,7 @@ def run(model_kind: str, batch: int, seq: int, layers: int) -> list[dict]:
         for provider, (quantiles, repeats) in timings.items():
             rows_out.append({"op": "mixed_tasks", "model": model_kind, "provider": provider, "mode": mode,
                              "shape": {"batch": batch, "seq": seq, "layers": layers, "tasks": len(names)},
+                             "task_names": [name for name, _ in TASKS],
                              "dtype": "float32", "device": cpu_model(), "median_ms": quantiles[0],
                              "p20_ms": quantiles[1], "p80_ms": quantiles[2], "repeats": repeats,
                              "peak_bytes": memory[provider], "versions": versions(), "timestamp": now_iso()})

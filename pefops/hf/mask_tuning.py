@@ -269,5 +269,9 @@ def set_row_masks(model, paths: Optional[list] = None, row_task: Optional[torch.
         per_task.append(task)
     if not per_task:
         raise ValueError("set_row_masks needs at least one mask file (paths=None clears the routing)")
+    if row_task.numel() and (int(row_task.min()) < 0 or int(row_task.max()) >= len(per_task)):
+        # the layers read -1 as "no mask" (hf.set_row_tasks' base rows); here every row names a mask file
+        raise ValueError(f"row_task values must be in [0, {len(per_task)}) (indices into paths); got "
+                         f"{int(row_task.min())}..{int(row_task.max())}")
     for name, module in modules.items():
         module.set_row_masks(torch.stack([task[name] for task in per_task]), row_task)

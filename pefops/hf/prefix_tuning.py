@@ -49,6 +49,7 @@ from pefops.hf.virtual_tokens import (
 from pefops.nn.prefix_tuning import PrefixEncoder
 
 SITE_ATTRIBUTE = "_pefops_prefix_site"  # on an attention module: (PrefixTuning, index into its encoder)
+ROW_SITE_ATTRIBUTE = "_pefops_row_prefix_site"  # (RowPrefix, site index) while prefix tasks are routed per row
 ATTRIBUTE = "prefix_tuning"  # the PrefixTuning module on the model
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -105,8 +106,9 @@ def _base_function(base: str, module):
 
 def _prefix_attention_function(module, query, key, value, attention_mask, *, base: str, dropout=0.0, scaling=None,
                                is_causal=None, position_bias=None, **kwargs):
-    site = module.__dict__.get(SITE_ATTRIBUTE)
-    if site is None or not site[0].enabled:
+    row_site = module.__dict__.get(ROW_SITE_ATTRIBUTE)  # a mixed-task batch (hf/row_prefix.py)
+    site = row_site or module.__dict__.get(SITE_ATTRIBUTE)
+    if site is None or (row_site is None and not site[0].enabled):
         extra = {name: arg for name, arg in (("is_causal", is_causal), ("position_bias", position_bias))
                  if arg is not None}
         return _base_function(base, module)(module, query, key, value, attention_mask, dropout=dropout,
@@ -114,7 +116,7 @@ def _prefix_attention_function(module, query, key, value, attention_mask, *, bas
     from pefops.ops.prefix_attention import prefix_attention
 
     owner, index = site
-    prefix_k, prefix_v = owner.encoder.layer(index)
+    prefix_k, prefix_v = owner.layer(index) if row_site is not None else owner.encoder.layer(index)
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", False))
     if (causal and attention_mask is not None and position_bias is None and query.shape[2] == key.shape[2] > 1
             and not torch.compiler.is_compiling()):
@@ -130,6 +132,8 @@ def _prefix_attention_function(module, query, key, value, attention_mask, *, bas
     if position_bias is not None:
         attention_mask = _fold_position_bias(position_bias, attention_mask, causal, query, key)
         causal = False
+    if row_site is not None:  # each row sees its own task's prefix slots only
+        attention_mask = owner.attention_mask(attention_mask, query, key)
     out = prefix_attention(query, key, value, prefix_k, prefix_v, attention_mask=attention_mask, causal=causal,
                            scale=scaling, dropout_p=float(dropout))
     return out.transpose(1, 2), None  # [B, S, H, D] as transformers' attention functions return

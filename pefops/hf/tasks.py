@@ -11,8 +11,12 @@ prompt tasks keep their modules in `model.pefops_task_modules`. Side-tuning chan
 network and LSH attention the attention of every row: neither can be a task of a shared batch.
 
 Routing: set_row_tasks builds one RowRouting for the adapter sites (adapters by name, fusions as
-Fuse, every other row passes through) and one stack of packed masks per masked layer (rows of
-non-mask tasks use an all-ones mask: the base weight), so one call per site serves every row.
+Fuse, every other row passes through) and one stack of the distinct packed masks per masked layer
+(rows of non-mask tasks use the base weight unmasked, in one dense GEMM), so one call per site
+serves every row.
+Prefix tasks: every row attends to its own task's prefix slots only, one prefix_attention call per
+layer (hf/row_prefix.py). Prompt tasks lengthen the sequence by their own number of virtual tokens:
+they are refused in a mixed batch.
 Task heads are not routed per row: checkpoints that carry a head are refused as tasks.
 """
 
@@ -168,17 +172,26 @@ def _all_ones_mask(module) -> torch.Tensor:
                                 device=module.weight.device))
 
 
+def _same_tensor(parameter, handle, key) -> bool:
+    if parameter is None or tuple(handle.get_slice(key).get_shape()) != tuple(parameter.shape):
+        return False
+    return torch.equal(handle.get_tensor(key).to(parameter.device, parameter.dtype), parameter.detach())
+
+
 def _load_mask_task(model, name, path) -> Task:
     """load_masks validates the file and creates the masked layers where needed; the task's masks are
     then taken out and the layers put back to their previous masks (all ones for new layers: the base)."""
     from pefops.hf.mask_tuning import load_masks, mask_weights_path, masked_modules
     from safetensors import safe_open
 
+    own = dict(model.named_parameters())
     with safe_open(mask_weights_path(model, path), framework="pt") as handle:
-        heads = [key for key in handle.keys() if not key.endswith(".mask")]
+        # a head saved untouched (a language model's lm_head, frozen) equals the model's own: nothing to route
+        heads = [key for key in handle.keys() if not key.endswith(".mask") and not _same_tensor(own.get(key),
+                                                                                                 handle, key)]
     if heads:
-        raise ValueError(f"{path} carries head or bias tensors ({heads[:3]}): heads are not routed per row, so it "
-                         "cannot be a task of a shared batch (load it with hf.load_masks)")
+        raise ValueError(f"{path} carries head or bias tensors that differ from the model's ({heads[:3]}): heads are "
+                         "not routed per row, so it cannot be a task of a shared batch (load it with hf.load_masks)")
     modules = masked_modules(model)
     training = [layer for layer, module in modules.items() if not module.frozen]
     if training:
@@ -269,6 +282,12 @@ def list_tasks(model) -> dict:
 # ------------------------------------------------------------------------------------ set_row_tasks
 
 
+def _prefix_tunings(model, names: list, tasks: dict) -> list:
+    """Per entry of names: the task's PrefixTuning module, or None (not a prefix task)."""
+    return [getattr(model, ATTRIBUTE)[n] if n is not None and tasks[n].method == "prefix_tuning" else None
+            for n in names]
+
+
 def _check_shared_batch(model, names: list, tasks: dict) -> None:
     from pefops.hf.side_tuning import SideTunedModel
 
@@ -281,10 +300,10 @@ def _check_shared_batch(model, names: list, tasks: dict) -> None:
     unknown = [n for n in names if n is not None and n not in tasks]
     if unknown:
         raise ValueError(f"no tasks named {unknown}; the model has {sorted(tasks) or 'none'} (None: the base model)")
-    routed_elsewhere = [n for n in names if n is not None and tasks[n].method in ("prefix_tuning", "prompt_tuning")]
-    if routed_elsewhere:
-        raise ValueError(f"tasks {routed_elsewhere} are {tasks[routed_elsewhere[0]].method}: prefix and prompt tasks "
-                         "are not routed per row yet (adapters, fusions, mask sets and the base are)")
+    prompts = [n for n in names if n is not None and tasks[n].method == "prompt_tuning"]
+    if prompts:
+        raise ValueError(f"tasks {prompts} are prompt tuning: prompt tasks are not routed per row yet (their virtual "
+                         "tokens lengthen the sequence); adapters, fusions, mask sets, prefix tasks and the base are")
 
 
 @transactional
@@ -293,10 +312,12 @@ def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor]
     model). names=None clears the routing (adapters inactive, masked layers back to their own masks).
     Every name, index and method is checked before the model changes."""
     from pefops.hf.mask_tuning import masked_modules
+    from pefops.hf.row_prefix import check_row_prefix, clear_row_prefix, install_row_prefix
     from pefops.ops.common import check_index_tensor, describe
 
     modules = masked_modules(model)
     if names is None:
+        clear_row_prefix(model)
         if adapter_registry(model):
             for _, _, adapter_layer in adapter_layers(model):
                 adapter_layer.active = None
@@ -315,6 +336,12 @@ def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor]
                          f"{int(row_task.max())}")
     tasks = _all_tasks(model)
     _check_shared_batch(model, list(names), tasks)
+    tunings = _prefix_tunings(model, list(names), tasks)
+    check_row_prefix(model, tunings)
+    unfrozen = [layer for layer, module in modules.items() if not module.frozen]
+    if unfrozen:
+        raise ValueError(f"masked layer {unfrozen[0]} is in training form: freeze_masks first (a mixed batch routes "
+                         "packed masks)")
 
     def route_entry(name):
         task = tasks.get(name)
@@ -327,10 +354,13 @@ def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor]
         for _, _, adapter_layer in adapter_layers(model):
             adapter_layer.active = routing
         model._pefops_active_adapter = routing
+    install_row_prefix(model, tunings, row_task)
     for layer, module in modules.items():
-        if not module.frozen:
-            raise ValueError(f"masked layer {layer} is in training form: freeze_masks first (a mixed batch routes "
-                             "packed masks)")
-        stack = [tasks[n].masks[layer] if n is not None and tasks[n].method == "mask_tuning" else
-                 _all_ones_mask(module) for n in names]
-        module.set_row_masks(torch.stack([mask.to(module.weight.device) for mask in stack]), row_task)
+        # only the distinct task masks of this layer are stacked; rows of every other task (and of mask
+        # tasks without a mask here) get -1: the shared weight unmasked, one dense GEMM for all of them
+        masked = [n for n in dict.fromkeys(names) if n is not None and tasks[n].method == "mask_tuning"
+                  and layer in tasks[n].masks]
+        slot = torch.tensor([masked.index(n) if n in masked else -1 for n in names], device=row_task.device)
+        stack = [tasks[n].masks[layer].to(module.weight.device) for n in masked]
+        packed = torch.stack(stack) if stack else _all_ones_mask(module)[None][:0]
+        module.set_row_masks(packed, slot[row_task])

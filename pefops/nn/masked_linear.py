@@ -32,6 +32,16 @@ def merging_enabled() -> bool:
     return value is None or value.strip().lower() not in ("0", "off", "false", "no")
 
 
+def _split_rows(row_task: torch.Tensor):
+    """None when every row has a task mask; else (rows without a mask, rows with one, the order that
+    puts [dense rows ; masked rows] back in batch order), computed once per routing."""
+    dense = row_task < 0
+    if row_task.numel() == 0 or not bool(dense.any()):  # once per set_row_masks, not per forward
+        return None
+    dense_rows, masked_rows = dense.nonzero().flatten(), (~dense).nonzero().flatten()
+    return dense_rows, masked_rows, torch.argsort(torch.cat([dense_rows, masked_rows]))
+
+
 class MaskedLinear(nn.Module):
     """y = x @ (W ⊙ M).T + b with W frozen and M a learned binary mask.
 
@@ -127,7 +137,9 @@ class MaskedLinear(nn.Module):
     @torch.no_grad()
     def set_row_masks(self, packed_masks: Optional[torch.Tensor], row_task: Optional[torch.Tensor] = None) -> None:
         """Mixed-task batch: sequence b of the next inputs uses packed_masks[row_task[b]] (uint8
-        [tasks, out, ceil(in / 8)]). None clears it (back to the layer's own mask)."""
+        [tasks, out, ceil(in / 8)]); row_task[b] = -1: the shared weight without any mask (a row of
+        another method or of the base model). Rows of -1 run one dense GEMM, the others the routed
+        masked GEMM, so W ⊙ M is never made for them. None clears it (back to the layer's own mask)."""
         if packed_masks is None:
             self._row_masks = None
             return
@@ -141,11 +153,12 @@ class MaskedLinear(nn.Module):
         tasks = packed_masks.shape[0]
         if row_task.device.type == "cpu" and row_task.numel():  # free on the CPU; CUDA indices are checked per call
             low, high = int(row_task.min()), int(row_task.max())
-            if low < 0 or high >= tasks:
-                raise ValueError(f"row_task values must be in [0, {tasks}) ({tasks} task masks); got {low}..{high}")
+            if low < -1 or high >= tasks:
+                raise ValueError(f"row_task values must be in [-1, {tasks}) ({tasks} task masks; -1: no mask); got "
+                                 f"{low}..{high}")
         # the layer's own copy: the caller editing its tensor in place later must not reroute the rows
         row_task = row_task.detach().to(device=self.weight.device, dtype=torch.long, copy=True)
-        self._row_masks = (packed_masks.to(self.weight.device).contiguous(), row_task)
+        self._row_masks = (packed_masks.to(self.weight.device).contiguous(), row_task, _split_rows(row_task))
 
     def _current_merge(self) -> Optional[torch.Tensor]:
         """The cached W ⊙ M if it was made from the layer's present mask and weight tensors, at their
@@ -195,7 +208,18 @@ class MaskedLinear(nn.Module):
             x = x.to(weight.dtype)
         row_masks = getattr(self, "_row_masks", None)
         if row_masks is not None:
-            return masked_linear_routed(x, weight, row_masks[0], row_masks[1], self.bias)
+            packed_masks, row_task, split = row_masks
+            if split is None:  # every row has a task mask
+                return masked_linear_routed(x, weight, packed_masks, row_task, self.bias)
+            dense_rows, masked_rows, order = split
+            if x.shape[0] != row_task.numel():
+                raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); "
+                                 f"set_row_masks routed {row_task.numel()} rows")
+            parts = [F.linear(x[dense_rows], weight, self.bias)]
+            if masked_rows.numel():
+                parts.append(masked_linear_routed(x[masked_rows], weight, packed_masks, row_task[masked_rows],
+                                                  self.bias))
+            return torch.cat(parts)[order]
         if self.frozen:
             return masked_linear(x, weight, self.mask, self.bias)
         self.__dict__.pop("_merged", None)

@@ -12,6 +12,10 @@ attention_mask forms:
   [B, Sk]            key padding, bool (True = keep) or integer 0/1 (transformers' 2-D masks)
   3-D or 4-D         broadcastable to [B, Hq, Sq, Sk]: bool (True = attend) or float additive
                      (0 / -inf or finfo.min), as transformers' attention functions receive it
+  last size P + Sk   (3-D / 4-D, P > 0) the mask covers the prefix columns too, in front: rows of a
+                     mixed-task batch with shorter or no prefixes hide the slots that are not theirs
+                     (issue 15). causal still applies to the sequence columns only. Served by the
+                     torch backend (the Triton kernels treat every prefix slot as visible).
 causal: bottom-right aligned, query i sees sequence keys j <= i + Sk - Sq (a decoding step with a KV
 cache, Sq = 1, sees every cached key).
 
@@ -65,9 +69,11 @@ def causal_keep(sq: int, sk: int, device) -> torch.Tensor:
 
 def _sdpa_mask(mask: Optional[torch.Tensor], causal: bool, sq: int, sk: int, prefix_len: int, dtype, device):
     """The mask of SDPA over the P + Sk concatenated keys: the sequence mask (a normalised 4-D mask,
-    bool or additive) combined with causal, with P visible columns in front. None when nothing is masked."""
+    bool or additive) combined with causal, with P visible columns in front (or the mask's own prefix
+    columns when it covers P + Sk). None when nothing is masked."""
     if mask is None and not causal:
         return None
+    covers_prefix = mask is not None and prefix_len > 0 and mask.shape[-1] == prefix_len + sk
     if mask is None:
         mask = causal_keep(sq, sk, device).view(1, 1, sq, sk)
     else:
@@ -75,8 +81,10 @@ def _sdpa_mask(mask: Optional[torch.Tensor], causal: bool, sq: int, sk: int, pre
             mask = mask.to(dtype)
         if causal:
             keep = causal_keep(sq, sk, device)
+            if covers_prefix:  # the prefix columns stay as the mask has them
+                keep = torch.cat([keep.new_ones((sq, prefix_len)), keep], dim=-1)
             mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
-    if prefix_len:
+    if prefix_len and not covers_prefix:
         front_shape = (*mask.shape[:-1], prefix_len)
         front = mask.new_ones(front_shape) if mask.dtype == torch.bool else mask.new_zeros(front_shape)
         mask = torch.cat([front, mask], dim=-1)
@@ -185,9 +193,10 @@ def prefix_attention_ref(q, k, v, prefix_k, prefix_v, *, attention_mask=None, ca
 # ------------------------------------------------------------------------------------ validation
 
 
-def _normalise_mask(mask, batch, q_heads, sq, sk, device):
-    """The attention mask as None or a 4-D view broadcastable to [B, Hq, Sq, Sk] (bool or float
-    additive); a [B, Sk] key-padding mask becomes [B, 1, 1, Sk] bool. No copies of 4-D masks."""
+def _normalise_mask(mask, batch, q_heads, sq, sk, device, prefix_len=0):
+    """The attention mask as None or a 4-D view broadcastable to [B, Hq, Sq, Sk] (or [.., P + Sk]: it
+    covers the prefix columns too; bool or float additive); a [B, Sk] key-padding mask becomes
+    [B, 1, 1, Sk] bool. No copies of 4-D masks."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -213,12 +222,16 @@ def _normalise_mask(mask, batch, q_heads, sq, sk, device):
                          f"(0 / -inf); got {mask.dtype}")
     if mask.dim() == 3:
         mask = mask.unsqueeze(0)
+    covering = f" or every prefix slot and key (last size {prefix_len + sk})" if prefix_len else ""
+    if prefix_len and mask.shape[-1] == prefix_len + sk:
+        sk = prefix_len + sk  # it covers [prefix ; sequence]
     for size, full, name in zip(mask.shape, (batch, q_heads, sq, sk), ("batch", "heads", "queries", "keys")):
         if size not in (1, full):
             raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not broadcast to "
-                             f"[{batch}, {q_heads}, {sq}, {sk}] (its {name} size {size} must be 1 or {full})")
+                             f"[{batch}, {q_heads}, {sq}, {sk}] (its {name} size {size} must be 1 or {full}"
+                             f"{covering if name == 'keys' else ''})")
     if mask.shape[-1] != sk:
-        raise ValueError(f"attention_mask must cover every sequence key (last size {sk}); "
+        raise ValueError(f"attention_mask must cover every sequence key (last size {sk}){covering}; "
                          f"got shape {tuple(mask.shape)}")
     return mask
 
@@ -278,7 +291,7 @@ def _normalise(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, dropo
     if prefix_k.shape[:3] != prefix_v.shape[:3]:
         raise ValueError(f"prefix_k and prefix_v must have the same batch, kv_heads and length P; got "
                          f"{tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}")
-    mask = _normalise_mask(attention_mask, batch, q_heads, sq, sk, device)
+    mask = _normalise_mask(attention_mask, batch, q_heads, sq, sk, device, prefix_k.shape[2])
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool; got {type(causal).__name__}")
     if scale is None:
@@ -290,8 +303,11 @@ def _normalise(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, dropo
     return q, k, v, prefix_k, prefix_v, mask, float(scale)
 
 
-def _problem(q, v, mode, dropout=False):
-    sizes = {"head_dim": q.shape[-1], "value_dim": v.shape[-1], "dropout": int(dropout)}
+def _problem(q, v, mode, dropout=False, mask=None):
+    # a mask wider than the sequence keys covers the prefix columns (per-row prefix slots)
+    prefix_mask = mask is not None and mask.shape[-1] != v.shape[2]
+    sizes = {"head_dim": q.shape[-1], "value_dim": v.shape[-1], "dropout": int(dropout),
+             "prefix_mask": int(prefix_mask)}
     return backends.Problem(q.device, q.dtype, mode, sizes)
 
 
@@ -301,6 +317,9 @@ def _triton_limits(problem: backends.Problem) -> list[str]:
         size = problem.sizes.get(name, 0)
         if size > MAX_TRITON_HEAD_DIM:
             reasons.append(f"{name} {size} exceeds the Triton kernel's limit of {MAX_TRITON_HEAD_DIM}")
+    if problem.sizes.get("prefix_mask"):
+        reasons.append("an attention_mask over the prefix columns (per-row prefix slots): the Triton kernels treat "
+                       "every prefix slot as visible")
     return reasons
 
 
@@ -315,7 +334,7 @@ def _prefix_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # seed: None without dropout, else an int64 CPU tensor [1] (a tensor, not an int, so torch.compile
     # traces its drawing instead of breaking the graph on .item())
-    implementation = backends.select(OP, _problem(q, v, "forward"), backend or None)
+    implementation = backends.select(OP, _problem(q, v, "forward", mask=mask), backend or None)
     return implementation.functions["forward"](q, k, v, prefix_k, prefix_v, mask, causal, scale, dropout_p, seed)
 
 
@@ -332,7 +351,7 @@ def _prefix_attention_bwd(
     prefix_v: torch.Tensor, mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool,
     scale: float, dropout_p: float, seed: Optional[torch.Tensor], grad_mask: Sequence[bool], backend: str,
 ) -> list[torch.Tensor]:
-    implementation = backends.select(OP, _problem(q, v, "backward"), backend or None)
+    implementation = backends.select(OP, _problem(q, v, "backward", mask=mask), backend or None)
     grads = implementation.functions["backward"](grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal,
                                                  scale, dropout_p, seed, list(grad_mask))
     # custom ops return tensors only: an empty tensor stands for "not needed"
@@ -381,7 +400,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attention_mask=None, causal
     q [B, Hq, Sq, D]; k [B, Hkv, Sk, D]; v [B, Hkv, Sk, Dv]; prefix_k [Hkv, P, D] (shared by the batch)
     or [B, Hkv, P, D] (per row), prefix_v likewise with Dv (None for both: P = 0). Hq must be a multiple
     of Hkv (query head h uses kv head h // (Hq // Hkv)). attention_mask (sequence keys only): [B, Sk]
-    key padding (bool or 0/1), or a bool / float additive mask broadcastable to [B, Hq, Sq, Sk].
+    key padding (bool or 0/1), or a bool / float additive mask broadcastable to [B, Hq, Sq, Sk]; a 3-D
+    / 4-D mask with last size P + Sk covers the prefix slots too (torch backend).
     causal: bottom-right aligned, the prefix always visible. scale: default 1/sqrt(D). dropout_p: the
     attention probabilities' dropout (pass 0 outside training), its mask drawn from torch's default
     generator (the Triton kernels' Philox seed, or SDPA's dropout on the torch backend).
@@ -392,7 +412,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attention_mask=None, causal
                                                           dropout_p)
     backends.forced_backend(backend)  # rejects a misspelt backend before any work
     if dropout_p > 0.0:
-        implementation = backends.select(OP, _problem(q, v, "forward", dropout=True), backend)
+        implementation = backends.select(OP, _problem(q, v, "forward", dropout=True, mask=mask), backend)
         if implementation.backend == "torch":
             # SDPA's dropout mask cannot be redrawn by a backward op: the reference under autograd serves it
             return _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale, float(dropout_p))[0]
@@ -401,7 +421,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attention_mask=None, causal
         seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
         return _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale, float(dropout_p), seed,
                                      implementation.backend)[0]
-    if backends.eager_torch(OP, _problem(q, v, "forward"), backend):
+    if backends.eager_torch(OP, _problem(q, v, "forward", mask=mask), backend):
         return _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale)[0]  # the reference under autograd
     return _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale, 0.0, None, backend or "")[0]
 

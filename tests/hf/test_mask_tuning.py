@@ -158,3 +158,6 @@ def test_mixed_task_batch_routes_each_row_to_its_mask(tmp_path):
         torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="row_task must be an integer tensor"):
         hf.set_row_masks(model, paths, None)
+    for bad in (torch.tensor([0, -1]), torch.tensor([2, 0])):  # -1 means "no mask" only to the layers
+        with pytest.raises(ValueError, match=r"row_task values must be in \[0, 2\) \(indices into paths\)"):
+            hf.set_row_masks(model, paths, bad)

@@ -64,7 +64,7 @@ def test_masked_linear_set_row_masks_refuses_float_and_bool_indices(index):
         layer.set_row_masks(_masks(), index)
     with pytest.raises(ValueError, match="row_task must be an integer tensor"):
         layer.set_row_masks(_masks(), None)
-    with pytest.raises(ValueError, match="row_task values must be in \\[0, 3\\)"):
+    with pytest.raises(ValueError, match="row_task values must be in \\[-1, 3\\)"):  # -1: the weight unmasked
         layer.set_row_masks(_masks(), torch.tensor([0, 3, 1]))
 
 
