@@ -63,9 +63,6 @@ constexpr const char* kOpName = "bottleneck_adapter_decode_forward";
 
 constexpr int kDownSmemBudget = 32 * 1024;  // bytes of staged x per block
 
-// Up projection: rows of Wu per lane group; lane-group size bounds.
-constexpr int kUpRowsPerGroup = 4;
-constexpr int kUpMinGroup = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Kernel 1: z partials. Block (bx, s): rows j in [32 bx, 32 bx + 32) of Wd, columns
@@ -338,22 +335,19 @@ void run_forward(const at::Tensor& x, const at::Tensor& down_weight, const at::T
   }
 
   // ---- kernel 2: y (fp32 scratch with LayerNorm, else out)
-  const bool up_vec = r % V == 0 && aligned16(p.up_weight);
-  const int vec_up = up_vec ? V : 1;
-  const int G = std::min(32, std::max(kUpMinGroup, next_pow2((r + vec_up - 1) / vec_up)));
-  const int rows_per_block = kWarps * (32 / G) * kUpRowsPerGroup;
+  const UpProjectionTiling up = up_projection_tiling<V>(r, p.up_weight);
   const size_t smem2 =
-      static_cast<size_t>(TB) * std::max(r, rows_per_block) * sizeof(float);
+      static_cast<size_t>(TB) * std::max(r, up.rows_per_block) * sizeof(float);
   PEFOPS_CHECK(smem2 <= prop->sharedMemPerBlockOptin, "needs ", smem2,
                " bytes of shared memory per block, the device allows ",
                prop->sharedMemPerBlockOptin);
   float* y32p = result.y32_or_null();
-  const dim3 grid2((H + rows_per_block - 1) / rows_per_block);
-  with_vec_width<V>(up_vec, [&](auto vec) {
+  const dim3 grid2((H + up.rows_per_block - 1) / up.rows_per_block);
+  with_vec_width<V>(up.vectorised, [&](auto vec) {
     with_token_bucket(ntok, [&](auto tb) {
       launch_up<T, decltype(vec)::value, decltype(tb)::value>(
           grid2, smem2, stream, ap, p.up_weight, p.up_bias, p.scaling, p.residual, p.out, y32p,
-          ntok, H, r, G);
+          ntok, H, r, up.group);
     });
   });
 
@@ -370,17 +364,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_de
   const int64_t r = check_adapter_args(kOpName, "tokens", /*stacked_dims=*/0, x, down_weight,
                                        down_bias, up_weight, up_bias, scaling, residual, ln_weight,
                                        ln_bias, eps, activation);
-  const c10::cuda::CUDAGuard guard(x.device());
-  AdapterDecodeOutputs result(x, r, is_present(ln_weight));
-  if (x.size(0) == 0) return result.as_tuple();
-
-  with_cuda_type(kOpName, x.scalar_type(), [&](auto type) {
+  return run_adapter_decode(kOpName, x, r, ln_weight, [&](auto type, AdapterDecodeOutputs& result) {
     run_forward<typename decltype(type)::type>(
         x, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight, ln_bias,
         static_cast<float>(eps), static_cast<int>(activation), static_cast<float>(negative_slope),
         result);
   });
-  return result.as_tuple();
 }
 
 }  // namespace pefops

@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
 #include <cstdint>
@@ -233,6 +234,26 @@ inline int next_pow2(int v) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The adapters' up projections (y = a Wu^T): a group of G lanes shares one output row's r-long dot
+// product, each warp holds 32 / G groups of kUpRowsPerGroup rows. G is the smallest power of two
+// that covers r in VEC-wide loads (at least kUpMinGroup, so short ranks still fill a warp's lanes).
+constexpr int kUpRowsPerGroup = 4;
+constexpr int kUpMinGroup = 4;
+
+struct UpProjectionTiling {
+  bool vectorised;     // r and Wu allow VEC-wide loads
+  int group;           // G lanes per output row
+  int rows_per_block;  // output rows (of H) one block of kWarps warps covers
+};
+
+template <int VEC>
+inline UpProjectionTiling up_projection_tiling(int r, const void* up_weight) {
+  const bool vectorised = r % VEC == 0 && aligned16(up_weight);
+  const int vec = vectorised ? VEC : 1;
+  const int group = std::min(32, std::max(kUpMinGroup, next_pow2((r + vec - 1) / vec)));
+  return {vectorised, group, kWarps * (32 / group) * kUpRowsPerGroup};
+}
+
 // The kernels are compiled for token buckets TB = 1, 2, 4, 8, 16 (TB >= T; rows t >= T are zero).
 inline int token_bucket(int ntok) {
   if (ntok <= 1) return 1;
@@ -289,6 +310,18 @@ void with_cuda_type(const char* kOpName, at::ScalarType dtype, Launch&& launch) 
     default:
       PEFOPS_CHECK(false, "unsupported dtype ", dtype, ", expected float32, float16 or bfloat16");
   }
+}
+
+// The adapter decode entries after their argument checks: x's device, the outputs, nothing to launch
+// for T = 0, and launch(TypeTag<T>{}, outputs) with x's CUDA scalar type.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_adapter_decode(
+    const char* kOpName, const at::Tensor& x, int64_t r, const at::Tensor& ln_weight, Launch&& launch) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  AdapterDecodeOutputs result(x, r, is_present(ln_weight));
+  if (x.size(0) == 0) return result.as_tuple();
+  with_cuda_type(kOpName, x.scalar_type(), [&](auto type) { launch(type, result); });
+  return result.as_tuple();
 }
 
 template <typename T>

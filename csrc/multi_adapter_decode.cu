@@ -51,8 +51,6 @@ using namespace decode;  // kWarps, kThreads, kRowsPerWarp, kRowsPerBlock, kSlic
 
 constexpr const char* kOpName = "multi_adapter_decode_forward";
 
-constexpr int kUpRowsPerGroup = 4;
-constexpr int kUpMinGroup = 4;
 
 __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
 
@@ -293,16 +291,13 @@ void run_forward(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
   }
 
   // ---- kernel 2: y (fp32 scratch with LayerNorm, else out)
-  const bool up_vec = r % V == 0 && aligned16(p.up_weight);
-  const int vec_up = up_vec ? V : 1;
-  const int G = std::min(32, std::max(kUpMinGroup, next_pow2((r + vec_up - 1) / vec_up)));
-  const int rows_per_block = kWarps * (32 / G) * kUpRowsPerGroup;
+  const UpProjectionTiling up = up_projection_tiling<V>(r, p.up_weight);
   const size_t smem2 = static_cast<size_t>(r) * sizeof(float);  // <= 4 KB
   float* y32p = result.y32_or_null();
-  const dim3 grid2((H + rows_per_block - 1) / rows_per_block, ntok);
-  with_vec_width<V>(up_vec, [&](auto vec) {
+  const dim3 grid2((H + up.rows_per_block - 1) / up.rows_per_block, ntok);
+  with_vec_width<V>(up.vectorised, [&](auto vec) {
     up_kernel<T, decltype(vec)::value><<<grid2, kThreads, smem2, stream>>>(
-        ap, ip, p.up_weight, p.up_bias, p.scaling, p.residual, p.out, y32p, N, H, r, G);
+        ap, ip, p.up_weight, p.up_bias, p.scaling, p.residual, p.out, y32p, N, H, r, up.group);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -332,17 +327,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_adapter_decode_
   CHECK_CONTIGUOUS(adapter_index);
   CHECK_SAME_DEVICE(adapter_index, x);
 
-  const c10::cuda::CUDAGuard guard(x.device());
-  AdapterDecodeOutputs result(x, r, is_present(ln_weight));
-  if (x.size(0) == 0) return result.as_tuple();
-
-  with_cuda_type(kOpName, x.scalar_type(), [&](auto type) {
+  return run_adapter_decode(kOpName, x, r, ln_weight, [&](auto type, AdapterDecodeOutputs& result) {
     run_forward<typename decltype(type)::type>(
         x, adapter_index, down_weight, down_bias, up_weight, up_bias, scaling, residual, ln_weight,
         ln_bias, static_cast<float>(eps), static_cast<int>(activation),
         static_cast<float>(negative_slope), result);
   });
-  return result.as_tuple();
 }
 
 }  // namespace pefops
