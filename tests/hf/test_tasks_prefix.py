@@ -13,9 +13,11 @@ peft = pytest.importorskip("peft")
 
 import pefops.hf as hf  # noqa: E402
 from tests.hf.test_adapters_api import tiny  # noqa: E402
-from tests.hf.test_tasks import ATTENTION, TOKENS, alone, checkpoints, model_with_tasks, randomise  # noqa: E402,F401
+from tests.hf import test_tasks  # noqa: E402
+from tests.hf.test_tasks import ATTENTION, TOKENS, alone, model_with_tasks, randomise  # noqa: E402
 
 pytestmark = pytest.mark.hf
+checkpoints = test_tasks.checkpoints  # the module fixture prefix_checkpoints builds on
 NAMES = ["prefix", "masks", None, "peft", "houlsby", "fusion"]
 
 
@@ -136,17 +138,10 @@ def test_gradients_reach_each_task_from_its_rows_only(prefix_checkpoints, model_
         torch.testing.assert_close(mixed_grads[key], parameter.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_bad_prefix_routing_is_refused_before_anything_changes(prefix_checkpoints, tmp_path):
+def test_bad_prefix_routing_is_refused_before_anything_changes(prefix_checkpoints):
     root = prefix_checkpoints["gpt2"]
     model = mixed_model("gpt2", root)
-    source = tiny("gpt2")
-    hf.apply_prompt_tuning(source, 2)
-    hf.save_prefix(source, tmp_path / "prompt")
-    assert hf.load_task(model, "prompt", tmp_path / "prompt") == "prompt_tuning"
     implementation = model.config._attn_implementation
-    with pytest.raises(ValueError, match="prompt tasks are not routed per row yet"):
-        hf.set_row_tasks(model, ["prefix", "prompt"], torch.tensor([0, 1]))
-    assert model.config._attn_implementation == implementation and hf.active_adapter(model) is None
     with pytest.raises(ValueError, match=r"row_task values must be in \[0, 2\)"):
         hf.set_row_tasks(model, ["prefix", None], torch.tensor([0, 2]))
     assert model.config._attn_implementation == implementation
