@@ -49,13 +49,15 @@ class RowPrompt:
         lengths = torch.tensor([0] + [prompt.num_virtual_tokens for prompt in self.prompts], device=row_slot.device)
         self.row_slot = row_slot  # [B]: 0 = no prompt
         self.row_count = lengths[row_slot][:, None]  # [B, 1]: P of each row
-        hidden = torch.arange(self.width, device=row_slot.device)[None, :] - (self.width - self.row_count)  # [B, P_max]
-        self.keep = hidden >= 0  # the row's own slots: the last P of the block
-        self.front_positions = hidden.clamp(min=0)  # own slots 0..P-1 (hidden slots: any position)
+        # [B, P_max]: each slot's position in its row's own prompt (negative: a hidden slot in front of it)
+        slot_position = torch.arange(self.width, device=row_slot.device)[None, :] - (self.width - self.row_count)
+        self.keep = slot_position >= 0  # the row's own slots: the last P of the block
+        self.front_positions = slot_position.clamp(min=0)  # own slots 0..P-1 (hidden slots: any position)
 
     def block(self, batch: int) -> torch.Tensor:
         """[B, P_max, hidden]: each row's prompt, left-padded with zero slots; indexing the stacked
-        prompts sends each row's gradient to its own task's embedding only."""
+        prompts sends each row's gradient to its own task's embedding only. (`batch`: the interface of
+        prepend_virtual_tokens; the routed batch was checked before.)"""
         padded = [F.pad(prompt.embedding.weight, (0, 0, self.width - prompt.num_virtual_tokens, 0))
                   for prompt in self.prompts]
         return torch.stack([torch.zeros_like(padded[0])] + padded)[self.row_slot]

@@ -2,8 +2,6 @@
 pefops prefix, a pefops prompt (3 virtual tokens), a PEFT prompt (7) and the base in one batch, each
 row equal to running it alone with its task."""
 
-import warnings
-
 import pytest
 import torch
 
@@ -30,28 +28,18 @@ def test_adapter_masks_prefix_prompt_and_base_rows_equal_each_task_alone(tokeniz
     hf.freeze_masks(masked)
     hf.save_masks(masked, str(tmp_path / "sparse"))
     peft = pytest.importorskip("peft")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=6)
-        theirs = peft.get_peft_model(load_model(), config)
-        with torch.no_grad():
-            for parameter in theirs.prompt_encoder.parameters():
-                parameter.normal_(0.0, 0.5)
-        theirs.save_pretrained(str(tmp_path / "peft"))
+    from tests.hf.test_tasks_prefix import save_with_peft
+
+    save_with_peft(load_model, peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=6),
+                   tmp_path / "peft", 0.5)
     prefixed = load_model()
     hf.apply_prefix_tuning(prefixed, 4, projection_hidden=16)
     hf.save_prefix(prefixed, tmp_path / "prefix")
     prompted = load_model()
     hf.apply_prompt_tuning(prompted, 3, init="vocab", generator=torch.Generator().manual_seed(0))
     hf.save_prefix(prompted, tmp_path / "prompt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=7)
-        theirs = peft.get_peft_model(load_model(), config)
-        with torch.no_grad():
-            for parameter in theirs.prompt_encoder.parameters():
-                parameter.normal_(0.0, 0.5)
-        theirs.save_pretrained(str(tmp_path / "peft_prompt"))
+    save_with_peft(load_model, peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=7),
+                   tmp_path / "peft_prompt", 0.5)
     loaders = {"topic": lambda m, d: hf.load_adapter(m, str(d), set_active=True),
                "sparse": lambda m, d: hf.load_masks(m, str(d)), "peft": hf.load_peft_prefix,
                "prefix": hf.load_prefix, "prompt": hf.load_prefix, "peft_prompt": hf.load_peft_prompt}

@@ -6,8 +6,6 @@ of the front block), positions under right padding and under left padding with p
 gradients of each task's parameters, on tiny BERT, GPT-2 and LLaMA. Bad routing is refused before the
 model changes."""
 
-import warnings
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ import pefops.hf as hf  # noqa: E402
 from tests.hf.test_adapters_api import tiny  # noqa: E402
 from tests.hf import test_tasks, test_tasks_prefix  # noqa: E402
 from tests.hf.test_tasks import ATTENTION, TOKENS  # noqa: E402
-from tests.hf.test_tasks_prefix import hidden_alone, prefix_alone  # noqa: E402
+from tests.hf.test_tasks_prefix import hidden_alone, prefix_alone, save_with_peft, train_only  # noqa: E402
 from tests.hf.test_tasks_prefix import mixed_model as prefix_mixed_model  # noqa: E402
 
 pytestmark = pytest.mark.hf
@@ -34,14 +32,8 @@ def save_prompts(make_model, task_type, root):
     source = make_model()
     hf.apply_prompt_tuning(source, COUNTS["prompt"], init_std=0.5)
     hf.save_prefix(source, root / "prompt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=COUNTS["peft_prompt"])
-        theirs = peft.get_peft_model(make_model(), config)
-        with torch.no_grad():
-            for parameter in theirs.prompt_encoder.parameters():
-                parameter.normal_(0.0, 0.5)
-        theirs.save_pretrained(str(root / "peft_prompt"))
+    config = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=COUNTS["peft_prompt"])
+    save_with_peft(make_model, config, root / "peft_prompt", 0.5)
 
 
 def load_prompt_alone(model, root, name):
@@ -147,13 +139,7 @@ def test_left_padded_rows_with_position_ids_equal_their_unpadded_run(prompt_chec
 def test_gradients_reach_each_task_from_its_rows_only(prompt_checkpoints, model_type):
     root = prompt_checkpoints[model_type]
     model = mixed_model(model_type, root)
-    model.requires_grad_(False)
-    modules = model.pefops_task_modules
-    trained = {name: dict(modules[name].named_parameters()) for name in ("prompt", "peft_prompt", "prefix")}
-    trained["houlsby"] = hf.adapter_parameters(model, "houlsby")
-    for parameters in trained.values():
-        for parameter in parameters.values():
-            parameter.requires_grad_(True)
+    trained = train_only(model, ["prompt", "peft_prompt", "prefix", "houlsby"])
     row_task = torch.tensor([0, 3, 5, 0, 4])  # prompt, peft prompt, prefix, prompt, adapter
     hf.set_row_tasks(model, NAMES, row_task)
     length = TOKENS.shape[1]
