@@ -21,6 +21,8 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     assert os.path.exists(tmp_path / "out" / "sentiment" / "adapter.safetensors")
-    # the mixed-task quick start: four rows, each through its own task (adapter, masks, PEFT prefix, base)
-    assert namespace["mixed"].shape[0] == 4 and set(namespace["hf"].list_tasks(namespace["base"])) >= {
-        "sentiment", "masks", "prefix"}
+    # the mixed-task quick start: five rows, each through its own task (adapter, masks, PEFT prefix, PEFT
+    # prompt of 8 virtual tokens, base), the prompt's block in front
+    mixed, requests = namespace["mixed"], namespace["requests"]
+    assert mixed.shape[:2] == (5, 8 + requests["input_ids"].shape[1]) and set(
+        namespace["hf"].list_tasks(namespace["base"])) >= {"sentiment", "masks", "prefix", "prompt"}

@@ -68,40 +68,57 @@ class PromptTuning(nn.Module):
     def pre_hook(self, model, args, kwargs):
         if not self.enabled:
             return None
-        if args:
-            if len(args) > 1 or "input_ids" in kwargs:
-                raise ValueError("with prompt tuning, pass the model's inputs by keyword "
-                                 "(only input_ids may be positional)")
-            kwargs["input_ids"] = args[0]
-        input_ids = kwargs.pop("input_ids", None)
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            if input_ids is None:
-                raise ValueError("prompt tuning needs input_ids or inputs_embeds")
-            embeds = self._word_embeddings[0](input_ids)
-        batch, count = embeds.shape[0], self.num_virtual_tokens
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        prefill = cache is None or int(cache.get_seq_length()) == 0
-        if prefill:  # later steps find the prompt in the cache
-            length = embeds.shape[1]
-            embeds = torch.cat([self.prompt(batch).to(embeds.dtype), embeds], dim=1)
-            labels = kwargs.get("labels")
-            # token labels (language modelling) get -100 for the prompt; per-sequence labels stay
-            if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
-                kwargs["labels"] = torch.cat([labels.new_full((batch, count), -100), labels], dim=1)
-            token_type_ids = kwargs.get("token_type_ids")
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros((batch, count)), token_type_ids], dim=1)
-        kwargs["inputs_embeds"] = embeds
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            if mask.dim() != 2:
-                raise ValueError("prompt tuning extends 2-D attention masks [batch, keys]; got shape "
-                                 f"{tuple(mask.shape)}")
-            kwargs["attention_mask"] = torch.cat([mask.new_ones((batch, count)), mask], dim=1)
+        kwargs, _ = prepend_virtual_tokens(args, kwargs, self._word_embeddings[0], self.num_virtual_tokens,
+                                           self.prompt)
         if "position_ids" in kwargs:  # as PEFT: the model numbers the prompt and the tokens itself
             kwargs["position_ids"] = None
         return (), kwargs
+
+
+def prepend_virtual_tokens(args, kwargs, word_embeddings, count: int, virtual, keep=None) -> tuple[dict, int]:
+    """The step every prompt hook shares (prompt tuning alone, and the prompt rows of a mixed-task batch,
+    hf/row_prompt.py): the model's keyword inputs with a block of `count` virtual embeddings in front of
+    the token embeddings. virtual(batch) -> [batch, count, hidden] is called at prefill only (an empty
+    cache): later decoding steps find the block in the cache and only extend the mask. keep [batch,
+    count] bool: the slots each row sees (None: all; a missing mask then stays missing). At prefill,
+    token labels get `count` ignored (-100) entries in front (and a row that sees no slot gets -100 on its
+    first token too: nothing of its own precedes it, so alone it is no target), token_type_ids zeros.
+    position_ids are left to the caller. Returns (kwargs, tokens in the cache before this forward)."""
+    if args:
+        if len(args) > 1 or "input_ids" in kwargs:
+            raise ValueError("with prompt tuning, pass the model's inputs by keyword (only input_ids may be positional)")
+        kwargs["input_ids"] = args[0]
+    input_ids = kwargs.pop("input_ids", None)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        if input_ids is None:
+            raise ValueError("prompt tuning needs input_ids or inputs_embeds")
+        embeds = word_embeddings(input_ids)
+    batch, length = embeds.shape[0], embeds.shape[1]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = 0 if cache is None else int(cache.get_seq_length())
+    if past == 0:  # prefill; later steps find the prompt in the cache
+        embeds = torch.cat([virtual(batch).to(embeds.dtype), embeds], dim=1)
+        labels = kwargs.get("labels")
+        # token labels (language modelling) get -100 for the prompt; per-sequence labels stay
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
+            if keep is not None:
+                labels = labels.clone()
+                labels[:, 0] = labels[:, 0].masked_fill(~keep.any(dim=1), -100)
+            kwargs["labels"] = torch.cat([labels.new_full((batch, count), -100), labels], dim=1)
+        token_type_ids = kwargs.get("token_type_ids")
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros((batch, count)), token_type_ids], dim=1)
+    kwargs["inputs_embeds"] = embeds
+    mask = kwargs.get("attention_mask")
+    if mask is None and keep is not None:  # hidden slots need a mask: every token visible
+        mask = torch.ones((batch, max(past - count, 0) + length), dtype=torch.long, device=embeds.device)
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError(f"prompt tuning extends 2-D attention masks [batch, keys]; got shape {tuple(mask.shape)}")
+        front = mask.new_ones((batch, count)) if keep is None else keep.to(mask.dtype)
+        kwargs["attention_mask"] = torch.cat([front, mask], dim=1)
+    return kwargs, past
 
 
 @transactional

@@ -35,18 +35,25 @@ from pefops.hf.prefix_tuning import (
 STATE = "_pefops_row_prefix"  # in model.__dict__: (RowPrefix, base implementation, hooks) while routed
 
 
+def task_slots(tunings: list, row_task: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """(the distinct modules of `tunings`, [B] slot of each row: 0 for a row whose entry is None, i + 1 for
+    distinct[i]), the slots on the modules' device. A task named twice is one slot."""
+    distinct = list({id(t): t for t in tunings if t is not None}.values())
+    slot_of_name = torch.tensor([0 if t is None else 1 + [id(d) for d in distinct].index(id(t)) for t in tunings])
+    device = next(distinct[0].parameters()).device
+    return distinct, slot_of_name.to(device)[row_task.to(device)]
+
+
 class RowPrefix:
     """The per-row prefix of one routing: `tunings[i]` is the PrefixTuning of names[i] (None: no prefix)."""
 
     def __init__(self, tunings: list[Optional[PrefixTuning]], row_task: torch.Tensor):
-        distinct = list({id(t): t for t in tunings if t is not None}.values())
+        distinct, self.row_slot = task_slots(tunings, row_task)
+        device = self.row_slot.device
         self.encoders = [tuning.encoder for tuning in distinct]
         lengths = [0] + [tuning.num_virtual_tokens for tuning in distinct]
         shifts = [0] + [tuning.num_virtual_tokens if tuning.peft_compatible_positions else 0 for tuning in distinct]
-        slot_of_name = torch.tensor([0 if t is None else 1 + [id(d) for d in distinct].index(id(t)) for t in tunings])
-        device = distinct[0].encoder.embedding.weight.device
         self.batch = row_task.numel()
-        self.row_slot = slot_of_name.to(device)[row_task.to(device)]  # [B]: 0 = the empty slot
         self.width = max(lengths)
         self.slot_keep = torch.arange(self.width, device=device)[None, :] < torch.tensor(lengths, device=device)[
             self.row_slot][:, None]  # [B, P_max]
@@ -84,9 +91,7 @@ class RowPrefix:
         """The mask over [prefix ; keys] for prefix_attention: each row's own slots visible, then the
         sequence mask (None, [B, Sk] key padding or 4-D bool / additive) as it was."""
         batch, sk = query.shape[0], key.shape[2]
-        if batch != self.batch:
-            raise ValueError(f"set_row_tasks routed {self.batch} rows; this forward has {batch} (call set_row_tasks "
-                             "again with one task index per row)")
+        check_routed_batch(self.batch, batch)
         if attention_mask is None:
             sequence = torch.ones((1, 1, 1, sk), dtype=torch.bool, device=query.device)
         elif attention_mask.dim() == 2:
@@ -101,16 +106,27 @@ class RowPrefix:
         return torch.cat([front[:, None, None, :].expand(*shape, -1), sequence.expand(*shape, -1)], dim=-1)
 
 
-def check_row_prefix(model, tunings: list[Optional[PrefixTuning]]) -> None:
-    """Every prefix task must serve the same attention sites; the model must carry no prefix itself."""
+def check_routed_batch(routed: int, batch: int) -> None:
+    if batch != routed:
+        raise ValueError(f"set_row_tasks routed {routed} rows; this forward has {batch} (call set_row_tasks again "
+                         "with one task index per row)")
+
+
+def refuse_own_virtual_tokens(model, tasks: str) -> None:
+    """Routed prefix / prompt rows replace the model's own: a model with either applied is refused."""
     from pefops.hf import prefix_tuning, prompt_tuning
 
+    if getattr(model, prefix_tuning.ATTRIBUTE, None) is not None or getattr(model, prompt_tuning.ATTRIBUTE, None):
+        raise ValueError(f"the model has prefix-tuning or prompt tuning applied itself: remove it before routing "
+                         f"{tasks} tasks per row")
+
+
+def check_row_prefix(model, tunings: list[Optional[PrefixTuning]]) -> None:
+    """Every prefix task must serve the same attention sites; the model must carry no prefix itself."""
     present = [t for t in tunings if t is not None]
     if not present:
         return
-    if getattr(model, prefix_tuning.ATTRIBUTE, None) is not None or getattr(model, prompt_tuning.ATTRIBUTE, None):
-        raise ValueError("the model has prefix-tuning or prompt tuning applied itself: remove it before routing "
-                         "prefix tasks per row")
+    refuse_own_virtual_tokens(model, "prefix")
     if any(t.sites != present[0].sites for t in present):
         raise ValueError("the prefix tasks of one batch must prefix the same attention layers (a T5 task with "
                          "cross_attention=True cannot share a batch with one without)")

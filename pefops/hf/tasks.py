@@ -15,8 +15,9 @@ Fuse, every other row passes through) and one stack of the distinct packed masks
 (rows of non-mask tasks use the base weight unmasked, in one dense GEMM), so one call per site
 serves every row.
 Prefix tasks: every row attends to its own task's prefix slots only, one prefix_attention call per
-layer (hf/row_prefix.py). Prompt tasks lengthen the sequence by their own number of virtual tokens:
-they are refused in a mixed batch.
+layer (hf/row_prefix.py). Prompt tasks: one front block of max(P_t) input slots, each row's own
+virtual tokens in its last P slots, the rest hidden, positions renumbered per row (hf/row_prompt.py);
+outputs then have max(P_t) + S positions, the tokens last.
 Task heads are not routed per row: checkpoints that carry a head are refused as tasks.
 """
 
@@ -282,10 +283,9 @@ def list_tasks(model) -> dict:
 # ------------------------------------------------------------------------------------ set_row_tasks
 
 
-def _prefix_tunings(model, names: list, tasks: dict) -> list:
-    """Per entry of names: the task's PrefixTuning module, or None (not a prefix task)."""
-    return [getattr(model, ATTRIBUTE)[n] if n is not None and tasks[n].method == "prefix_tuning" else None
-            for n in names]
+def _tunings(model, names: list, tasks: dict, method: str) -> list:
+    """Per entry of names: the task's module (PrefixTuning / PromptTuning) if it is a `method` task, else None."""
+    return [getattr(model, ATTRIBUTE)[n] if n is not None and tasks[n].method == method else None for n in names]
 
 
 def _check_shared_batch(model, names: list, tasks: dict) -> None:
@@ -300,24 +300,29 @@ def _check_shared_batch(model, names: list, tasks: dict) -> None:
     unknown = [n for n in names if n is not None and n not in tasks]
     if unknown:
         raise ValueError(f"no tasks named {unknown}; the model has {sorted(tasks) or 'none'} (None: the base model)")
-    prompts = [n for n in names if n is not None and tasks[n].method == "prompt_tuning"]
-    if prompts:
-        raise ValueError(f"tasks {prompts} are prompt tuning: prompt tasks are not routed per row yet (their virtual "
-                         "tokens lengthen the sequence); adapters, fusions, mask sets, prefix tasks and the base are")
 
 
 @transactional
 def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor] = None) -> None:
     """Route row b of every later forward through task names[row_task[b]] only (None in names: the base
     model). names=None clears the routing (adapters inactive, masked layers back to their own masks).
-    Every name, index and method is checked before the model changes."""
+    Every name, index and method is checked before the model changes.
+
+    With prompt tasks among names, every forward's inputs and outputs get a front block of P_max =
+    max(P_t) slots over the routed tasks (as prompt tuning alone puts its P in front): outputs have
+    P_max + S positions, the S tokens last. A prompt row's virtual-token outputs are the last P of
+    its block; the other slots (all P_max of rows of other methods) are hidden and their outputs free.
+    Each row's positions are its task's alone (virtual tokens 0..P-1, tokens P + their position; given
+    position_ids are honoured, so left-padded rows in generate() equal their unpadded run)."""
     from pefops.hf.mask_tuning import masked_modules
     from pefops.hf.row_prefix import check_row_prefix, clear_row_prefix, install_row_prefix
+    from pefops.hf.row_prompt import check_row_prompt, clear_row_prompt, install_row_prompt
     from pefops.ops.common import check_index_tensor, describe
 
     modules = masked_modules(model)
     if names is None:
         clear_row_prefix(model)
+        clear_row_prompt(model)
         if adapter_registry(model):
             for _, _, adapter_layer in adapter_layers(model):
                 adapter_layer.active = None
@@ -336,8 +341,10 @@ def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor]
                          f"{int(row_task.max())}")
     tasks = _all_tasks(model)
     _check_shared_batch(model, list(names), tasks)
-    tunings = _prefix_tunings(model, list(names), tasks)
+    tunings = _tunings(model, list(names), tasks, "prefix_tuning")
     check_row_prefix(model, tunings)
+    prompts = _tunings(model, list(names), tasks, "prompt_tuning")
+    check_row_prompt(model, prompts)
     unfrozen = [layer for layer, module in modules.items() if not module.frozen]
     if unfrozen:
         raise ValueError(f"masked layer {unfrozen[0]} is in training form: freeze_masks first (a mixed batch routes "
@@ -355,6 +362,7 @@ def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor]
             adapter_layer.active = routing
         model._pefops_active_adapter = routing
     install_row_prefix(model, tunings, row_task)
+    install_row_prompt(model, prompts, row_task)
     for layer, module in modules.items():
         # only the distinct task masks of this layer are stacked; rows of every other task (and of mask
         # tasks without a mask here) get -1: the shared weight unmasked, one dense GEMM for all of them

@@ -194,5 +194,3 @@ def test_prefix_and_prompt_checkpoints_load_as_inactive_tasks(tmp_path):
     listing = hf.list_tasks(model)
     assert (listing["p"]["method"], listing["q"]["method"]) == ("prefix_tuning", "prompt_tuning")
     assert listing["q"]["stored_parameters"] == 2 * 32 and listing["q"]["trainable_parameters"] == 0
-    with pytest.raises(ValueError, match="prompt tasks are not routed per row yet"):
-        hf.set_row_tasks(model, ["q", None], torch.tensor([0, 1]))

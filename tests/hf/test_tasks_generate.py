@@ -1,7 +1,8 @@
 """hf tier: greedy generate() over a mixed-task batch (issue 15) on tiny GPT-2 and LLaMA language
 models. One left-padded batch, the KV cache on, rows of an adapter, a mask set, a pefops prefix, a
-PEFT prefix and the base: every row's prompt logits and generated tokens equal that row alone (no
-padding) with its task applied by the method's own loader."""
+PEFT prefix, pefops and PEFT prompts (2 and 5 virtual tokens) and the base: every row's prompt logits
+and generated tokens equal that row alone (no padding) with its task applied by the method's own
+loader; with prompt rows, the language-modelling loss and the prompts' gradients too."""
 
 import pytest
 import torch
@@ -13,9 +14,11 @@ import pefops.hf as hf  # noqa: E402
 from tests.hf.test_peft_prefix import make_model  # noqa: E402
 from tests.hf.test_tasks import randomise  # noqa: E402
 from tests.hf.test_tasks_prefix import save_prefixes  # noqa: E402
+from tests.hf.test_tasks_prompt import COUNTS, left_padded, load_prompt_alone, save_prompts  # noqa: E402
 
 pytestmark = pytest.mark.hf
 NAMES = ["adapter", "masks", "prefix", "peft", None]
+PROMPT_NAMES = ["prompt", "peft_prompt", None, "prefix", "peft", "masks"]
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23], [30, 31, 32], [40, 41, 42, 43, 44], [50, 51, 52]]
 ROW_TASK = torch.tensor([2, 0, 3, 1, 4, 2])
 NEW_TOKENS = 6
@@ -31,6 +34,8 @@ def save_tasks(kind, root):
     hf.freeze_masks(masked)
     hf.save_masks(masked, str(root / "masks"))
     save_prefixes(lambda: make_model(kind), "CAUSAL_LM", root)
+    save_prompts(lambda: make_model(kind), "CAUSAL_LM", root)
+
 
 def alone(kind, root, name):
     """The language model with task `name` applied by its method's own loader."""
@@ -43,40 +48,96 @@ def alone(kind, root, name):
         hf.load_prefix(model, root / "prefix")
     elif name == "peft":
         hf.load_peft_prefix(model, root / "peft")
+    elif name in COUNTS:
+        load_prompt_alone(model, root, name)
     return model
 
 
-def greedy(model, input_ids, attention_mask):
+def greedy(model, input_ids, attention_mask, with_logits=False):
+    """The generated tokens [B, NEW_TOKENS] (and, with_logits, every step's logits [B, NEW_TOKENS, vocab])."""
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0, use_cache=True)
-    return out[:, input_ids.shape[1]:]
+                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0, use_cache=True,
+                         return_dict_in_generate=True, output_logits=True)
+    tokens = out.sequences[:, input_ids.shape[1]:]
+    return (tokens, torch.stack(out.logits, dim=1)) if with_logits else tokens
+
+
+def mixed_model(kind, root, names):
+    model = make_model(kind)
+    for name in dict.fromkeys(names):
+        if name is not None:
+            hf.load_task(model, name, root / name)
+    return model
+
+
+def assert_mixed_generate_equals_alone(kind, root, names, row_task):
+    """One left-padded batch of PROMPTS, row b through task names[row_task[b]], the KV cache on: every
+    row's prompt logits (real positions; prompt rows have their virtual tokens in front), greedy tokens
+    and every decoding step's logits equal that row alone, unpadded, with its task applied by its
+    method's own loader. Returns the generated tokens."""
+    model = mixed_model(kind, root, names)
+    input_ids, attention_mask, positions = left_padded(PROMPTS)  # positions as generate() numbers the rows
+    hf.set_row_tasks(model, names, row_task)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+        mixed, steps = greedy(model, input_ids, attention_mask, with_logits=True)
+    models = {name: alone(kind, root, name) for name in names}
+    for row, prompt in enumerate(PROMPTS):
+        single, model_alone = torch.tensor([prompt]), models[names[row_task[row]]]
+        with torch.no_grad():
+            expected = model_alone(input_ids=single).logits[0]
+            tokens, expected_steps = greedy(model_alone, single, torch.ones_like(single), with_logits=True)
+        torch.testing.assert_close(logits[row, -len(prompt):], expected[-len(prompt):], atol=2e-5, rtol=1e-4)
+        assert mixed[row].tolist() == tokens[0].tolist(), f"row {row} ({names[row_task[row]]})"
+        # every decoding step's logits too: greedy tokens of a tiny random model hide small differences
+        torch.testing.assert_close(steps[row], expected_steps[0], atol=2e-5, rtol=1e-4)
+    return mixed
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_mixed_greedy_generate_equals_each_row_alone(kind, tmp_path):
     save_tasks(kind, tmp_path)
-    model = make_model(kind)
-    for name in NAMES[:-1]:
-        hf.load_task(model, name, tmp_path / name)
-    width = max(map(len, PROMPTS))
-    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])  # left padding
-    attention_mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in PROMPTS])[:, None]).long()
-    hf.set_row_tasks(model, NAMES, ROW_TASK)
-    with torch.no_grad():
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
-        mixed = greedy(model, input_ids, attention_mask)
-    models = {name: alone(kind, tmp_path, name) for name in NAMES}
-    for row, prompt in enumerate(PROMPTS):  # the logits of the left-padded prompt, real positions only
-        with torch.no_grad():
-            expected = models[NAMES[ROW_TASK[row]]](input_ids=torch.tensor([prompt])).logits[0]
-        torch.testing.assert_close(logits[row, width - len(prompt):], expected, atol=2e-5, rtol=1e-4)
-    for row, prompt in enumerate(PROMPTS):
-        single = torch.tensor([prompt])
-        with torch.no_grad():
-            expected = greedy(models[NAMES[ROW_TASK[row]]], single, torch.ones_like(single))
-        assert mixed[row].tolist() == expected[0].tolist(), f"row {row} ({NAMES[ROW_TASK[row]]})"
+    mixed = assert_mixed_generate_equals_alone(kind, tmp_path, NAMES, ROW_TASK)
     assert len({tuple(row) for row in mixed.tolist()}) > 3  # the tasks do generate differently
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_prompt_rows_generate_as_each_row_alone(kind, tmp_path):
+    save_tasks(kind, tmp_path)
+    # prompts of 2 and 5 virtual tokens beside the base, a pefops prefix, a PEFT prefix and a mask set
+    mixed = assert_mixed_generate_equals_alone(kind, tmp_path, PROMPT_NAMES, torch.tensor([0, 1, 2, 3, 4, 5]))
+    assert len({tuple(row) for row in mixed.tolist()}) > 3
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_prompt_rows_language_modelling_loss_and_gradients_equal_each_row_alone(kind, tmp_path):
+    """Labels get the front block ignored; the first token of a row without a prompt is no target (a hidden
+    slot precedes it). Summed losses (num_items_in_batch=1) and the prompts' gradients equal the rows alone."""
+    save_tasks(kind, tmp_path)
+    row_task = torch.tensor([2, 0, 1, 5, 4, 0])  # rows 0 and 4 (base, PEFT prefix): no virtual token
+    model = mixed_model(kind, tmp_path, PROMPT_NAMES)
+    prompts = {name: model.pefops_task_modules[name].prompt.embedding.weight for name in ("prompt", "peft_prompt")}
+    for weight in prompts.values():
+        weight.requires_grad_(True)
+    # right padding, as in training (with left padding a pad's logit would predict a row's first token)
+    input_ids = torch.tensor([p + [0] * (max(map(len, PROMPTS)) - len(p)) for p in PROMPTS])
+    attention_mask = (input_ids != 0).long()
+    hf.set_row_tasks(model, PROMPT_NAMES, row_task)
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                labels=input_ids.masked_fill(attention_mask == 0, -100), num_items_in_batch=1)
+    out.loss.backward()
+    total, grads = 0.0, {name: torch.zeros_like(weight) for name, weight in prompts.items()}
+    for row, prompt in enumerate(PROMPTS):
+        name, single = PROMPT_NAMES[row_task[row]], torch.tensor([prompt])
+        own = alone(kind, tmp_path, name)
+        loss = own(input_ids=single, labels=single, num_items_in_batch=1).loss
+        total = total + loss.detach()
+        if name in grads:
+            grads[name] += torch.autograd.grad(loss, own.prompt_tuning.prompt.embedding.weight)[0]
+    torch.testing.assert_close(out.loss.detach(), total, atol=1e-4, rtol=1e-5)
+    for name, weight in prompts.items():
+        assert weight.grad.abs().max() > 1e-3
+        torch.testing.assert_close(weight.grad, grads[name], atol=1e-5, rtol=1e-4)
 
 
 def test_a_mask_set_with_a_trained_head_is_refused_as_a_task(tmp_path):

@@ -13,9 +13,11 @@ peft = pytest.importorskip("peft")
 
 import pefops.hf as hf  # noqa: E402
 from tests.hf.test_adapters_api import tiny  # noqa: E402
-from tests.hf.test_tasks import ATTENTION, TOKENS, alone, checkpoints, model_with_tasks, randomise  # noqa: E402,F401
+from tests.hf import test_tasks  # noqa: E402
+from tests.hf.test_tasks import ATTENTION, TOKENS, alone, model_with_tasks, randomise  # noqa: E402
 
 pytestmark = pytest.mark.hf
+checkpoints = test_tasks.checkpoints  # the module fixture prefix_checkpoints builds on
 NAMES = ["prefix", "masks", None, "peft", "houlsby", "fusion"]
 
 
@@ -26,14 +28,31 @@ def save_prefixes(make_model, task_type, root):
     hf.apply_prefix_tuning(source, 3, projection_hidden=8)
     randomise(hf.prefix_parameters(source).values())
     hf.save_prefix(source, root / "prefix")
+    save_with_peft(make_model, peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=4), root / "peft", 1.0)
+
+
+def save_with_peft(make_model, config, directory, std: float) -> None:
+    """PEFT's model of `config` over make_model(), its prompt encoder drawn from N(0, std), saved by PEFT."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=4)
         theirs = peft.get_peft_model(make_model(), config)
         with torch.no_grad():
             for parameter in theirs.prompt_encoder.parameters():
-                parameter.normal_(0.0, 1.0)
-        theirs.save_pretrained(str(root / "peft"))
+                parameter.normal_(0.0, std)
+        theirs.save_pretrained(str(directory))
+
+
+def train_only(model, names) -> dict:
+    """Make the parameters of tasks `names` (prefix / prompt tasks by their modules, adapters by name) the
+    model's only trainable ones; returns {task: {parameter name: parameter}}."""
+    model.requires_grad_(False)
+    modules = model.pefops_task_modules
+    trained = {name: dict(modules[name].named_parameters()) if name in modules else hf.adapter_parameters(model, name)
+               for name in names}
+    for parameters in trained.values():
+        for parameter in parameters.values():
+            parameter.requires_grad_(True)
+    return trained
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +122,7 @@ def test_single_prefix_task_equals_its_own_activation(prefix_checkpoints):
 def test_gradients_reach_each_task_from_its_rows_only(prefix_checkpoints, model_type):
     root = prefix_checkpoints[model_type]
     model = mixed_model(model_type, root)
-    model.requires_grad_(False)
-    modules = model.pefops_task_modules
-    trained = {name: dict(modules[name].named_parameters()) for name in ("prefix", "peft")}
-    trained["houlsby"] = hf.adapter_parameters(model, "houlsby")
-    for parameters in trained.values():
-        for parameter in parameters.values():
-            parameter.requires_grad_(True)
+    trained = train_only(model, ["prefix", "peft", "houlsby"])
     row_task = torch.tensor([0, 3, 4, 0, 1])  # prefix, peft, houlsby, prefix, masks
     hf.set_row_tasks(model, NAMES, row_task)
     out = model(input_ids=TOKENS, attention_mask=ATTENTION).last_hidden_state
@@ -136,17 +149,10 @@ def test_gradients_reach_each_task_from_its_rows_only(prefix_checkpoints, model_
         torch.testing.assert_close(mixed_grads[key], parameter.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_bad_prefix_routing_is_refused_before_anything_changes(prefix_checkpoints, tmp_path):
+def test_bad_prefix_routing_is_refused_before_anything_changes(prefix_checkpoints):
     root = prefix_checkpoints["gpt2"]
     model = mixed_model("gpt2", root)
-    source = tiny("gpt2")
-    hf.apply_prompt_tuning(source, 2)
-    hf.save_prefix(source, tmp_path / "prompt")
-    assert hf.load_task(model, "prompt", tmp_path / "prompt") == "prompt_tuning"
     implementation = model.config._attn_implementation
-    with pytest.raises(ValueError, match="prompt tasks are not routed per row yet"):
-        hf.set_row_tasks(model, ["prefix", "prompt"], torch.tensor([0, 1]))
-    assert model.config._attn_implementation == implementation and hf.active_adapter(model) is None
     with pytest.raises(ValueError, match=r"row_task values must be in \[0, 2\)"):
         hf.set_row_tasks(model, ["prefix", None], torch.tensor([0, 2]))
     assert model.config._attn_implementation == implementation

@@ -20,6 +20,7 @@ from pefops.hf import checkpoint as checkpoint_module  # noqa: E402
 from pefops.hf import lsh_attention as lsh_module  # noqa: E402
 from pefops.hf import mask_tuning as mask_module  # noqa: E402
 from pefops.hf import prefix_tuning as prefix_module  # noqa: E402
+from pefops.hf import row_prompt as row_prompt_module  # noqa: E402
 from pefops.hf import side_tuning as side_module  # noqa: E402
 from pefops.hf.adapters import AdapterLayer  # noqa: E402
 from pefops.hf.config import BottleneckConfig, DoubleSeqBnConfig  # noqa: E402
@@ -832,6 +833,35 @@ CASES += [
 ]
 
 
+
+# ---- mixed-task batches with prompt rows
+def _prompt_task_model(tmp_path, model_type="gpt2"):
+    """A model with an adapter task "a" and a prompt task "p" (2 virtual tokens), routed per row where the
+    model type allows prompt rows (the routing a failed set_row_tasks must keep)."""
+    source = tiny(model_type)
+    hf.apply_prompt_tuning(source, 2, init_std=0.5)
+    hf.save_prefix(source, tmp_path / "prompt_task")
+    model = tiny(model_type)
+    hf.add_adapter(model, "a", "seq_bn")
+    randomise(hf.adapter_parameters(model, "a").values())
+    hf.load_task(model, "p", tmp_path / "prompt_task")
+    if model_type == "gpt2":
+        hf.set_row_tasks(model, ["p", "a"], torch.tensor([0, 1]))
+    return model
+
+
+CASES += [
+    Case("set_row_tasks", "injected: installing the prompt hook fails", _prompt_task_model,
+         lambda m, tmp, mp: (mp.setattr(row_prompt_module, "install_row_prompt",
+                                        fail_after(row_prompt_module.install_row_prompt)),
+                             hf.set_row_tasks(m, ["a", "p"], torch.tensor([1, 1]))),
+         lambda m, tmp: hf.set_row_tasks(m, ["a", "p"], torch.tensor([1, 1])), error=RuntimeError),
+    Case("set_row_tasks", "prompt rows of a RoBERTa", lambda tmp: _prompt_task_model(tmp, "roberta"),
+         lambda m, tmp, mp: hf.set_row_tasks(m, ["a", "p"], torch.tensor([0, 1])),
+         lambda m, tmp: hf.set_row_tasks(m, ["a", None], torch.tensor([0, 1])), match="numbers positions otherwise"),
+]
+
+
 # ---- LSH attention
 CASES += [
     Case("apply_lsh_attention", "model without LSH layers", lambda tmp: tiny("bert"),
@@ -886,7 +916,7 @@ MODEL_CHANGING = {
     "train_adapter_fusion", "remove_adapter_fusion", "load_adapter_fusion", "apply_mask_tuning", "freeze_masks",
     "load_masks", "set_row_masks", "side_tune", "load_side", "apply_prefix_tuning", "remove_prefix_tuning",
     "load_prefix", "apply_prompt_tuning", "remove_prompt_tuning", "set_trainable_modules", "load_peft_prefix",
-    "load_peft_prompt", "apply_lsh_attention", "remove_lsh_attention", "configure_lsh_attention",
+    "load_peft_prompt", "apply_lsh_attention", "remove_lsh_attention", "configure_lsh_attention", "set_row_tasks",
 }
 
 
