@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 import pefops.hf as hf  # noqa: E402
 from tests.hf.test_adapters_api import tiny  # noqa: E402
 from tests.hf import test_tasks  # noqa: E402
-from tests.hf.test_tasks import ATTENTION, TOKENS, alone, model_with_tasks, randomise  # noqa: E402
+from tests.hf.test_tasks import ATTENTION, TOKENS, alone, model_with_tasks, randomise, read_out  # noqa: E402
 
 pytestmark = pytest.mark.hf
 checkpoints = test_tasks.checkpoints  # the module fixture prefix_checkpoints builds on
@@ -126,13 +126,13 @@ def test_gradients_reach_each_task_from_its_rows_only(prefix_checkpoints, model_
     row_task = torch.tensor([0, 3, 4, 0, 1])  # prefix, peft, houlsby, prefix, masks
     hf.set_row_tasks(model, NAMES, row_task)
     out = model(input_ids=TOKENS, attention_mask=ATTENTION).last_hidden_state
-    (out * ATTENTION[..., None]).square().sum().backward()  # real positions only
+    read_out(out, ATTENTION).backward()
     for name in ("prefix", "peft"):
         rows = [row for row, index in enumerate(row_task.tolist()) if NAMES[index] == name]
         own, tuning = prefix_alone(model_type, root, name)
         for row in rows:
             hidden = own(input_ids=TOKENS[row:row + 1], attention_mask=ATTENTION[row:row + 1]).last_hidden_state
-            (hidden * ATTENTION[row:row + 1, :, None]).square().sum().backward()
+            read_out(hidden, ATTENTION[row:row + 1]).backward()
         expected = dict(tuning.named_parameters())
         assert set(expected) == set(trained[name])
         for key, parameter in trained[name].items():
@@ -144,7 +144,7 @@ def test_gradients_reach_each_task_from_its_rows_only(prefix_checkpoints, model_
         parameter.grad = None
     hf.set_row_tasks(model, ["houlsby"], torch.zeros(1, dtype=torch.long))
     hidden = model(input_ids=TOKENS[2:3], attention_mask=ATTENTION[2:3]).last_hidden_state
-    (hidden * ATTENTION[2:3, :, None]).square().sum().backward()
+    read_out(hidden, ATTENTION[2:3]).backward()
     for key, parameter in trained["houlsby"].items():
         torch.testing.assert_close(mixed_grads[key], parameter.grad, atol=1e-5, rtol=1e-4)
 

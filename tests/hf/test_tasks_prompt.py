@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 import pefops.hf as hf  # noqa: E402
 from tests.hf.test_adapters_api import tiny  # noqa: E402
 from tests.hf import test_tasks, test_tasks_prefix  # noqa: E402
-from tests.hf.test_tasks import ATTENTION, TOKENS  # noqa: E402
+from tests.hf.test_tasks import ATTENTION, TOKENS, read_out  # noqa: E402
 from tests.hf.test_tasks_prefix import hidden_alone, prefix_alone, save_with_peft, train_only  # noqa: E402
 from tests.hf.test_tasks_prefix import mixed_model as prefix_mixed_model  # noqa: E402
 
@@ -143,11 +143,9 @@ def test_gradients_reach_each_task_from_its_rows_only(prompt_checkpoints, model_
     row_task = torch.tensor([0, 3, 5, 0, 4])  # prompt, peft prompt, prefix, prompt, adapter
     hf.set_row_tasks(model, NAMES, row_task)
     length = TOKENS.shape[1]
-    # a fixed random read-out of the real positions (a sum of squares of normalised outputs is nearly constant)
-    probe = torch.randn(length, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
 
-    def loss(hidden, row):
-        return (hidden[:, -length:] * ATTENTION[row, :, None] * probe).sum()
+    def loss(hidden, row):  # the real positions: the last `length` of each row
+        return read_out(hidden[:, -length:], ATTENTION[row])
 
     loss(model(input_ids=TOKENS, attention_mask=ATTENTION).last_hidden_state, slice(None)).backward()
     expected = {}  # each task's gradient: the sum over its rows run alone
