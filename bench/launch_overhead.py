@@ -4,7 +4,9 @@ At the small headline sizes (bench/headline.py, "small": tens of rows) the arith
 so the time per call is what the op costs the CPU around its kernels: argument checks, backend
 selection, custom-op dispatch, autograd bookkeeping and the launches themselves.
 
-  - CPU: the torch backend through the custom-op layer (what a CPU user pays per call);
+  - CPU: the default path (path "default": an eager call runs the reference's ATen calls directly,
+    what a CPU user pays per call) and the torch backend forced through the custom-op layer (path
+    "torch": the dispatch every GPU call goes through, with the torch implementation at its end);
   - CUDA: the default path (Triton / CUDA kernels). `host_us` is the time the Python thread spends
     per call with no synchronisation (enqueue cost: what stays on the CPU's critical path), and
     `synced_us` the time per call of the same loop including the final synchronisation (what a
@@ -79,19 +81,22 @@ def calibration_us(device: str, calls: int, rounds: int) -> float:
 
 def measure(device: str, cases: list[str], calls: int, rounds: int) -> list[dict]:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    backend = None if device.startswith("cuda") else "torch"
+    backends = [None] if device.startswith("cuda") else [None, "torch"]
     rows = []
     try:
         for name in cases:
             call = ALL_CASES[name](device, dtype, "small")
             for mode, make in (("fwd", _fwd), ("fwd_bwd", _fwd_bwd)):
-                fn = make(call, backend)
-                if fn is None:
-                    continue
-                host_us, synced_us = per_call_us(fn, device, calls, rounds)
-                rows.append({"case": name, "mode": mode, "path": backend or "default", "dtype": str(dtype)[6:],
-                             "host_us": round(host_us, 1), "synced_us": round(synced_us, 1)})
-                print(f"{name:<24} {mode:<8} host {host_us:9.1f} µs  synced {synced_us:9.1f} µs", flush=True)
+                for backend in backends:
+                    fn = make(call, backend)
+                    if fn is None:
+                        continue
+                    host_us, synced_us = per_call_us(fn, device, calls, rounds)
+                    path = backend or "default"
+                    rows.append({"case": name, "mode": mode, "path": path, "dtype": str(dtype)[6:],
+                                 "host_us": round(host_us, 1), "synced_us": round(synced_us, 1)})
+                    print(f"{name:<24} {mode:<8} {path:<8} host {host_us:9.1f} µs  synced {synced_us:9.1f} µs",
+                          flush=True)
     except KeyboardInterrupt:  # gpu_check.sh's time limit (SIGINT): keep the rows measured so far
         print(f"interrupted after {len(rows)} rows", flush=True)
     return rows
