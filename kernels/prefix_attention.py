@@ -48,7 +48,7 @@ from .prefix_attention_bwd import (
     prefix_attention_bwd_dq_kernel,
 )
 from .prefix_common import (ADDITIVE_MASK, BOOL_MASK, DELTA_WARPS, NO_MASK, block_dim, causal_key_range, dropout_keep,
-                            mask_arguments, query_block, sequence_scores, strides3, tile_sizes)
+                            key_block_scores, mask_arguments, query_block, sequence_columns, strides3, tile_sizes)
 from .shared import unit_stride_rows
 
 __all__ = ["MAX_HEAD_DIM", "prefix_attention_forward", "prefix_dropout_keep_mask", "compile_variants"]
@@ -61,8 +61,8 @@ def _online_softmax_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
                          offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
                          seed, dropout_p, rows, key_shift, key_count,
                          IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                         MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
+                         MASK_ROWS: tl.constexpr, PREFIX_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of the forward: scores, masks, running max / sum update, acc += p @ v (with
     DROPOUT: the sum l keeps every probability, the accumulator gets p * keep / (1 - dropout_p))."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -74,12 +74,9 @@ def _online_softmax_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
     if DOT_FP32:
         k_t = k_t.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-    if IS_SEQUENCE:
-        s = sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
-                             CAUSAL, MASK_KIND, MASK_ROWS)
-    else:
-        s = tl.where(n_valid[None, :], s, float("-inf"))
+    s = key_block_scores(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale, offs_m, offs_n, m_valid, n_valid,
+                         mask_ptr, stride_mm, stride_mn, causal_shift, IS_SEQUENCE, CAUSAL, MASK_KIND, MASK_ROWS,
+                         PREFIX_MASK)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row that has seen no visible key keeps max -inf: subtract 0 there, not -inf (no NaN)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -101,7 +98,8 @@ def prefix_attention_fwd_kernel(
     v_ptr,  # [B, Hkv, Sk, Dv]
     pk_ptr,  # [Bp, Hkv, P, D], Bp = 1 (stride_pkb = 0) or B
     pv_ptr,  # [Bp, Hkv, P, Dv]
-    mask_ptr,  # [Bm, Hm, Sqm, Sk] bool or additive, broadcast dimensions with stride 0 (unused without a mask)
+    mask_ptr,  # [Bm, Hm, Sqm, Sk] bool or additive, broadcast dimensions with stride 0 (unused without a mask);
+    #            [Bm, Hm, Sqm, P + Sk] with PREFIX_MASK: columns [prefix ; sequence]
     out_ptr,  # [B, Hq, Sq, Dv]
     lse_ptr,  # [B, Hq, Sq] float32, natural log
     Sq, Sk, P, D, Dv, GROUP,
@@ -113,8 +111,8 @@ def prefix_attention_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
     scale_value, dropout_p, seed,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, PREFIX_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m, h, b, g, offs_m, m_valid, offs_d, d_valid, offs_dv, dv_valid = query_block(
@@ -128,17 +126,18 @@ def prefix_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     mask_ptr += b * stride_mb + h * stride_mh
+    seq_mask_ptr = sequence_columns(mask_ptr, P, stride_mn, PREFIX_MASK)
     causal_shift = Sk - Sq
     rows = (b * tl.num_programs(1) + h) * Sq + offs_m  # [BLOCK_M] int64: the dropout counter's row
 
-    # the prefix: every slot visible
+    # the prefix: every slot visible (PREFIX_MASK: those the mask's prefix columns keep)
     pk_base = pk_ptr + b * stride_pkb + g * stride_pkh
     pv_base = pv_ptr + b * stride_pvb + g * stride_pvh
     for start_n in range(0, P, BLOCK_N):
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pkn, stride_pvn, start_n, P, offs_m, m_valid, offs_d, d_valid,
             offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, rows, 0, P + Sk,
-            False, CAUSAL, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
+            False, CAUSAL, MASK_KIND, MASK_ROWS, PREFIX_MASK, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
 
     # the sequence: key blocks every row of this query block sees whole, then (causal) the blocks on
     # the diagonal with the per-element causal test; blocks past the diagonal are skipped
@@ -148,13 +147,13 @@ def prefix_attention_fwd_kernel(
     for start_n in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, Sk, offs_m, m_valid, offs_d, d_valid,
-            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, rows, P, P + Sk,
-            True, False, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
+            offs_dv, dv_valid, qk_scale, seq_mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, rows, P,
+            P + Sk, True, False, MASK_KIND, MASK_ROWS, PREFIX_MASK, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
     for start_n in range(full_end, end_n, BLOCK_N):
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, Sk, offs_m, m_valid, offs_d, d_valid,
-            offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, rows, P, P + Sk,
-            True, True, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
+            offs_dv, dv_valid, qk_scale, seq_mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, rows, P,
+            P + Sk, True, True, MASK_KIND, MASK_ROWS, PREFIX_MASK, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
 
     empty = l_i == 0.0  # no visible key: output 0, lse +inf (backward probabilities 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -184,7 +183,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, sc
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
     dot_fp32, precision = dot_settings(q.dtype)
-    mask_tensor, mask_kind, mask_rows, mask_strides = mask_arguments(mask, q)
+    mask_tensor, mask_kind, mask_rows, prefix_mask, mask_strides = mask_arguments(mask, q, sk)
     block_m, block_n, warps, stages = tile_sizes(dim, value_dim, q.dtype == torch.float32, "forward",
                                              causal or mask is not None, mask_rows, dropout_p > 0.0)
     grid = (triton.cdiv(sq, block_m), q_heads, batch)
@@ -195,8 +194,8 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, causal: bool, sc
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *strides3(prefix_k), *strides3(prefix_v),
         *mask_strides, *out.stride()[:3],
         float(scale), float(dropout_p), int(seed),
-        CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
-        DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_dim(dim),
+        CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROWS=mask_rows, PREFIX_MASK=prefix_mask, DOT_FP32=dot_fp32,
+        DOT_PRECISION=precision, DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_dim(dim),
         BLOCK_DV=block_dim(value_dim),
         num_warps=warps, num_stages=stages,
     )

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["NO_MASK", "BOOL_MASK", "ADDITIVE_MASK", "DELTA_WARPS", "sequence_scores", "dropout_keep",
-           "causal_key_range", "query_block", "tile_sizes", "block_dim", "strides3", "mask_arguments"]
+__all__ = ["NO_MASK", "BOOL_MASK", "ADDITIVE_MASK", "DELTA_WARPS", "sequence_scores", "key_block_scores",
+           "sequence_columns", "dropout_keep", "causal_key_range", "query_block", "tile_sizes", "block_dim", "strides3",
+           "mask_arguments"]
 
 # mask kinds
 NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
@@ -47,6 +48,35 @@ def sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, st
             keep = keep & (bias != float("-inf"))
             s = s + tl.maximum(bias, -2.0e38) * 1.4426950408889634
     return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def key_block_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
+                     IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                     MASK_ROWS: tl.constexpr, PREFIX_MASK: tl.constexpr):
+    """The base-2 scores s [BM, BN] of a sequence or a prefix key block with what hides keys applied.
+    Sequence blocks: sequence_scores. Prefix blocks: every slot visible, or with PREFIX_MASK (a mask
+    whose columns cover [prefix ; sequence]: rows of a mixed-task batch hide the slots that are not
+    theirs) the mask's prefix columns, never causal; mask_ptr points at the block's column 0 either
+    way. PREFIX_MASK is a constexpr, so kernels without such a mask compile to what they did."""
+    if IS_SEQUENCE:
+        s = sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
+                            CAUSAL, MASK_KIND, MASK_ROWS)
+    elif PREFIX_MASK:
+        s = sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
+                            False, MASK_KIND, MASK_ROWS)
+    else:
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def sequence_columns(mask_ptr, P, stride_mn, PREFIX_MASK: tl.constexpr):
+    """The mask pointer (at column 0 of a (b, h) slice) moved to the first sequence key: past the P
+    prefix columns of a mask that covers them, else where it is."""
+    if PREFIX_MASK:
+        mask_ptr += P * stride_mn
+    return mask_ptr
 
 
 @triton.jit
@@ -131,12 +161,14 @@ def strides3(tensor: torch.Tensor) -> tuple[int, int, int]:
     return stride_b, tensor.stride(1), tensor.stride(2)
 
 
-def mask_arguments(mask, dummy):
-    """(pointer tensor, kind, per-query-row?, [b, h, m, n] strides) of the normalised 4-D mask,
-    stride 0 on its size-1 (broadcast) dimensions. Offsets inside one (b, h) slice are int32 in the
-    kernels: a view whose slice spans more is copied compactly first."""
+def mask_arguments(mask, dummy, sk: int):
+    """(pointer tensor, kind, per-query-row?, covers the prefix?, [b, h, m, n] strides) of the
+    normalised 4-D mask, stride 0 on its size-1 (broadcast) dimensions. A mask wider than the Sk
+    sequence keys covers [prefix ; sequence] (pefops.ops.prefix_attention validated its width P + Sk).
+    Offsets inside one (b, h) slice are int32 in the kernels: a view whose slice spans more is copied
+    compactly first."""
     if mask is None:
-        return dummy, NO_MASK, False, (0, 0, 0, 0)
+        return dummy, NO_MASK, False, False, (0, 0, 0, 0)
 
     def strides_of(tensor):
         return tuple(0 if size == 1 else stride for size, stride in zip(tensor.shape, tensor.stride()))
@@ -152,5 +184,5 @@ def mask_arguments(mask, dummy):
             raise ValueError(f"attention_mask of shape {tuple(mask.shape)} is too large for the Triton kernel "
                              "(over 2**31 elements per batch row and head); use backend='torch'")
     kind = BOOL_MASK if mask.dtype == torch.bool else ADDITIVE_MASK
-    return mask, kind, mask.shape[2] != 1, strides
+    return mask, kind, mask.shape[2] != 1, mask.shape[3] != sk, strides
 
