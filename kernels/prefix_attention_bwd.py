@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .launch import dot_settings
 from .shared import unit_stride_rows
-from .prefix_common import (DELTA_WARPS, block_dim, causal_key_range, dropout_keep, key_block_scores, mask_arguments,
-                            query_block, sequence_columns, strides3, tile_sizes)
+from .prefix_common import (DELTA_WARPS, block_dim, causal_key_range, dropout_keep, mask_arguments, query_block,
+                            sequence_columns, sequence_scores, strides3, tile_sizes)
 
 __all__ = ["prefix_attention_backward"]
 
@@ -82,9 +82,12 @@ def _probabilities(q, k_t, offs_m, offs_n, m_valid, n_valid, lse_log2, qk_scale,
                    causal_shift, IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                    MASK_ROWS: tl.constexpr, PREFIX_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The forward's probabilities of one [BM, BN] tile, recomputed from the saved row lse."""
-    s = key_block_scores(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale, offs_m, offs_n, m_valid, n_valid,
-                         mask_ptr, stride_mm, stride_mn, causal_shift, IS_SEQUENCE, CAUSAL, MASK_KIND, MASK_ROWS,
-                         PREFIX_MASK)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+    if IS_SEQUENCE or PREFIX_MASK:  # a prefix block under PREFIX_MASK: its mask columns, never causal
+        s = sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
+                            CAUSAL and IS_SEQUENCE, MASK_KIND, MASK_ROWS)
+    else:
+        s = tl.where(n_valid[None, :], s, float("-inf"))
     return tl.math.exp2(s - lse_log2[:, None])
 
 
@@ -343,7 +346,8 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, 
                 num_warps=warps, num_stages=stages, **common,
             )
         if need["q"]:
-            block_m, block_n, warps, stages = tile_sizes(dim, value_dim, fp32, "dq", dropout=dropout_p > 0.0)
+            block_m, block_n, warps, stages = tile_sizes(dim, value_dim, fp32, "dq", dropout=dropout_p > 0.0,
+                                                         prefix_rows=prefix_mask and mask_rows)
             prefix_attention_bwd_dq_kernel[(triton.cdiv(sq, block_m), q_heads, batch)](
                 q, k if sk else q, v if sk else q, prefix_k if prefix_len else q, prefix_v if prefix_len else q,
                 mask_tensor, grad_out, lse, delta, dq,

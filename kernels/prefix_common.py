@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["NO_MASK", "BOOL_MASK", "ADDITIVE_MASK", "DELTA_WARPS", "sequence_scores", "key_block_scores",
-           "sequence_columns", "dropout_keep", "causal_key_range", "query_block", "tile_sizes", "block_dim", "strides3",
+__all__ = ["NO_MASK", "BOOL_MASK", "ADDITIVE_MASK", "DELTA_WARPS", "sequence_scores", "sequence_columns",
+           "dropout_keep", "causal_key_range", "query_block", "tile_sizes", "block_dim", "strides3",
            "mask_arguments"]
 
 # mask kinds
@@ -48,26 +48,6 @@ def sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, st
             keep = keep & (bias != float("-inf"))
             s = s + tl.maximum(bias, -2.0e38) * 1.4426950408889634
     return tl.where(keep, s, float("-inf"))
-
-
-@triton.jit
-def key_block_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
-                     IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                     MASK_ROWS: tl.constexpr, PREFIX_MASK: tl.constexpr):
-    """The base-2 scores s [BM, BN] of a sequence or a prefix key block with what hides keys applied.
-    Sequence blocks: sequence_scores. Prefix blocks: every slot visible, or with PREFIX_MASK (a mask
-    whose columns cover [prefix ; sequence]: rows of a mixed-task batch hide the slots that are not
-    theirs) the mask's prefix columns, never causal; mask_ptr points at the block's column 0 either
-    way. PREFIX_MASK is a constexpr, so kernels without such a mask compile to what they did."""
-    if IS_SEQUENCE:
-        s = sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
-                            CAUSAL, MASK_KIND, MASK_ROWS)
-    elif PREFIX_MASK:
-        s = sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
-                            False, MASK_KIND, MASK_ROWS)
-    else:
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-    return s
 
 
 @triton.jit
@@ -125,14 +105,16 @@ def query_block(Sq, GROUP, D, Dv, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, B
 
 
 def tile_sizes(head_dim: int, value_dim: int, fp32: bool, kernel: str, masked: bool = False,
-               mask_rows: bool = False, dropout: bool = False) -> tuple[int, int, int, int]:
+               mask_rows: bool = False, dropout: bool = False, prefix_rows: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head size. Forward: a [BLOCK_M, Dv]
     fp32 accumulator and the q tile stay on chip; dK/dV: two [BLOCK_N, D] fp32 accumulators; dQ: one
     [BLOCK_M, D]. A per-query-row mask tile (mask_rows) or any mask / causal (masked) at the widest
     heads costs registers: narrower key blocks there. fp32 inputs (no tensor-core dot unless TF32)
     take small tiles, dK/dV without software pipelining. Dropout's Philox bits cost registers: at
     the widest heads the forward takes [32, 32] tiles on 4 warps, dQ at D 128 [64, 16] (the heuristic
-    tiles spilled there, causal with padding). Checked on sm_90 by kernels/compile_check.py: no
+    tiles spilled there, causal with padding). prefix_rows (a per-query-row mask over [prefix ; keys]):
+    dQ at D 64 pipelines 2 stages instead of 3, as the prefix loop's mask tile, 3 deep, spilled there
+    (48 bytes with an additive mask under triton 3.6). Checked on sm_90 by kernels/compile_check.py: no
     spills for 16-bit, none or a few bytes for fp32."""
     size = 0 if max(head_dim, value_dim) <= 64 else 1 if max(head_dim, value_dim) <= 128 else 2
     if fp32:
@@ -143,6 +125,8 @@ def tile_sizes(head_dim: int, value_dim: int, fp32: bool, kernel: str, masked: b
         return (32, 32, 4, 3)
     if dropout and (kernel, size) == ("dq", 1):
         return (64, 16, 8, 3)
+    if prefix_rows and (kernel, size) == ("dq", 0):
+        return (64, 64, 4, 2)
     if kernel == "forward":
         return ((128, 64, 8, 3), (128, 32 if mask_rows else 64, 8, 3), (64, 16 if masked else 32, 8, 3))[size]
     if kernel == "dkdv":
