@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .launch import dot_settings
 from .shared import unit_stride_rows
-from .prefix_common import (DELTA_WARPS, block_dim, causal_key_range, dropout_keep, mask_arguments,
-                            query_block, sequence_scores, strides3, tile_sizes)
+from .prefix_common import (DELTA_WARPS, block_dim, causal_key_range, dropout_keep, mask_arguments, query_block,
+                            sequence_columns, sequence_scores, strides3, tile_sizes)
 
 __all__ = ["prefix_attention_backward"]
 
@@ -80,12 +80,12 @@ def _query_rows(q_base, stride_qm, dout_ptr, lse_ptr, delta_ptr, row_base, offs_
 @triton.jit
 def _probabilities(q, k_t, offs_m, offs_n, m_valid, n_valid, lse_log2, qk_scale, mask_ptr, stride_mm, stride_mn,
                    causal_shift, IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                   MASK_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   MASK_ROWS: tl.constexpr, PREFIX_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The forward's probabilities of one [BM, BN] tile, recomputed from the saved row lse."""
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-    if IS_SEQUENCE:
+    if IS_SEQUENCE or PREFIX_MASK:  # a prefix block under PREFIX_MASK: its mask columns, never causal
         s = sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, stride_mn, causal_shift,
-                             CAUSAL, MASK_KIND, MASK_ROWS)
+                            CAUSAL and IS_SEQUENCE, MASK_KIND, MASK_ROWS)
     else:
         s = tl.where(n_valid[None, :], s, float("-inf"))
     return tl.math.exp2(s - lse_log2[:, None])
@@ -96,7 +96,8 @@ def _dkdv_step(dk, dv, k_t, v_t, q_base, dout_ptr, lse_ptr, delta_ptr, row_base,
                n_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
                seed, dropout_p, key_shift, key_count,
                IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
-               DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr):
+               PREFIX_MASK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+               BLOCK_M: tl.constexpr):
     """One query block of dK/dV: dv += p^T dO, dk += (p * (dO v^T - delta))^T q (scaled by the caller);
     with DROPOUT the dropped, rescaled p in dv and the same mask on dO v^T."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -104,7 +105,7 @@ def _dkdv_step(dk, dv, k_t, v_t, q_base, dout_ptr, lse_ptr, delta_ptr, row_base,
     q, do, lse_log2, delta = _query_rows(q_base, stride_qm, dout_ptr, lse_ptr, delta_ptr, row_base, offs_m, m_valid,
                                          offs_d, d_valid, offs_dv, dv_valid, Dv, DOT_FP32)
     p = _probabilities(q, k_t, offs_m, offs_n, m_valid, n_valid, lse_log2, qk_scale, mask_ptr, stride_mm, stride_mn,
-                       causal_shift, IS_SEQUENCE, CAUSAL, MASK_KIND, MASK_ROWS, DOT_PRECISION)
+                       causal_shift, IS_SEQUENCE, CAUSAL, MASK_KIND, MASK_ROWS, PREFIX_MASK, DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, dropout_p, row_base + offs_m, offs_n, key_shift, key_count)
         keep_scale = 1.0 / (1.0 - dropout_p)
@@ -123,7 +124,8 @@ def prefix_attention_bwd_dkdv_kernel(
     q_ptr,  # [B, Hq, Sq, D]
     k_ptr,  # [Bk, Hkv, N, D]: the sequence keys (N = Sk), or the prefix (N = P, Bk = 1 or B)
     v_ptr,  # [Bk, Hkv, N, Dv]
-    mask_ptr,  # [Bm, Hm, Sqm, Sk] (sequence only; unused without a mask)
+    mask_ptr,  # [Bm, Hm, Sqm, Sk] (read for the sequence; unused without a mask), or [Bm, Hm, Sqm, P + Sk] with
+    #            PREFIX_MASK: columns [prefix ; sequence], read for both
     dout_ptr,  # [B, Hq, Sq, Dv] contiguous
     lse_ptr,  # [B, Hq, Sq] float32
     delta_ptr,  # [B, Hq, Sq] float32
@@ -136,7 +138,7 @@ def prefix_attention_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     scale_value, dropout_p, seed,
     IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    PREFIX_MASK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -162,6 +164,8 @@ def prefix_attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     key_shift = P if IS_SEQUENCE else 0  # the dropout counter's key index runs over [prefix ; sequence]
+    if IS_SEQUENCE:
+        mask_ptr = sequence_columns(mask_ptr, P, stride_mn, PREFIX_MASK)
     start_m = 0
     full_start = 0
     if IS_SEQUENCE and CAUSAL:
@@ -179,12 +183,14 @@ def prefix_attention_bwd_dkdv_kernel(
             dk, dv = _dkdv_step(dk, dv, k_t, v_t, q_base, dout_ptr, lse_ptr, delta_ptr, row_base, m0, Sq, Dv,
                                 stride_qm, offs_n, n_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale,
                                 head_mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, key_shift, P + Sk,
-                                IS_SEQUENCE, True, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_M)
+                                IS_SEQUENCE, True, MASK_KIND, MASK_ROWS, PREFIX_MASK, DOT_FP32, DOT_PRECISION, DROPOUT,
+                                BLOCK_M)
         for m0 in range(full_start, Sq, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k_t, v_t, q_base, dout_ptr, lse_ptr, delta_ptr, row_base, m0, Sq, Dv,
                                 stride_qm, offs_n, n_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale,
                                 head_mask_ptr, stride_mm, stride_mn, causal_shift, seed, dropout_p, key_shift, P + Sk,
-                                IS_SEQUENCE, False, MASK_KIND, MASK_ROWS, DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_M)
+                                IS_SEQUENCE, False, MASK_KIND, MASK_ROWS, PREFIX_MASK, DOT_FP32, DOT_PRECISION, DROPOUT,
+                                BLOCK_M)
     dk = dk * scale_value
     out_rows = ((b * kv_heads + g) * N + offs_n[:, None]).to(tl.int64)
     tl.store(dk_ptr + out_rows * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -198,7 +204,8 @@ def _dq_step(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, s
              offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn, causal_shift,
              seed, dropout_p, rows, key_shift, key_count,
              IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr,
-             DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
+             PREFIX_MASK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+             BLOCK_N: tl.constexpr):
     """One key block of dQ: dq += (p * (dO v^T - delta)) @ k (DROPOUT: dO v^T masked and rescaled)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < n_limit
@@ -210,7 +217,7 @@ def _dq_step(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, s
         k_t = k_t.to(tl.float32)
         v_t = v_t.to(tl.float32)
     p = _probabilities(q, k_t, offs_m, offs_n, m_valid, n_valid, lse_log2, qk_scale, mask_ptr, stride_mm, stride_mn,
-                       causal_shift, IS_SEQUENCE, CAUSAL, MASK_KIND, MASK_ROWS, DOT_PRECISION)
+                       causal_shift, IS_SEQUENCE, CAUSAL, MASK_KIND, MASK_ROWS, PREFIX_MASK, DOT_PRECISION)
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, dropout_p, rows, offs_n, key_shift, key_count)
@@ -226,7 +233,7 @@ def prefix_attention_bwd_dq_kernel(
     v_ptr,  # [B, Hkv, Sk, Dv]
     pk_ptr,  # [Bp, Hkv, P, D]
     pv_ptr,  # [Bp, Hkv, P, Dv]
-    mask_ptr,  # [Bm, Hm, Sqm, Sk] (unused without a mask)
+    mask_ptr,  # [Bm, Hm, Sqm, Sk] (unused without a mask), or [Bm, Hm, Sqm, P + Sk] with PREFIX_MASK
     dout_ptr,  # [B, Hq, Sq, Dv] contiguous
     lse_ptr,  # [B, Hq, Sq] float32
     delta_ptr,  # [B, Hq, Sq] float32
@@ -239,8 +246,8 @@ def prefix_attention_bwd_dq_kernel(
     stride_pvb, stride_pvh, stride_pvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     scale_value, dropout_p, seed,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, PREFIX_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m, h, b, g, offs_m, m_valid, offs_d, d_valid, offs_dv, dv_valid = query_block(
@@ -250,6 +257,7 @@ def prefix_attention_bwd_dq_kernel(
                                          row_base, offs_m, m_valid, offs_d, d_valid, offs_dv, dv_valid, Dv, DOT_FP32)
     qk_scale = scale_value * 1.4426950408889634
     mask_ptr += b * stride_mb + h * stride_mh
+    seq_mask_ptr = sequence_columns(mask_ptr, P, stride_mn, PREFIX_MASK)
     causal_shift = Sk - Sq
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     rows = row_base + offs_m  # [BLOCK_M] int64: the dropout counter's row
@@ -258,21 +266,21 @@ def prefix_attention_bwd_dq_kernel(
     for start_n in range(0, P, BLOCK_N):
         dq = _dq_step(dq, q, do, lse_log2, delta, pk_base, pv_base, stride_pkn, stride_pvn, start_n, P, offs_m,
                       m_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn,
-                      causal_shift, seed, dropout_p, rows, 0, P + Sk, False, CAUSAL, MASK_KIND, MASK_ROWS, DOT_FP32,
-                      DOT_PRECISION, DROPOUT, BLOCK_N)
+                      causal_shift, seed, dropout_p, rows, 0, P + Sk, False, CAUSAL, MASK_KIND, MASK_ROWS, PREFIX_MASK,
+                      DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
     full_end, end_n = causal_key_range(pid_m, Sk, causal_shift, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = k_ptr + b * stride_kb + g * stride_kh
     v_base = v_ptr + b * stride_vb + g * stride_vh
     for start_n in range(0, full_end, BLOCK_N):
         dq = _dq_step(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, start_n, Sk, offs_m,
-                      m_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn,
-                      causal_shift, seed, dropout_p, rows, P, P + Sk, True, False, MASK_KIND, MASK_ROWS, DOT_FP32,
-                      DOT_PRECISION, DROPOUT, BLOCK_N)
+                      m_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, seq_mask_ptr, stride_mm, stride_mn,
+                      causal_shift, seed, dropout_p, rows, P, P + Sk, True, False, MASK_KIND, MASK_ROWS, PREFIX_MASK,
+                      DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
     for start_n in range(full_end, end_n, BLOCK_N):
         dq = _dq_step(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, start_n, Sk, offs_m,
-                      m_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, mask_ptr, stride_mm, stride_mn,
-                      causal_shift, seed, dropout_p, rows, P, P + Sk, True, True, MASK_KIND, MASK_ROWS, DOT_FP32,
-                      DOT_PRECISION, DROPOUT, BLOCK_N)
+                      m_valid, offs_d, d_valid, offs_dv, dv_valid, qk_scale, seq_mask_ptr, stride_mm, stride_mn,
+                      causal_shift, seed, dropout_p, rows, P, P + Sk, True, True, MASK_KIND, MASK_ROWS, PREFIX_MASK,
+                      DOT_FP32, DOT_PRECISION, DROPOUT, BLOCK_N)
     dq = dq * scale_value
     tl.store(dq_ptr + (row_base + offs_m[:, None]).to(tl.int64) * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=m_valid[:, None] & d_valid[None, :])
@@ -317,9 +325,9 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, 
         )
         dot_fp32, precision = dot_settings(q.dtype)
         fp32 = q.dtype == torch.float32
-        mask_tensor, mask_kind, mask_rows, mask_strides = mask_arguments(mask, q)
-        common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROWS=mask_rows, DOT_FP32=dot_fp32,
-                      DOT_PRECISION=precision, DROPOUT=dropout_p > 0.0, BLOCK_D=block_dim(dim),
+        mask_tensor, mask_kind, mask_rows, prefix_mask, mask_strides = mask_arguments(mask, q, sk)
+        common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROWS=mask_rows, PREFIX_MASK=prefix_mask,
+                      DOT_FP32=dot_fp32, DOT_PRECISION=precision, DROPOUT=dropout_p > 0.0, BLOCK_D=block_dim(dim),
                       BLOCK_DV=block_dim(value_dim))
         sizes = (sq, sk)
         block_m, block_n, warps, stages = tile_sizes(dim, value_dim, fp32, "dkdv")
@@ -338,7 +346,8 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, 
                 num_warps=warps, num_stages=stages, **common,
             )
         if need["q"]:
-            block_m, block_n, warps, stages = tile_sizes(dim, value_dim, fp32, "dq", dropout=dropout_p > 0.0)
+            block_m, block_n, warps, stages = tile_sizes(dim, value_dim, fp32, "dq", dropout=dropout_p > 0.0,
+                                                         prefix_rows=prefix_mask and mask_rows)
             prefix_attention_bwd_dq_kernel[(triton.cdiv(sq, block_m), q_heads, batch)](
                 q, k if sk else q, v if sk else q, prefix_k if prefix_len else q, prefix_v if prefix_len else q,
                 mask_tensor, grad_out, lse, delta, dq,

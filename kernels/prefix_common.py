@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["NO_MASK", "BOOL_MASK", "ADDITIVE_MASK", "DELTA_WARPS", "sequence_scores", "dropout_keep",
-           "causal_key_range", "query_block", "tile_sizes", "block_dim", "strides3", "mask_arguments"]
+__all__ = ["NO_MASK", "BOOL_MASK", "ADDITIVE_MASK", "DELTA_WARPS", "sequence_scores", "sequence_columns",
+           "dropout_keep", "causal_key_range", "query_block", "tile_sizes", "block_dim", "strides3",
+           "mask_arguments"]
 
 # mask kinds
 NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
@@ -47,6 +48,15 @@ def sequence_scores(s, offs_m, offs_n, m_valid, n_valid, mask_ptr, stride_mm, st
             keep = keep & (bias != float("-inf"))
             s = s + tl.maximum(bias, -2.0e38) * 1.4426950408889634
     return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def sequence_columns(mask_ptr, P, stride_mn, PREFIX_MASK: tl.constexpr):
+    """The mask pointer (at column 0 of a (b, h) slice) moved to the first sequence key: past the P
+    prefix columns of a mask that covers them, else where it is."""
+    if PREFIX_MASK:
+        mask_ptr += P * stride_mn
+    return mask_ptr
 
 
 @triton.jit
@@ -95,14 +105,16 @@ def query_block(Sq, GROUP, D, Dv, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, B
 
 
 def tile_sizes(head_dim: int, value_dim: int, fp32: bool, kernel: str, masked: bool = False,
-               mask_rows: bool = False, dropout: bool = False) -> tuple[int, int, int, int]:
+               mask_rows: bool = False, dropout: bool = False, prefix_rows: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head size. Forward: a [BLOCK_M, Dv]
     fp32 accumulator and the q tile stay on chip; dK/dV: two [BLOCK_N, D] fp32 accumulators; dQ: one
     [BLOCK_M, D]. A per-query-row mask tile (mask_rows) or any mask / causal (masked) at the widest
     heads costs registers: narrower key blocks there. fp32 inputs (no tensor-core dot unless TF32)
     take small tiles, dK/dV without software pipelining. Dropout's Philox bits cost registers: at
     the widest heads the forward takes [32, 32] tiles on 4 warps, dQ at D 128 [64, 16] (the heuristic
-    tiles spilled there, causal with padding). Checked on sm_90 by kernels/compile_check.py: no
+    tiles spilled there, causal with padding). prefix_rows (a per-query-row mask over [prefix ; keys]):
+    dQ at D 64 pipelines 2 stages instead of 3, as the prefix loop's mask tile, 3 deep, spilled there
+    (48 bytes with an additive mask under triton 3.6). Checked on sm_90 by kernels/compile_check.py: no
     spills for 16-bit, none or a few bytes for fp32."""
     size = 0 if max(head_dim, value_dim) <= 64 else 1 if max(head_dim, value_dim) <= 128 else 2
     if fp32:
@@ -113,6 +125,8 @@ def tile_sizes(head_dim: int, value_dim: int, fp32: bool, kernel: str, masked: b
         return (32, 32, 4, 3)
     if dropout and (kernel, size) == ("dq", 1):
         return (64, 16, 8, 3)
+    if prefix_rows and (kernel, size) == ("dq", 0):
+        return (64, 64, 4, 2)
     if kernel == "forward":
         return ((128, 64, 8, 3), (128, 32 if mask_rows else 64, 8, 3), (64, 16 if masked else 32, 8, 3))[size]
     if kernel == "dkdv":
@@ -131,12 +145,14 @@ def strides3(tensor: torch.Tensor) -> tuple[int, int, int]:
     return stride_b, tensor.stride(1), tensor.stride(2)
 
 
-def mask_arguments(mask, dummy):
-    """(pointer tensor, kind, per-query-row?, [b, h, m, n] strides) of the normalised 4-D mask,
-    stride 0 on its size-1 (broadcast) dimensions. Offsets inside one (b, h) slice are int32 in the
-    kernels: a view whose slice spans more is copied compactly first."""
+def mask_arguments(mask, dummy, sk: int):
+    """(pointer tensor, kind, per-query-row?, covers the prefix?, [b, h, m, n] strides) of the
+    normalised 4-D mask, stride 0 on its size-1 (broadcast) dimensions. A mask wider than the Sk
+    sequence keys covers [prefix ; sequence] (pefops.ops.prefix_attention validated its width P + Sk).
+    Offsets inside one (b, h) slice are int32 in the kernels: a view whose slice spans more is copied
+    compactly first."""
     if mask is None:
-        return dummy, NO_MASK, False, (0, 0, 0, 0)
+        return dummy, NO_MASK, False, False, (0, 0, 0, 0)
 
     def strides_of(tensor):
         return tuple(0 if size == 1 else stride for size, stride in zip(tensor.shape, tensor.stride()))
@@ -152,5 +168,5 @@ def mask_arguments(mask, dummy):
             raise ValueError(f"attention_mask of shape {tuple(mask.shape)} is too large for the Triton kernel "
                              "(over 2**31 elements per batch row and head); use backend='torch'")
     kind = BOOL_MASK if mask.dtype == torch.bool else ADDITIVE_MASK
-    return mask, kind, mask.shape[2] != 1, strides
+    return mask, kind, mask.shape[2] != 1, mask.shape[3] != sk, strides
 

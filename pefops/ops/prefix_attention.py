@@ -14,8 +14,8 @@ attention_mask forms:
                      (0 / -inf or finfo.min), as transformers' attention functions receive it
   last size P + Sk   (3-D / 4-D, P > 0) the mask covers the prefix columns too, in front: rows of a
                      mixed-task batch with shorter or no prefixes hide the slots that are not theirs
-                     (issue 15). causal still applies to the sequence columns only. Served by the
-                     torch backend (the Triton kernels treat every prefix slot as visible).
+                     (issue 15). causal still applies to the sequence columns only. Both backends
+                     serve it (the Triton kernels read the prefix columns under a constexpr flag).
 causal: bottom-right aligned, query i sees sequence keys j <= i + Sk - Sq (a decoding step with a KV
 cache, Sq = 1, sees every cached key).
 
@@ -303,11 +303,8 @@ def _normalise(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, dropo
     return q, k, v, prefix_k, prefix_v, mask, float(scale)
 
 
-def _problem(q, v, mode, dropout=False, mask=None):
-    # a mask wider than the sequence keys covers the prefix columns (per-row prefix slots)
-    prefix_mask = mask is not None and mask.shape[-1] != v.shape[2]
-    sizes = {"head_dim": q.shape[-1], "value_dim": v.shape[-1], "dropout": int(dropout),
-             "prefix_mask": int(prefix_mask)}
+def _problem(q, v, mode, dropout=False):
+    sizes = {"head_dim": q.shape[-1], "value_dim": v.shape[-1], "dropout": int(dropout)}
     return backends.Problem(q.device, q.dtype, mode, sizes)
 
 
@@ -317,9 +314,6 @@ def _triton_limits(problem: backends.Problem) -> list[str]:
         size = problem.sizes.get(name, 0)
         if size > MAX_TRITON_HEAD_DIM:
             reasons.append(f"{name} {size} exceeds the Triton kernel's limit of {MAX_TRITON_HEAD_DIM}")
-    if problem.sizes.get("prefix_mask"):
-        reasons.append("an attention_mask over the prefix columns (per-row prefix slots): the Triton kernels treat "
-                       "every prefix slot as visible")
     return reasons
 
 
@@ -334,7 +328,7 @@ def _prefix_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # seed: None without dropout, else an int64 CPU tensor [1] (a tensor, not an int, so torch.compile
     # traces its drawing instead of breaking the graph on .item())
-    implementation = backends.select(OP, _problem(q, v, "forward", mask=mask), backend or None)
+    implementation = backends.select(OP, _problem(q, v, "forward"), backend or None)
     return implementation.functions["forward"](q, k, v, prefix_k, prefix_v, mask, causal, scale, dropout_p, seed)
 
 
@@ -351,7 +345,7 @@ def _prefix_attention_bwd(
     prefix_v: torch.Tensor, mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool,
     scale: float, dropout_p: float, seed: Optional[torch.Tensor], grad_mask: Sequence[bool], backend: str,
 ) -> list[torch.Tensor]:
-    implementation = backends.select(OP, _problem(q, v, "backward", mask=mask), backend or None)
+    implementation = backends.select(OP, _problem(q, v, "backward"), backend or None)
     grads = implementation.functions["backward"](grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, causal,
                                                  scale, dropout_p, seed, list(grad_mask))
     # custom ops return tensors only: an empty tensor stands for "not needed"
@@ -401,7 +395,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attention_mask=None, causal
     or [B, Hkv, P, D] (per row), prefix_v likewise with Dv (None for both: P = 0). Hq must be a multiple
     of Hkv (query head h uses kv head h // (Hq // Hkv)). attention_mask (sequence keys only): [B, Sk]
     key padding (bool or 0/1), or a bool / float additive mask broadcastable to [B, Hq, Sq, Sk]; a 3-D
-    / 4-D mask with last size P + Sk covers the prefix slots too (torch backend).
+    / 4-D mask with last size P + Sk covers the prefix slots too.
     causal: bottom-right aligned, the prefix always visible. scale: default 1/sqrt(D). dropout_p: the
     attention probabilities' dropout (pass 0 outside training), its mask drawn from torch's default
     generator (the Triton kernels' Philox seed, or SDPA's dropout on the torch backend).
@@ -412,7 +406,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attention_mask=None, causal
                                                           dropout_p)
     backends.forced_backend(backend)  # rejects a misspelt backend before any work
     if dropout_p > 0.0:
-        implementation = backends.select(OP, _problem(q, v, "forward", dropout=True, mask=mask), backend)
+        implementation = backends.select(OP, _problem(q, v, "forward", dropout=True), backend)
         if implementation.backend == "torch":
             # SDPA's dropout mask cannot be redrawn by a backward op: the reference under autograd serves it
             return _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale, float(dropout_p))[0]
@@ -421,7 +415,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attention_mask=None, causal
         seed = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
         return _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale, float(dropout_p), seed,
                                      implementation.backend)[0]
-    if backends.eager_torch(OP, _problem(q, v, "forward", mask=mask), backend):
+    if backends.eager_torch(OP, _problem(q, v, "forward"), backend):
         return _torch_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale)[0]  # the reference under autograd
     return _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, mask, causal, scale, 0.0, None, backend or "")[0]
 

@@ -170,3 +170,39 @@ def test_bad_prefix_routing_is_refused_before_anything_changes(prefix_checkpoint
     hf.apply_prefix_tuning(own, 2)
     with pytest.raises(ValueError, match="has prefix-tuning or prompt tuning applied itself"):
         hf.set_row_tasks(own, ["prefix"], torch.tensor([0]))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+def test_triton_backend_serves_prefix_rows(prefix_checkpoints, model_type, monkeypatch):
+    """PEFOPS_BACKEND=triton: the prefix rows' attention (its mask over [prefix ; keys]) runs on the Triton
+    kernels (under the interpreter on CPU) and gives the torch backend's hidden states and gradients."""
+    from pefops import backend as backends
+
+    pytest.importorskip("triton")
+    kernels = backends.import_kernels("prefix_attention")
+    forward, prefix_masks = kernels.prefix_attention_forward, []
+
+    def spy(q, k, v, prefix_k, prefix_v, mask, *args, **kwargs):
+        prefix_masks.append(mask is not None and mask.shape[-1] == prefix_k.shape[2] + k.shape[2])
+        return forward(q, k, v, prefix_k, prefix_v, mask, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "prefix_attention_forward", spy)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("PEFOPS_BACKEND", backend)
+        model = mixed_model(model_type, prefix_checkpoints[model_type])
+        model.requires_grad_(False)
+        trained = {f"{name}.{key}": parameter for name in ("prefix", "peft")
+                   for key, parameter in model.pefops_task_modules[name].named_parameters()}
+        for parameter in trained.values():
+            parameter.requires_grad_(True)
+        hf.set_row_tasks(model, NAMES, torch.tensor([0, 3, 2, 0, 1]))  # prefix, peft, base, prefix, masks
+        out = model(input_ids=TOKENS, attention_mask=ATTENTION).last_hidden_state
+        (out * ATTENTION[..., None]).square().sum().backward()
+        results[backend] = out.detach(), {key: parameter.grad for key, parameter in trained.items()}
+    assert prefix_masks and all(prefix_masks), "the Triton kernels did not serve the prefix rows"
+    keep = ATTENTION.bool()
+    torch.testing.assert_close(results["triton"][0][keep], results["torch"][0][keep], atol=2e-5, rtol=1e-4)
+    for key, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][key], grad, atol=1e-5, rtol=1e-4)

@@ -40,6 +40,19 @@ SPILLS_TRITON_3_8 = {
     "prefix_attention:bwd-dkdv-float32-d64-causal-additive4d": 1028,
     "prefix_attention:bwd-dkdv-float32-d64-causal-padding": 960,
     "prefix_attention:bwd-dkdv-float32-d64-causal-padding-dropout": 1140,
+    # a mask over [prefix ; keys] (issue 15): the same dK/dV tiles and spills as the entries above
+    # (the sequence pass only moves the mask pointer past the prefix columns); they go with the re-tile of #11
+    "prefix_attention:bwd-dkdv-bfloat16-d256-causal-prefixmask-padding": 8,
+    "prefix_attention:bwd-dkdv-bfloat16-d256-causal-prefixmask-padding-dropout": 92,
+    "prefix_attention:bwd-dkdv-bfloat16-d256-prefixmask-padding": 4,
+    "prefix_attention:bwd-dkdv-float16-d256-causal-prefixmask-padding": 8,
+    "prefix_attention:bwd-dkdv-float16-d256-causal-prefixmask-padding-dropout": 92,
+    "prefix_attention:bwd-dkdv-float16-d256-prefixmask-padding": 4,
+    "prefix_attention:bwd-dkdv-float32-d128-causal-prefixmask-padding": 836,
+    "prefix_attention:bwd-dkdv-float32-d128-causal-prefixmask-padding-dropout": 968,
+    "prefix_attention:bwd-dkdv-float32-d64-causal-prefixmask-additive4d": 1160,
+    "prefix_attention:bwd-dkdv-float32-d64-causal-prefixmask-padding": 960,
+    "prefix_attention:bwd-dkdv-float32-d64-causal-prefixmask-padding-dropout": 1140,
 }
 # triton < 3.8 (3.6: the GPU machine's stack)
 SPILLS_BEFORE_TRITON_3_8 = {
@@ -71,6 +84,31 @@ SPILLS_BEFORE_TRITON_3_8 = {
     "prefix_attention:bwd-dkdv-prefix-float32-d64": 580,
     "prefix_attention:bwd-dq-bfloat16-d256-causal-padding": 28,
     "prefix_attention:bwd-dq-float16-d256-causal-padding": 28,
+    # a mask over [prefix ; keys] (issue 15): the same D 256 and fp32 tiles and spills as the entries above
+    # (the prefix pass reading mask columns adds 16 bytes at D 256 with dropout); they go with the re-tile of #11
+    "prefix_attention:bwd-dkdv-bfloat16-d256-causal-prefixmask-additive4d": 4,
+    "prefix_attention:bwd-dkdv-bfloat16-d256-causal-prefixmask-padding": 4,
+    "prefix_attention:bwd-dkdv-bfloat16-d256-causal-prefixmask-padding-dropout": 20,
+    "prefix_attention:bwd-dkdv-bfloat16-d256-prefixmask-padding": 8,
+    "prefix_attention:bwd-dkdv-float16-d256-causal-prefixmask-additive4d": 4,
+    "prefix_attention:bwd-dkdv-float16-d256-causal-prefixmask-padding": 4,
+    "prefix_attention:bwd-dkdv-float16-d256-causal-prefixmask-padding-dropout": 20,
+    "prefix_attention:bwd-dkdv-float16-d256-prefixmask-padding": 8,
+    "prefix_attention:bwd-dkdv-float32-d128-causal-prefixmask-padding": 836,
+    "prefix_attention:bwd-dkdv-float32-d128-causal-prefixmask-padding-dropout": 968,
+    "prefix_attention:bwd-dkdv-float32-d64-causal-prefixmask-additive4d": 1144,
+    "prefix_attention:bwd-dkdv-float32-d64-causal-prefixmask-padding": 936,
+    "prefix_attention:bwd-dkdv-float32-d64-causal-prefixmask-padding-dropout": 716,
+    "prefix_attention:bwd-dkdv-float32-d64-prefixmask-padding": 584,
+    "prefix_attention:bwd-dkdv-prefix-bfloat16-d256-causal-prefixmask-padding-dropout": 16,
+    "prefix_attention:bwd-dkdv-prefix-float16-d256-causal-prefixmask-padding-dropout": 16,
+    "prefix_attention:bwd-dkdv-prefix-float32-d128-causal-prefixmask-additive4d": 384,
+    "prefix_attention:bwd-dkdv-prefix-float32-d64-causal-prefixmask-additive4d": 652,
+    "prefix_attention:bwd-dkdv-prefix-float32-d64-causal-prefixmask-padding": 580,
+    "prefix_attention:bwd-dkdv-prefix-float32-d64-causal-prefixmask-padding-dropout": 596,
+    "prefix_attention:bwd-dkdv-prefix-float32-d64-prefixmask-padding": 580,
+    "prefix_attention:bwd-dq-bfloat16-d256-causal-prefixmask-padding": 28,
+    "prefix_attention:bwd-dq-float16-d256-causal-prefixmask-padding": 28,
 }
 
 

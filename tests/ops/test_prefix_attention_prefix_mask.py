@@ -1,6 +1,7 @@
 """prefix_attention with a mask that covers the prefix columns (issue 15: rows of a mixed-task batch
 with different or no prefixes): each row equals the op run on that row alone with only its own
-prefix slots, outputs and gradients, bool and additive masks, causal and not."""
+prefix slots, outputs and gradients, bool and additive masks, causal and not. The Triton kernels
+against this backend: tests/kernels/test_prefix_attention_prefix_mask.py."""
 
 import pytest
 import torch
@@ -45,14 +46,6 @@ def test_rows_equal_their_own_prefix_alone(causal, additive):
             torch.testing.assert_close(got[row:row + 1, :, :length], expected[row:row + 1, :, :length], rtol=1e-9, atol=1e-10)
         # the slots that are not the row's own get no gradient
         assert grads[3][row, :, length:].abs().sum() == 0 and grads[4][row, :, length:].abs().sum() == 0
-
-
-def test_triton_refuses_a_prefix_covering_mask_with_a_reason():
-    q = torch.randn(1, 2, 3, 8)
-    pk = torch.randn(1, 2, 2, 8)
-    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
-    with pytest.raises(Exception, match="over the prefix columns"):
-        prefix_attention(q, q, q, pk, pk, attention_mask=mask, backend="triton")
 
 
 def test_a_mask_of_another_width_is_refused():
