@@ -315,6 +315,7 @@ def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor]
     Each row's positions are its task's alone (virtual tokens 0..P-1, tokens P + their position; given
     position_ids are honoured, so left-padded rows in generate() equal their unpadded run)."""
     from pefops.hf.mask_tuning import masked_modules
+    from pefops.ops.masked_linear import packed_columns
     from pefops.hf.row_prefix import check_row_prefix, clear_row_prefix, install_row_prefix
     from pefops.hf.row_prompt import check_row_prompt, clear_row_prompt, install_row_prompt
     from pefops.ops.common import check_index_tensor, describe
@@ -370,5 +371,6 @@ def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor]
                   and layer in tasks[n].masks]
         slot = torch.tensor([masked.index(n) if n in masked else -1 for n in names], device=row_task.device)
         stack = [tasks[n].masks[layer].to(module.weight.device) for n in masked]
-        packed = torch.stack(stack) if stack else _all_ones_mask(module)[None][:0]
+        packed = torch.stack(stack) if stack else torch.empty(  # no mask task here: every row dense
+            (0, module.out_features, packed_columns(module.in_features)), dtype=torch.uint8, device=module.weight.device)
         module.set_row_masks(packed, slot[row_task])
