@@ -25,6 +25,7 @@ from pefops.hf.config import BottleneckConfig, resolve_config
 from pefops.hf.sharding import CHANGES_PARAMETERS, refuse_sharded
 from pefops.hf.transaction import transactional
 from pefops.nn import BottleneckAdapter
+from pefops.ops.row_partition import merge_rows, split_rows
 
 logger = logging.getLogger("pefops.hf")
 
@@ -215,27 +216,42 @@ class AdapterLayer(nn.Module):
             elif self._serves(name):
                 key = self._route_key(name)
                 groups.setdefault(key if key is not None else ("alone", position), []).append(position)
-        out = None
+        served = [position for positions in groups.values() for position in positions]
+        unserved = [position for position in range(len(routing.names)) if position not in served]
+        row_sets, group_items = [], []
         for key, positions in groups.items():
             rows, local = routing.rows(positions, h.device)
-            if rows is not None and rows.numel() == 0:
-                continue
-            h_g = h if rows is None else h.index_select(0, rows)
-            r_g = r if rows is None or r is None else r.index_select(0, rows)
-            if key[0] == "fuse":
-                part = self._fused_forward(h_g, r_g, layer_norm, pre_norm, fuse=routing.names[positions[0]])
-            elif key[0] == "alone":
-                name = routing.names[positions[0]]
-                part = self._single_forward(self.adapters[name], self.configs[name], h_g, r_g, layer_norm, pre_norm)
-            else:
-                names = [routing.names[p] for p in positions]
-                part = self._multi_forward(names, local, h_g, r_g, layer_norm, pre_norm)
-            if rows is None:
-                return part  # one group holds every row
-            if out is None:
-                out = self._passthrough(h, r, layer_norm, pre_norm)
-            out = out.index_copy(0, rows, part.to(out.dtype))
-        return out if out is not None else self._passthrough(h, r, layer_norm, pre_norm)
+            if rows is None:  # one group holds every row
+                return self._group_forward(key, positions, local, h, r, layer_norm, pre_norm)
+            if rows.numel():
+                row_sets.append(rows)
+                group_items.append((key, positions, local))
+        if not group_items:
+            return self._passthrough(h, r, layer_norm, pre_norm)
+        rest = routing.rows(unserved, h.device)[0] if unserved else None
+        if rest is not None and rest.numel():
+            row_sets.append(rest)
+        # the groups and the rest partition the batch: each row is read and written once (row_partition)
+        h_parts = split_rows(h, row_sets)
+        r_parts = split_rows(r, row_sets) if r is not None else (None,) * len(row_sets)
+        pieces = [self._group_forward(key, positions, local, h_g, r_g, layer_norm, pre_norm)
+                  for (key, positions, local), h_g, r_g in zip(group_items, h_parts, r_parts)]
+        if len(pieces) < len(row_sets):
+            pieces.append(self._passthrough(h_parts[-1], r_parts[-1], layer_norm, pre_norm))
+            dtype = pieces[-1].dtype
+        else:  # the dtype the rows without an adapter would have (autocast may make it another)
+            dtype = self._passthrough(h[:0], None if r is None else r[:0], layer_norm, pre_norm).dtype
+        return merge_rows([piece.to(dtype) for piece in pieces], row_sets, h.shape[0])
+
+    def _group_forward(self, key, positions, local, h, r, layer_norm, pre_norm):
+        """The rows of one routing group (h, r: theirs only) through its adapters."""
+        routing = self.active
+        if key[0] == "fuse":
+            return self._fused_forward(h, r, layer_norm, pre_norm, fuse=routing.names[positions[0]])
+        if key[0] == "alone":
+            name = routing.names[positions[0]]
+            return self._single_forward(self.adapters[name], self.configs[name], h, r, layer_norm, pre_norm)
+        return self._multi_forward([routing.names[p] for p in positions], local, h, r, layer_norm, pre_norm)
 
     def _multi_forward(self, names, local_index, h, r, layer_norm, pre_norm):
         """One pefops.ops.multi_adapter call over adapters of one composition and activation."""

@@ -19,6 +19,7 @@ from pefops.ops.masked_linear import (
     packed_columns,
     unpack_mask,
 )
+from pefops.ops.row_partition import merge_rows, split_rows
 
 
 MERGE_ENV = "PEFOPS_MASKED_MERGE"
@@ -33,13 +34,13 @@ def merging_enabled() -> bool:
 
 
 def _split_rows(row_task: torch.Tensor):
-    """None when every row has a task mask; else (rows without a mask, rows with one, the order that
-    puts [dense rows ; masked rows] back in batch order), computed once per routing."""
+    """None when every row has a task mask; else (rows without a mask, rows with one, those rows'
+    task indices), computed once per routing."""
     dense = row_task < 0
     if row_task.numel() == 0 or not bool(dense.any()):  # once per set_row_masks, not per forward
         return None
     dense_rows, masked_rows = dense.nonzero().flatten(), (~dense).nonzero().flatten()
-    return dense_rows, masked_rows, torch.argsort(torch.cat([dense_rows, masked_rows]))
+    return dense_rows, masked_rows, row_task[masked_rows]
 
 
 class MaskedLinear(nn.Module):
@@ -211,15 +212,16 @@ class MaskedLinear(nn.Module):
             packed_masks, row_task, split = row_masks
             if split is None:  # every row has a task mask
                 return masked_linear_routed(x, weight, packed_masks, row_task, self.bias)
-            dense_rows, masked_rows, order = split
+            dense_rows, masked_rows, masked_task = split
             if x.shape[0] != row_task.numel():
                 raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); "
                                  f"set_row_masks routed {row_task.numel()} rows")
-            parts = [F.linear(x[dense_rows], weight, self.bias)]
-            if masked_rows.numel():
-                parts.append(masked_linear_routed(x[masked_rows], weight, packed_masks, row_task[masked_rows],
-                                                  self.bias))
-            return torch.cat(parts)[order]
+            if not masked_rows.numel():
+                return F.linear(x, weight, self.bias)
+            x_dense, x_masked = split_rows(x, (dense_rows, masked_rows))
+            pieces = (F.linear(x_dense, weight, self.bias),
+                      masked_linear_routed(x_masked, weight, packed_masks, masked_task, self.bias))
+            return merge_rows(pieces, (dense_rows, masked_rows), x.shape[0])
         if self.frozen:
             return masked_linear(x, weight, self.mask, self.bias)
         self.__dict__.pop("_merged", None)
