@@ -302,6 +302,26 @@ def _check_shared_batch(model, names: list, tasks: dict) -> None:
         raise ValueError(f"no tasks named {unknown}; the model has {sorted(tasks) or 'none'} (None: the base model)")
 
 
+def _stacked_masks(module, masks: list) -> torch.Tensor:
+    """The packed task masks of one masked layer stacked [tasks, out, ceil(in / 8)] on its weight's device.
+    A serving loop calls set_row_tasks per batch with the same task list and a new row index: the stack
+    is kept on the layer and reused while it is made of the same mask tensors at the same versions."""
+    from pefops.ops.masked_linear import packed_columns
+
+    device = module.weight.device
+    key = (str(device), tuple((id(mask), mask._version) for mask in masks))
+    cached = module.__dict__.get("_row_mask_stack")
+    if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1], masks)):
+        return cached[2]
+    if masks:
+        packed = torch.stack([mask.to(device) for mask in masks])
+    else:  # no mask task at this layer: every row runs the dense GEMM
+        packed = torch.empty((0, module.out_features, packed_columns(module.in_features)), dtype=torch.uint8,
+                             device=device)
+    module.__dict__["_row_mask_stack"] = (key, tuple(masks), packed)
+    return packed
+
+
 @transactional
 def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor] = None) -> None:
     """Route row b of every later forward through task names[row_task[b]] only (None in names: the base
@@ -315,7 +335,6 @@ def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor]
     Each row's positions are its task's alone (virtual tokens 0..P-1, tokens P + their position; given
     position_ids are honoured, so left-padded rows in generate() equal their unpadded run)."""
     from pefops.hf.mask_tuning import masked_modules
-    from pefops.ops.masked_linear import packed_columns
     from pefops.hf.row_prefix import check_row_prefix, clear_row_prefix, install_row_prefix
     from pefops.hf.row_prompt import check_row_prompt, clear_row_prompt, install_row_prompt
     from pefops.ops.common import check_index_tensor, describe
@@ -370,7 +389,4 @@ def set_row_tasks(model, names: Optional[list], row_task: Optional[torch.Tensor]
         masked = [n for n in dict.fromkeys(names) if n is not None and tasks[n].method == "mask_tuning"
                   and layer in tasks[n].masks]
         slot = torch.tensor([masked.index(n) if n in masked else -1 for n in names], device=row_task.device)
-        stack = [tasks[n].masks[layer].to(module.weight.device) for n in masked]
-        packed = torch.stack(stack) if stack else torch.empty(  # no mask task here: every row dense
-            (0, module.out_features, packed_columns(module.in_features)), dtype=torch.uint8, device=module.weight.device)
-        module.set_row_masks(packed, slot[row_task])
+        module.set_row_masks(_stacked_masks(module, [tasks[n].masks[layer] for n in masked]), slot[row_task])

@@ -43,13 +43,13 @@ def _copy_container(value):
     return None
 
 
+_CONTAINERS = (dict, list, set)
+
+
 def _snapshot_object(obj) -> tuple:
     state = dict(obj.__dict__)
-    inner = {}
-    for key, value in state.items():
-        contents = _copy_container(value)
-        if contents is not None:
-            inner[key] = (value, contents)
+    # one isinstance per attribute: most are not containers, and set_row_tasks (per batch) pays this
+    inner = {key: (value, _copy_container(value)) for key, value in state.items() if isinstance(value, _CONTAINERS)}
     return obj, state, inner
 
 

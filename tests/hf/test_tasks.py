@@ -202,3 +202,39 @@ def test_prefix_and_prompt_checkpoints_load_as_inactive_tasks(tmp_path):
     listing = hf.list_tasks(model)
     assert (listing["p"]["method"], listing["q"]["method"]) == ("prefix_tuning", "prompt_tuning")
     assert listing["q"]["stored_parameters"] == 2 * 32 and listing["q"]["trainable_parameters"] == 0
+
+
+def test_a_new_row_index_reuses_the_mask_stacks_and_an_edited_mask_is_seen(checkpoints):
+    """A serving loop calls set_row_tasks per batch with the same names: each masked layer keeps its
+    stacked task masks; a mask edited in place (a new version) is stacked again."""
+    from pefops.hf.mask_tuning import masked_modules
+    from pefops.hf.tasks import _all_tasks
+
+    root = checkpoints["bert"]
+    model = model_with_tasks("bert", root)
+    names = ["masks", None, "houlsby"]
+    hf.set_row_tasks(model, names, torch.tensor([0, 1, 2, 0, 1]))
+    layer, module = next(iter(masked_modules(model).items()))
+    stack = module._row_masks[0]
+    row_task = torch.tensor([2, 0, 1, 1, 0])
+    hf.set_row_tasks(model, names, row_task)
+    assert module._row_masks[0] is stack
+    with torch.no_grad():
+        before = model(input_ids=TOKENS, attention_mask=ATTENTION).last_hidden_state
+    for row, index in enumerate(row_task.tolist()):
+        keep = ATTENTION[row].bool()
+        torch.testing.assert_close(before[row][keep], alone("bert", root, names[index], row)[0][keep], atol=2e-5,
+                                   rtol=1e-4)
+    mask = _all_tasks(model)["masks"].masks[layer]
+    with torch.no_grad():
+        mask.bitwise_not_()  # in place: the task now keeps the weights it dropped
+    hf.set_row_tasks(model, names, row_task)
+    assert module._row_masks[0] is not stack
+    with torch.no_grad():
+        after = model(input_ids=TOKENS, attention_mask=ATTENTION).last_hidden_state
+        hf.set_row_tasks(model, ["masks"], torch.zeros(1, dtype=torch.long))
+        mask_row_alone = model(input_ids=TOKENS[1:2], attention_mask=ATTENTION[1:2]).last_hidden_state[0]
+    keep = ATTENTION[1].bool()
+    assert not torch.allclose(after[1][keep], before[1][keep])
+    torch.testing.assert_close(after[1][keep], mask_row_alone[keep], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(after[0], before[0])  # a row of another task is unchanged
