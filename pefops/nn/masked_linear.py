@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefops.ops.common import check_index_tensor, describe
+from pefops.ops.common import check_index_tensor, describe, host_to_device
 from pefops.ops.masked_linear import (
     MAX_DECODE_ROWS,
     masked_linear,
@@ -157,9 +157,15 @@ class MaskedLinear(nn.Module):
             if low < -1 or high >= tasks:
                 raise ValueError(f"row_task values must be in [-1, {tasks}) ({tasks} task masks; -1: no mask); got "
                                  f"{low}..{high}")
-        # the layer's own copy: the caller editing its tensor in place later must not reroute the rows
-        row_task = row_task.detach().to(device=self.weight.device, dtype=torch.long, copy=True)
-        self._row_masks = (packed_masks.to(self.weight.device).contiguous(), row_task, _split_rows(row_task))
+        # the layer's own copy: the caller editing its tensor in place later must not reroute the rows.
+        # A CPU index (task ids from a data loader) stays on the CPU: the routed GEMM plans it on the host
+        # and sends the plan without waiting for the device; only the row sets the gathers read move now.
+        row_task = row_task.detach().to(dtype=torch.long, copy=True)
+        split = _split_rows(row_task)
+        if split is not None:
+            split = tuple(host_to_device(rows, self.weight.device) if rows.device != self.weight.device else rows
+                          for rows in split[:2]) + (split[2],)
+        self._row_masks = (packed_masks.to(self.weight.device).contiguous(), row_task, split)
 
     def _current_merge(self) -> Optional[torch.Tensor]:
         """The cached W ⊙ M if it was made from the layer's present mask and weight tensors, at their

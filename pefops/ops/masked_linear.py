@@ -11,6 +11,7 @@ memory by the kernels; the weight is frozen (no gradient).
 
 from __future__ import annotations
 
+import collections
 import numbers
 import weakref
 from typing import Callable, Optional
@@ -361,10 +362,15 @@ backends.register(backends.Implementation(
 
 # ------------------------------------------------------------------------------------ per-row tasks
 
-# The plan of the last routing index: every masked layer of a model gets the same row_task object
-# (set_row_masks), and the backward reuses the forward's tensors; a new index object, or an in-place
-# change of it (its _version), makes a new plan.
-_ROUTING_PLAN: dict = {}
+# The plans of the latest routing indices, most recent last. Every masked layer keeps its own copy of
+# its rows' task index (set_row_masks), so a model's forward walks through one index per layer: the
+# cache holds one plan per layer of the largest models (a LLaMA-70B has 80 x 7 masked linears), so
+# each is planned once per set_row_masks, not once per call. A new index object, or an in-place change
+# of it (its _version), makes a new plan.
+_ROUTING_PLAN_LIMIT = 1024
+_ROUTING_PLAN: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+# plans built so far (tests count them: one per layer's index, not one per call)
+ROUTING_PLAN_STATS = {"plans": 0}
 
 
 def _routing_plan(row_task: torch.Tensor, tasks: int, device) -> tuple:
@@ -372,12 +378,16 @@ def _routing_plan(row_task: torch.Tensor, tasks: int, device) -> tuple:
 
     A CPU row_task (the usual case: task ids from the data loader) is planned and range-checked on
     the host and copied over without waiting for the device (pinned, non-blocking). A CUDA row_task
-    costs one host read per new index (range and longest segment, which sizes the padded batch),
-    then the plan is reused by every layer and by the backward."""
-    key = (row_task._version, tasks, torch.device(device), row_task.device)
-    cached = _ROUTING_PLAN.get("plan")
-    if cached is not None and cached[0]() is row_task and cached[1] == key:
+    costs one host read per new index (range and longest segment, which sizes the padded batch).
+    The plan is reused by every later call with the same index object at the same version (an
+    inference tensor has no version to check: planned every call)."""
+    slot = (id(row_task), tasks, torch.device(device), row_task.device)
+    key = None if row_task.is_inference() else (row_task._version, tuple(row_task.shape))
+    cached = _ROUTING_PLAN.get(slot)
+    if key is not None and cached is not None and cached[0]() is row_task and cached[1] == key:
+        _ROUTING_PLAN.move_to_end(slot)
         return cached[2]
+    ROUTING_PLAN_STATS["plans"] += 1
     batch = row_task.numel()
     if row_task.device.type == "cpu":
         task = row_task.to(torch.long)
@@ -403,7 +413,11 @@ def _routing_plan(row_task: torch.Tensor, tasks: int, device) -> tuple:
         sorted_task = task[order]
         position = torch.arange(batch, device=device) - starts[sorted_task]
         plan = (order, sorted_task, position, int(length))
-    _ROUTING_PLAN["plan"] = (weakref.ref(row_task), key, plan)
+    if key is not None:
+        _ROUTING_PLAN[slot] = (weakref.ref(row_task), key, plan)
+        _ROUTING_PLAN.move_to_end(slot)
+        while len(_ROUTING_PLAN) > _ROUTING_PLAN_LIMIT:
+            _ROUTING_PLAN.popitem(last=False)
     return plan
 
 

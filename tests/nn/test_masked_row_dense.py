@@ -43,3 +43,67 @@ def test_a_batch_of_another_size_is_refused():
     layer.set_row_masks(pack_mask(torch.ones(8, 5, dtype=torch.bool))[None], torch.tensor([0, -1]))
     with pytest.raises(ValueError, match=r"row_task must be an integer tensor \[3\].*routed 2 rows"):
         layer(torch.randn(3, 4, 5))
+
+
+def _layers_routed(count, row_task, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layers, stacks = [], []
+    for _ in range(count):
+        layer = MaskedLinear(torch.randn(24, 16, generator=g), torch.randn(24, generator=g)).to(device)
+        layer.freeze()
+        masks = torch.stack([pack_mask(torch.randn(24, 16, generator=g) > 0) for _ in range(2)]).to(device)
+        layer.set_row_masks(masks, row_task)
+        layers.append(layer)
+        stacks.append(masks)
+    return layers, stacks
+
+
+def test_each_layer_plans_its_routing_once_not_per_call():
+    """Every layer keeps its own copy of the index: the plans of a whole stack of layers are built on the
+    first forward and reused by later ones (a one-entry cache re-planned every layer of every call)."""
+    from pefops.ops.masked_linear import ROUTING_PLAN_STATS
+
+    layers, _ = _layers_routed(6, torch.tensor([0, -1, 1, 1, -1]))
+    x = torch.randn(5, 3, 16)
+
+    def forward():
+        h = x
+        for layer in layers:
+            h = layer(h)[..., :16]
+        return h
+
+    first = forward()
+    built = ROUTING_PLAN_STATS["plans"]
+    torch.testing.assert_close(forward(), first, rtol=0, atol=0)
+    assert ROUTING_PLAN_STATS["plans"] == built
+
+
+def test_a_cpu_index_stays_on_the_host_and_its_rows_move_to_the_weights_device():
+    layers, _ = _layers_routed(1, torch.tensor([0, -1, 1]))
+    packed, row_task, (dense_rows, masked_rows, masked_task) = layers[0]._row_masks
+    assert row_task.device.type == "cpu" and masked_task.device.type == "cpu"
+    assert dense_rows.device == masked_rows.device == layers[0].weight.device
+
+
+@pytest.mark.gpu
+def test_mixed_rows_on_a_gpu_with_a_host_index_do_not_sync_after_the_first_call():
+    row_task = torch.tensor([0, -1, 1, 1, -1, 0])
+    layers, stacks = _layers_routed(4, row_task, device="cuda")
+    x = torch.randn(6, 7, 16, device="cuda")
+
+    def forward():
+        return [layer(x) for layer in layers]
+
+    forward()  # plans each layer's index (host work, non-blocking copies)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = forward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    for layer, masks, out in zip(layers, stacks, outs):
+        for b, task in enumerate(row_task.tolist()):
+            alone = (F.linear(x[b], layer.weight, layer.bias) if task < 0 else
+                     masked_linear(x[b], layer.weight, masks[task], layer.bias))
+            torch.testing.assert_close(out[b], alone, rtol=1e-4, atol=1e-4)
