@@ -26,20 +26,25 @@ def _newest_rows_per_model(runs: list[dict]) -> list[dict]:
 def mixed_tasks_table(path: Path) -> list[str]:
     rows = _newest_rows_per_model(_runs(path))
     by_key = {(row["model"], row["mode"], row["provider"]): row for row in rows}
-    lines = ["| model | layers | batch × seq | tasks | mode | mixed ms | loop ms | mixed ÷ loop | peak MiB mixed / loop |",
-             "|---|---:|---:|---:|:---|---:|---:|---:|---:|"]
+    lines = ["| model | layers | batch × seq | tasks | mode | mixed ms | loop ms | mixed ÷ loop | base alone ms "
+             "| peak MiB mixed / loop |",
+             "|---|---:|---:|---:|:---|---:|---:|---:|---:|---:|"]
     for (model, mode, provider), mixed in by_key.items():
         loop = by_key.get((model, mode, "loop"))
         if provider != "mixed" or loop is None:
             continue
-        shape = mixed["shape"]
+        shape, base = mixed["shape"], by_key.get((model, mode, "base"))
         lines.append(f"| {model} | {shape['layers']} | {shape['batch']} × {shape['seq']} | {shape['tasks']} | {mode} | "
                      f"{mixed['median_ms']:.0f} | {loop['median_ms']:.0f} | "
                      f"{loop['median_ms'] / mixed['median_ms']:.2f}× | "
+                     f"{'–' if base is None else format(base['median_ms'], '.0f')} | "
                      f"{mixed['peak_bytes'] / MIB:.0f} / {loop['peak_bytes'] / MIB:.0f} |")
     device = rows[0]["device"] if rows else "?"
-    return [f"#### mixed-task batches vs one batch per task — {device} (cpu, float32)", "", *lines, "",
+    kind = "cpu" if path.name.startswith("mixed_tasks-cpu") else "cuda"
+    dtype = rows[0].get("dtype", "float32") if rows else "?"
+    return [f"#### mixed-task batches vs one batch per task — {device} ({kind}, {dtype})", "", *lines, "",
             f"_Source: `bench/results/{path.name}` (`python -m bench.mixed_tasks`); median of the run's repeats; "
+            "base alone: the same batch through the frozen base with no task (the floor no routing beats); "
             "peak: the allocator's high-water mark of one call._"]
 
 

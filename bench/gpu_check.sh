@@ -29,6 +29,10 @@
 #   8 pytest_triton.*       the Triton tier compiled for the device; what is left up to TRITON_TEST_S (90)
 #   8b launch_overhead.*    python -m bench.launch_overhead: host µs per call of every op at tiny
 #                           shapes (enqueue cost and synced cost); limit LAUNCH_OVERHEAD_S (45)
+#   8c mixed_tasks.*        python -m bench.mixed_tasks: issue 15's end-to-end mixed-task batch against the
+#                           per-task loop, BERT-base width and LLaMA-shaped, 12 layers, bf16, 16 x 128,
+#                           forward and training step; limit MIXED_TASKS_S (100), half per model (the
+#                           first compiles the routed kernels' variants)
 #   9 bench_full.log        full grids (results_full/), only if BENCH_FULL_MIN_S (60) are left
 #  10 results_table.md      merged results and the README table
 # Autotuning: PEFOPS_AUTOTUNE_CONFIGS (default 2 here: the two configs nearest each kernel's
@@ -58,6 +62,8 @@ BENCH_HEADLINE_S="${BENCH_HEADLINE_S:-150}"
 GPU_TEST_S="${GPU_TEST_S:-120}"
 TRITON_TEST_S="${TRITON_TEST_S:-90}"
 LAUNCH_OVERHEAD_S="${LAUNCH_OVERHEAD_S:-45}"
+MIXED_TASKS_S="${MIXED_TASKS_S:-100}"
+MIXED_TASKS_ARGS="--layers 12"
 BENCH_FULL_MIN_S="${BENCH_FULL_MIN_S:-60}"
 REPORT_S=25                              # kept for the merge and the table at the end
 
@@ -68,6 +74,7 @@ else
   DEVICE=cpu; DRY_RUN=1
   DEADLINE_S="${DRY_DEADLINE_S:-300}"; CSRC_BUILD_S=30; WARMUP_S=60; HEADLINE_TEST_S=60
   BENCH_HEADLINE_S="${DRY_BENCH_S:-40}"; GPU_TEST_S=60; TRITON_TEST_S=30; LAUNCH_OVERHEAD_S=40
+  MIXED_TASKS_S=40; MIXED_TASKS_ARGS="--layers 1 --batch 4 --seq 32"
   BENCH_FULL_MIN_S=100000
   export TRITON_INTERPRET=1
 fi
@@ -192,6 +199,17 @@ echo "== 8b launch overhead (limit ${LAUNCH_OVERHEAD_S}s)  t=$(elapsed)s"
 timeout -s INT -k 10 "$(limit "$LAUNCH_OVERHEAD_S")" "$PY" -m bench.launch_overhead --device "$DEVICE" --calls 20 \
   --rounds 3 --out "$OUT/launch_overhead.json" 2>&1 | tee "$OUT/launch_overhead.log" | tail -n 30
 STEP_RC[launch_overhead]=${PIPESTATUS[0]}
+
+# ---- 8c mixed-task batch end to end (issue 15), half the limit per model
+echo "== 8c mixed tasks (limit ${MIXED_TASKS_S}s)  t=$(elapsed)s"
+STEP_RC[mixed_tasks]=0
+for model in bert-base llama; do
+  timeout -s INT -k 10 "$(limit $(( MIXED_TASKS_S / 2 )))" "$PY" -m bench.mixed_tasks --device "$DEVICE" \
+    --model "$model" $MIXED_TASKS_ARGS --out "$OUT/mixed_tasks.json" 2>&1 | tee -a "$OUT/mixed_tasks.log" | tail -n 6
+  rc=${PIPESTATUS[0]}
+  [ "$rc" != 0 ] && STEP_RC[mixed_tasks]=$rc
+done
+echo "mixed tasks exit code: ${STEP_RC[mixed_tasks]}  t=$(elapsed)s"
 
 # ---- 9 full benchmark grids with what is left
 if [ "$(left)" -ge "$BENCH_FULL_MIN_S" ]; then

@@ -6,9 +6,15 @@ trainable task parameter), timed interleaved (bench.timing.time_cpu_interleaved,
 with peak memory (bench.memory.peak_memory), plus the bytes per task by method for the storage table.
 
     python -m bench.mixed_tasks [--model bert-base|llama] [--batch 16] [--seq 128] [--layers 12]
+                                [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--out FILE]
 
-Writes bench/results/mixed_tasks-<device>.json (rows appended per model) and prints a Markdown table.
-Providers: ``mixed`` (one batch, set_row_tasks) and ``loop`` (per task: activate it, run its rows).
+Writes bench/results/mixed_tasks-cpu.json on CPU, mixed_tasks-<device slug>.json on a GPU (rows
+appended per model), and prints a Markdown table. The base model is moved to the device and dtype
+(default bfloat16 on a GPU) before the tasks are loaded into it; the row index stays on the CPU, as a
+data loader gives it. CUDA timing: bench.timing.time_cuda (events, L2 flushed), so the host work of
+each call (set_row_tasks and the Python of every layer) counts.
+Providers: ``mixed`` (one batch, set_row_tasks), ``loop`` (per task: activate it, run its rows) and,
+in forward, ``base`` (the same batch through the frozen base with no task: the floor no routing beats).
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from bench.environment import cpu_model, now_iso, versions
+from bench.environment import device_name, device_slug, dtype_name, now_iso, parse_dtype, versions
 from bench.memory import peak_memory
 from bench.results import append_run
-from bench.timing import Timing, time_cpu_interleaved
+from bench.timing import Timing, time_cpu_interleaved, time_cuda
 
 ADAPTERS = (("houlsby", "double_seq_bn"), ("pfeiffer", "seq_bn"), ("parallel", "par_bn"))
 MASKS = ("masks_a", "masks_b")
@@ -33,8 +39,9 @@ TASKS = ADAPTERS + (("fusion", None), ("masks_a", None), ("masks_b", None), ("pr
                     (None, None))  # 8 tasks, None: base
 
 
-def build(model_kind: str, layers: int, root: Path):
-    """A frozen model of BERT-base width (or a LLaMA-shaped decoder stack) with the 8 tasks loaded."""
+def build(model_kind: str, layers: int, root: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A frozen model of BERT-base width (or a LLaMA-shaped decoder stack) with the 8 tasks loaded, on
+    `device` in `dtype` (moved there before the tasks are added, so that every task lives there too)."""
     import transformers
 
     import pefops.hf as hf
@@ -45,7 +52,7 @@ def build(model_kind: str, layers: int, root: Path):
                                           num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4)
     else:
         config = transformers.BertConfig(num_hidden_layers=layers)  # hidden 768, 12 heads, FFN 3072
-    model = transformers.AutoModel.from_config(config).eval()
+    model = transformers.AutoModel.from_config(config).eval().to(device=device, dtype=dtype)
     for name, preset in ADAPTERS:
         hf.add_adapter(model, name, preset)
     hf.add_adapter_fusion(model, ["houlsby", "pfeiffer"])
@@ -79,15 +86,16 @@ def trainable(model):
     return parameters + list(hf.fusion_parameters(model, ["houlsby", "pfeiffer"]).values())
 
 
-def run(model_kind: str, batch: int, seq: int, layers: int) -> list[dict]:
+def run(model_kind: str, batch: int, seq: int, layers: int, device: str = "cpu",
+        dtype: torch.dtype = torch.float32) -> list[dict]:
     import pefops.hf as hf
 
     with tempfile.TemporaryDirectory() as directory:
-        model = build(model_kind, layers, Path(directory))
+        model = build(model_kind, layers, Path(directory), device, dtype)
     names = ["houlsby,pfeiffer" if name == "fusion" else name for name, _ in TASKS]
     row_task = torch.arange(batch) % len(names)
-    input_ids = torch.randint(5, 1000, (batch, seq))
-    groups = [(row_task == task).nonzero().flatten() for task in range(len(names))]
+    input_ids = torch.randint(5, 1000, (batch, seq)).to(device)
+    groups = [(row_task == task).nonzero().flatten().to(device) for task in range(len(names))]
 
     def forward_mixed(train=False):
         hf.set_row_tasks(model, names, row_task)
@@ -95,6 +103,10 @@ def run(model_kind: str, batch: int, seq: int, layers: int) -> list[dict]:
         if train and out.requires_grad:
             out.square().mean().backward()
         return out
+
+    def forward_base():  # the floor: the same batch through the frozen base alone, no task
+        hf.set_row_tasks(model, None)
+        return model(input_ids=input_ids).last_hidden_state
 
     def forward_loop(train=False):
         outs = []
@@ -112,20 +124,36 @@ def run(model_kind: str, batch: int, seq: int, layers: int) -> list[dict]:
         for parameter in trainable(model):
             parameter.requires_grad_(train)
         fns = {"mixed": lambda: forward_mixed(train), "loop": lambda: forward_loop(train)}
+        if not train:
+            fns["base"] = forward_base
         with torch.set_grad_enabled(train):
-            timings, failed = time_cpu_interleaved(fns, Timing(warmup_ms=0, rep_ms=0, min_reps=3), rounds=3,
-                                                   calls=(1, 3))
-            memory = {name: peak_memory(fn, "cpu")[0] for name, fn in fns.items()}
+            timings, failed = _time(fns, device)
+            memory = {name: peak_memory(fn, device)[0] for name, fn in fns.items()}
         if failed:
             raise RuntimeError(f"providers failed: {failed}")
         for provider, (quantiles, repeats) in timings.items():
             rows_out.append({"op": "mixed_tasks", "model": model_kind, "provider": provider, "mode": mode,
                              "shape": {"batch": batch, "seq": seq, "layers": layers, "tasks": len(names)},
                              "task_names": [name for name, _ in TASKS],
-                             "dtype": "float32", "device": cpu_model(), "median_ms": quantiles[0],
+                             "dtype": dtype_name(dtype), "device": device_name(device), "median_ms": quantiles[0],
                              "p20_ms": quantiles[1], "p80_ms": quantiles[2], "repeats": repeats,
                              "peak_bytes": memory[provider], "versions": versions(), "timestamp": now_iso()})
     return rows_out
+
+
+def _time(fns: dict, device: str) -> tuple[dict, dict]:
+    """{provider: ([median, p20, p80] ms, repeats)} and the providers that raised. CPU: 3 interleaved
+    calls after one warm-up (a 12-layer call takes seconds); CUDA: events around each call."""
+    if not device.startswith("cuda"):
+        return time_cpu_interleaved(fns, Timing(warmup_ms=0, rep_ms=0, min_reps=3), rounds=3, calls=(1, 3))
+    timings, failed = {}, {}
+    for name, fn in fns.items():
+        try:
+            quantiles, repeats = time_cuda(fn, Timing(warmup_ms=100, rep_ms=500))
+            timings[name] = (quantiles, repeats)
+        except Exception as error:  # noqa: BLE001
+            failed[name] = error
+    return timings, failed
 
 
 def storage_bytes(model_kind: str, layers: int) -> dict:
@@ -153,12 +181,17 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--storage", action="store_true", help="also write and measure one checkpoint per method")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16")
+    parser.add_argument("--out", default=None, help="JSON file (default bench/results/mixed_tasks-<device>.json)")
     args = parser.parse_args()
-    rows = run(args.model, args.batch, args.seq, args.layers)
+    dtype = parse_dtype(args.dtype) or (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    rows = run(args.model, args.batch, args.seq, args.layers, args.device, dtype)
     result = {"rows": rows}
     if args.storage:
         result["storage_bytes"] = storage_bytes(args.model, args.layers)
-    append_run(Path(__file__).parent / "results" / "mixed_tasks-cpu.json", result)
+    default = "mixed_tasks-cpu.json" if args.device == "cpu" else f"mixed_tasks-{device_slug(args.device)}.json"
+    append_run(Path(args.out) if args.out else Path(__file__).parent / "results" / default, result)
     print("| model | mode | provider | median ms | p20 | p80 | peak MB |\n|---|---|---|---|---|---|---|")
     for row in rows:
         peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f}"

@@ -15,11 +15,21 @@ def mixed_row(model, mode, provider, ms, layers):
 def test_mixed_tasks_rows_come_from_each_models_newest_run(tmp_path):
     old = [mixed_row("bert", "fwd", "mixed", 100.0, 2), mixed_row("bert", "fwd", "loop", 300.0, 2),
            mixed_row("llama", "fwd", "mixed", 50.0, 2), mixed_row("llama", "fwd", "loop", 60.0, 2)]
-    new = [mixed_row("bert", "fwd", "mixed", 200.0, 12), mixed_row("bert", "fwd", "loop", 250.0, 12)]
+    new = [mixed_row("bert", "fwd", "mixed", 200.0, 12), mixed_row("bert", "fwd", "loop", 250.0, 12),
+           mixed_row("bert", "fwd", "base", 180.0, 12)]
     (tmp_path / "mixed_tasks-cpu.json").write_text(json.dumps({"runs": [{"rows": old}, {"rows": new}]}))
     table = [line for line in end_to_end_lines(tmp_path) if line.startswith("| bert") or line.startswith("| llama")]
-    assert table == ["| bert | 12 | 16 × 128 | 8 | fwd | 200 | 250 | 1.25× | 3 / 3 |",
-                     "| llama | 2 | 16 × 128 | 8 | fwd | 50 | 60 | 1.20× | 3 / 3 |"]
+    assert table == ["| bert | 12 | 16 × 128 | 8 | fwd | 200 | 250 | 1.25× | 180 | 3 / 3 |",
+                     "| llama | 2 | 16 × 128 | 8 | fwd | 50 | 60 | 1.20× | – | 3 / 3 |"]
+
+
+def test_a_gpu_file_is_titled_with_its_device_kind_and_dtype(tmp_path):
+    rows = [{**mixed_row("bert", "fwd", provider, ms, 12), "device": "NVIDIA H100", "dtype": "bfloat16"}
+            for provider, ms in (("mixed", 5.0), ("loop", 20.0))]
+    (tmp_path / "mixed_tasks-cuda-nvidia-h100.json").write_text(json.dumps({"runs": [{"rows": rows}]}))
+    lines = end_to_end_lines(tmp_path)
+    assert "#### mixed-task batches vs one batch per task — NVIDIA H100 (cuda, bfloat16)" in lines
+    assert "| bert | 12 | 16 × 128 | 8 | fwd | 5 | 20 | 4.00× | – | 3 / 3 |" in lines
 
 
 def test_training_tables_and_the_readme_section(tmp_path):
