@@ -2,8 +2,8 @@
 (none for rows of other methods and of the base), through one prefix_attention call per layer.
 
 At each attention site, every prefix task's key/values are computed once per forward (one
-PrefixEncoder.layer call per task, never per row; in inference once per routing, reused by every
-forward and decoding step until a prefix parameter changes), padded with zero slots to the longest prefix of
+PrefixEncoder.layer call per task, never per row; in inference once, reused by every forward,
+decoding step and later routing until one of that task's parameters changes), padded with zero slots to the longest prefix of
 the batch and gathered per row into [B, Hkv, P_max, D]. The slots that are not a row's own are
 hidden by a mask over the prefix columns ([B, P_max] bool, built once in set_row_tasks), which
 prefix_attention takes in front of the sequence mask. A hidden slot has softmax weight exactly 0,
@@ -16,6 +16,7 @@ single prefix, so generate() runs unchanged.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -66,20 +67,22 @@ class RowPrefix:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefix_k, prefix_v) [B, Hkv, P_max, D] of site `index`: each task's computed once per
-        forward; without autograd (inference, every step of generate()) kept until a prefix
-        parameter changes (its version or storage), so decoding steps do not recompute it."""
+        forward; without autograd (inference, every step of generate()) each task's kept until one of
+        its parameters changes (version or storage), across routings too (a serving loop routes every
+        batch anew), and the rows' gather kept for this routing."""
         if torch.is_grad_enabled():
-            return self._compute(index)
+            return self._gather([encoder.layer(index) for encoder in self.encoders])
         versions = self._versions()
         cached = self._cache.get(index)
         if cached is None or cached[0] != versions:
-            cached = self._cache[index] = (versions, self._compute(index))
+            pairs = [_inference_layer(encoder, index) for encoder in self.encoders]
+            cached = self._cache[index] = (versions, self._gather(pairs))
         return cached[1]
 
-    def _compute(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each task's (prefix_k, prefix_v) [Hkv, P_t, D] padded to P_max and gathered per row."""
         keys, values = [], []
-        for encoder in self.encoders:
-            prefix_k, prefix_v = encoder.layer(index)
+        for prefix_k, prefix_v in pairs:
             missing = self.width - prefix_k.shape[1]
             keys.append(F.pad(prefix_k, (0, 0, 0, missing)))
             values.append(F.pad(prefix_v, (0, 0, 0, missing)))
@@ -104,6 +107,21 @@ class RowPrefix:
                                                                                                   float("-inf"))
         shape = (batch, sequence.shape[1], sequence.shape[2])
         return torch.cat([front[:, None, None, :].expand(*shape, -1), sequence.expand(*shape, -1)], dim=-1)
+
+
+# encoder -> {site index: (its parameters' versions and storage, (prefix_k, prefix_v))}, inference only
+_ENCODER_KEY_VALUES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _inference_layer(encoder, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """encoder.layer(index) without autograd, kept per encoder and site until one of the encoder's
+    parameters changes (an optimizer step, load_state_dict, a move to another device or dtype)."""
+    versions = tuple((p._version, p.data_ptr(), p.dtype) for p in encoder.parameters())
+    per_site = _ENCODER_KEY_VALUES.setdefault(encoder, {})
+    cached = per_site.get(index)
+    if cached is None or cached[0] != versions:
+        cached = per_site[index] = (versions, encoder.layer(index))
+    return cached[1]
 
 
 def check_routed_batch(routed: int, batch: int) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from pefops.ops.common import check_index_tensor, describe, host_to_device
 from pefops.ops.masked_linear import (
     MAX_DECODE_ROWS,
+    build_routing_plan,
     masked_linear,
     masked_linear_routed,
     masked_linear_scores,
@@ -160,12 +161,17 @@ class MaskedLinear(nn.Module):
         # the layer's own copy: the caller editing its tensor in place later must not reroute the rows.
         # A CPU index (task ids from a data loader) stays on the CPU: the routed GEMM plans it on the host
         # and sends the plan without waiting for the device; only the row sets the gathers read move now.
+        # The routed GEMM's plan is made here, with the routing, not in the forward.
         row_task = row_task.detach().to(dtype=torch.long, copy=True)
+        device = self.weight.device
         split = _split_rows(row_task)
-        if split is not None:
-            split = tuple(host_to_device(rows, self.weight.device) if rows.device != self.weight.device else rows
-                          for rows in split[:2]) + (split[2],)
-        self._row_masks = (packed_masks.to(self.weight.device).contiguous(), row_task, split)
+        if split is None:
+            plan = build_routing_plan(row_task, tasks, device) if row_task.numel() else None
+        else:
+            dense_rows, masked_rows, masked_task = split
+            plan = build_routing_plan(masked_task, tasks, device) if masked_task.numel() else None
+            split = (host_to_device(dense_rows, device), host_to_device(masked_rows, device), masked_task)
+        self._row_masks = (packed_masks.to(device).contiguous(), row_task, split, plan)
 
     def _current_merge(self) -> Optional[torch.Tensor]:
         """The cached W ⊙ M if it was made from the layer's present mask and weight tensors, at their
@@ -215,9 +221,9 @@ class MaskedLinear(nn.Module):
             x = x.to(weight.dtype)
         row_masks = getattr(self, "_row_masks", None)
         if row_masks is not None:
-            packed_masks, row_task, split = row_masks
+            packed_masks, row_task, split, plan = row_masks
             if split is None:  # every row has a task mask
-                return masked_linear_routed(x, weight, packed_masks, row_task, self.bias)
+                return masked_linear_routed(x, weight, packed_masks, row_task, self.bias, _plan=plan)
             dense_rows, masked_rows, masked_task = split
             if x.shape[0] != row_task.numel():
                 raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); "
@@ -226,7 +232,7 @@ class MaskedLinear(nn.Module):
                 return F.linear(x, weight, self.bias)
             x_dense, x_masked = split_rows(x, (dense_rows, masked_rows))
             pieces = (F.linear(x_dense, weight, self.bias),
-                      masked_linear_routed(x_masked, weight, packed_masks, masked_task, self.bias))
+                      masked_linear_routed(x_masked, weight, packed_masks, masked_task, self.bias, _plan=plan))
             return merge_rows(pieces, (dense_rows, masked_rows), x.shape[0])
         if self.frozen:
             return masked_linear(x, weight, self.mask, self.bias)

@@ -362,31 +362,41 @@ backends.register(backends.Implementation(
 
 # ------------------------------------------------------------------------------------ per-row tasks
 
-# The plans of the latest routing indices, most recent last. Every masked layer keeps its own copy of
-# its rows' task index (set_row_masks), so a model's forward walks through one index per layer: the
-# cache holds one plan per layer of the largest models (a LLaMA-70B has 80 x 7 masked linears), so
-# each is planned once per set_row_masks, not once per call. A new index object, or an in-place change
-# of it (its _version), makes a new plan.
-_ROUTING_PLAN_LIMIT = 1024
+# The plans of the latest routing indices of direct calls, most recent last; a new index object, or
+# an in-place change of it (its _version), makes a new plan. MaskedLinear.set_row_masks plans its
+# layer's index itself (build_routing_plan) and keeps the plan with the routing, so a model's forward
+# never plans: planning there would leave small long-lived tensors between the forward's large
+# activations, which on CPU (glibc) kept the heap from being reused and slowed every later GEMM.
+_ROUTING_PLAN_LIMIT = 8
 _ROUTING_PLAN: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-# plans built so far (tests count them: one per layer's index, not one per call)
+# plans built so far (tests count them: one per routing index, none per call)
 ROUTING_PLAN_STATS = {"plans": 0}
 
 
 def _routing_plan(row_task: torch.Tensor, tasks: int, device) -> tuple:
-    """(order, sorted_task, position on `device`, the longest task's row count) for row_task [B].
-
-    A CPU row_task (the usual case: task ids from the data loader) is planned and range-checked on
-    the host and copied over without waiting for the device (pinned, non-blocking). A CUDA row_task
-    costs one host read per new index (range and longest segment, which sizes the padded batch).
-    The plan is reused by every later call with the same index object at the same version (an
-    inference tensor has no version to check: planned every call)."""
+    """build_routing_plan, cached for the same index object at the same version (an inference
+    tensor has no version to check: planned every call)."""
     slot = (id(row_task), tasks, torch.device(device), row_task.device)
     key = None if row_task.is_inference() else (row_task._version, tuple(row_task.shape))
     cached = _ROUTING_PLAN.get(slot)
     if key is not None and cached is not None and cached[0]() is row_task and cached[1] == key:
         _ROUTING_PLAN.move_to_end(slot)
         return cached[2]
+    plan = build_routing_plan(row_task, tasks, device)
+    if key is not None:
+        _ROUTING_PLAN[slot] = (weakref.ref(row_task), key, plan)
+        _ROUTING_PLAN.move_to_end(slot)
+        while len(_ROUTING_PLAN) > _ROUTING_PLAN_LIMIT:
+            _ROUTING_PLAN.popitem(last=False)
+    return plan
+
+
+def build_routing_plan(row_task: torch.Tensor, tasks: int, device) -> tuple:
+    """(order, sorted_task, position on `device`, the longest task's row count) for row_task [B].
+
+    A CPU row_task (the usual case: task ids from the data loader) is planned and range-checked on
+    the host and copied over without waiting for the device (pinned, non-blocking). A CUDA row_task
+    costs one host read (range and longest segment, which sizes the padded batch)."""
     ROUTING_PLAN_STATS["plans"] += 1
     batch = row_task.numel()
     if row_task.device.type == "cpu":
@@ -398,27 +408,20 @@ def _routing_plan(row_task: torch.Tensor, tasks: int, device) -> tuple:
         starts = torch.cumsum(counts, 0) - counts
         sorted_task = task[order]
         position = torch.arange(batch) - starts[sorted_task]
-        plan = (*(host_to_device(tensor, device) for tensor in (order, sorted_task, position)), length)
-    else:
-        task = row_task.to(device=device, dtype=torch.long)
-        in_range = (task >= 0) & (task < tasks)
-        counts = torch.zeros(tasks, dtype=torch.long, device=device).scatter_add_(
-            0, task.clamp(0, max(tasks - 1, 0)), in_range.to(torch.long))
-        # the one host read per new routing index: range check and the padded length
-        low, high, length = (torch.stack([task.min(), task.max(), counts.max()]).tolist() if batch else (0, 0, 0))
-        if batch and (low < 0 or high >= tasks):
-            raise ValueError(f"row_task values must be in [0, {tasks}); got {low}..{high}")
-        order = torch.argsort(task, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        sorted_task = task[order]
-        position = torch.arange(batch, device=device) - starts[sorted_task]
-        plan = (order, sorted_task, position, int(length))
-    if key is not None:
-        _ROUTING_PLAN[slot] = (weakref.ref(row_task), key, plan)
-        _ROUTING_PLAN.move_to_end(slot)
-        while len(_ROUTING_PLAN) > _ROUTING_PLAN_LIMIT:
-            _ROUTING_PLAN.popitem(last=False)
-    return plan
+        return (*(host_to_device(tensor, device) for tensor in (order, sorted_task, position)), length)
+    task = row_task.to(device=device, dtype=torch.long)
+    in_range = (task >= 0) & (task < tasks)
+    counts = torch.zeros(tasks, dtype=torch.long, device=device).scatter_add_(
+        0, task.clamp(0, max(tasks - 1, 0)), in_range.to(torch.long))
+    # the one host read per routing index: range check and the padded length
+    low, high, length = (torch.stack([task.min(), task.max(), counts.max()]).tolist() if batch else (0, 0, 0))
+    if batch and (low < 0 or high >= tasks):
+        raise ValueError(f"row_task values must be in [0, {tasks}); got {low}..{high}")
+    order = torch.argsort(task, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_task = task[order]
+    position = torch.arange(batch, device=device) - starts[sorted_task]
+    return order, sorted_task, position, int(length)
 
 
 def _host_int(value: torch.Tensor) -> int:
@@ -434,12 +437,12 @@ def _check_task_range(task: torch.Tensor, tasks: int) -> None:
             raise ValueError(f"row_task values must be in [0, {tasks}); got {low}..{high}")
 
 
-def masked_linear_routed(x, weight, packed_masks, row_task, bias=None):
+def masked_linear_routed(x, weight, packed_masks, row_task, bias=None, *, _plan=None):
     """Mixed-task batch of masked layers: sequence b of x [B, ..., in] uses mask
     packed_masks[row_task[b]] (packed_masks: uint8 [N, out, ceil(in / 8)], one task mask each) over
     the one shared weight. Vectorised (no loop over tasks): rows are sorted by task into padded
     segments and multiplied by the N masked weights in one batched product. Gradients for x and
-    bias."""
+    bias. (_plan: MaskedLinear's build_routing_plan of this very row_task, made with its routing.)"""
     out_features, in_features = _check_common(x, weight, bias)
     if not isinstance(packed_masks, torch.Tensor) or packed_masks.dim() != 3:
         raise ValueError(f"packed_masks must be uint8 [tasks, out, ceil(in / 8)]; got {describe(packed_masks)}")
@@ -450,7 +453,7 @@ def masked_linear_routed(x, weight, packed_masks, row_task, bias=None):
     if row_task.dim() != 1 or row_task.numel() != x.shape[0]:
         raise ValueError(f"row_task must be an integer tensor [{x.shape[0]}] (one task per sequence); got {describe(row_task)}")
     batch = x.shape[0]
-    order, sorted_task, position, length = _routing_plan(row_task, tasks, x.device)
+    order, sorted_task, position, length = _plan if _plan is not None else _routing_plan(row_task, tasks, x.device)
     if x.numel() == 0 or out_features == 0:
         # empty: no rows (or features), so no mask selects anything; with in_features = 0 every
         # output is the bias. Plain linear gives that, and its empty or zero gradients

@@ -153,7 +153,7 @@ def test_a_mask_set_with_a_trained_head_is_refused_as_a_task(tmp_path):
     assert hf.list_tasks(model) == {} and not hf.masked_modules(model)
 
 
-def test_prefix_key_values_are_computed_once_per_routing_in_inference(tmp_path):
+def test_prefix_key_values_are_computed_once_in_inference(tmp_path):
     save_prefixes(lambda: make_model("gpt2"), "CAUSAL_LM", tmp_path)
     model = make_model("gpt2")
     hf.load_task(model, "prefix", tmp_path / "prefix")
@@ -167,10 +167,21 @@ def test_prefix_key_values_are_computed_once_per_routing_in_inference(tmp_path):
     with torch.no_grad():
         first = greedy(model, ids, torch.ones_like(ids))
     assert sorted(calls) == [0, 0, 1, 1]  # 2 layers x 2 tasks, not x every decoding step
-    with torch.no_grad():  # a changed prefix parameter is seen: recomputed, other tokens
+    swap = torch.tensor([1, 0, 2])
+    hf.set_row_tasks(model, ["prefix", "peft", None], swap)  # a serving loop's next batch
+    with torch.no_grad():
+        swapped = greedy(model, ids, torch.ones_like(ids))
+    assert len(calls) == 4  # nor per routing
+    for row, name in ((0, "peft"), (1, "prefix")):
+        hf.set_row_tasks(model, [name], torch.zeros(1, dtype=torch.long))
+        with torch.no_grad():
+            assert swapped[row].tolist() == greedy(model, ids[row:row + 1], torch.ones_like(ids[:1]))[0].tolist()
+    hf.set_row_tasks(model, ["prefix", "peft", None], torch.tensor([0, 1, 2]))
+    with torch.no_grad():  # a changed prefix parameter is seen: that task's recomputed, other tokens
         model.pefops_task_modules["prefix"].encoder.embedding.weight.mul_(-3.0)
         second = greedy(model, ids, torch.ones_like(ids))
-    assert len(calls) == 8 and second[1].tolist() == first[1].tolist() and second[0].tolist() != first[0].tolist()
+    assert sorted(calls[4:]) == [0, 1]  # the other task's kept
+    assert second[1].tolist() == first[1].tolist() and second[0].tolist() != first[0].tolist()
     calls.clear()
     model(input_ids=ids).logits.sum()  # with autograd: computed per forward (gradients flow)
     assert sorted(calls) == [0, 0, 1, 1]

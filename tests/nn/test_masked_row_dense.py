@@ -59,8 +59,8 @@ def _layers_routed(count, row_task, device="cpu", seed=0):
 
 
 def test_each_layer_plans_its_routing_once_not_per_call():
-    """Every layer keeps its own copy of the index: the plans of a whole stack of layers are built on the
-    first forward and reused by later ones (a one-entry cache re-planned every layer of every call)."""
+    """Every layer keeps its own copy of the index and plans it with the routing (set_row_masks): no
+    forward plans (a one-entry cache re-planned every layer of every call)."""
     from pefops.ops.masked_linear import ROUTING_PLAN_STATS
 
     layers, _ = _layers_routed(6, torch.tensor([0, -1, 1, 1, -1]))
@@ -72,15 +72,15 @@ def test_each_layer_plans_its_routing_once_not_per_call():
             h = layer(h)[..., :16]
         return h
 
-    first = forward()
     built = ROUTING_PLAN_STATS["plans"]
+    first = forward()
     torch.testing.assert_close(forward(), first, rtol=0, atol=0)
     assert ROUTING_PLAN_STATS["plans"] == built
 
 
 def test_a_cpu_index_stays_on_the_host_and_its_rows_move_to_the_weights_device():
     layers, _ = _layers_routed(1, torch.tensor([0, -1, 1]))
-    packed, row_task, (dense_rows, masked_rows, masked_task) = layers[0]._row_masks
+    packed, row_task, (dense_rows, masked_rows, masked_task), plan = layers[0]._row_masks
     assert row_task.device.type == "cpu" and masked_task.device.type == "cpu"
     assert dense_rows.device == masked_rows.device == layers[0].weight.device
 
