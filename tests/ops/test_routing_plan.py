@@ -27,14 +27,17 @@ def test_plan_reused_then_invalidated():
     module = sys.modules["pefops.ops.masked_linear"]
     x, w, masks = _setup()
     task = torch.tensor([0, 1, 2, 0, 1])
+    stats = module.ROUTING_PLAN_STATS
     first = masked_linear_routed(x, w, masks, task)
-    plan = module._ROUTING_PLAN["plan"][2]
+    built = stats["plans"]
     with no_host_sync():  # a second layer with the same index: no host read, the same plan
         again = masked_linear_routed(x, w, masks, task)
-    assert module._ROUTING_PLAN["plan"][2] is plan and torch.equal(first, again)
+    assert stats["plans"] == built and torch.equal(first, again)
     torch.testing.assert_close(first, _expected(x, w, masks, task))
     task[1] = 2  # in place: its _version moves
     changed = masked_linear_routed(x, w, masks, task)
+    assert stats["plans"] == built + 1
     torch.testing.assert_close(changed, _expected(x, w, masks, task))
     other = torch.tensor([2, 2, 1, 0, 0])  # a new index object
     torch.testing.assert_close(masked_linear_routed(x, w, masks, other), _expected(x, w, masks, other))
+    assert stats["plans"] == built + 2
