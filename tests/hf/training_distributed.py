@@ -142,5 +142,8 @@ def worker(rank, mode, methods, port, output_dir):
                            os.path.join(output_dir, f"checkpoints-{method}-{rank}.pt"))
                 if method == "adapter":
                     torch.save(sharded_refusals(model), os.path.join(output_dir, f"refusals-{rank}.pt"))
+        # both ranks done before either tears gloo down: a rank that destroyed the group while the other
+        # was still in its last collective aborted once in CI ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
