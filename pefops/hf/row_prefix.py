@@ -62,8 +62,6 @@ class RowPrefix:
         self.position_shift = row_shift[:, None] if any(shifts) else None  # [B, 1]
         self._cache: dict = {}  # site index -> (parameter versions, (prefix_k, prefix_v)), inference only
 
-    def _versions(self) -> tuple:
-        return tuple((p._version, p.data_ptr()) for encoder in self.encoders for p in encoder.parameters())
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefix_k, prefix_v) [B, Hkv, P_max, D] of site `index`: each task's computed once per
@@ -72,7 +70,7 @@ class RowPrefix:
         batch anew), and the rows' gather kept for this routing."""
         if torch.is_grad_enabled():
             return self._gather([encoder.layer(index) for encoder in self.encoders])
-        versions = self._versions()
+        versions = tuple(_parameter_versions(encoder) for encoder in self.encoders)
         cached = self._cache.get(index)
         if cached is None or cached[0] != versions:
             pairs = [_inference_layer(encoder, index) for encoder in self.encoders]
@@ -113,10 +111,15 @@ class RowPrefix:
 _ENCODER_KEY_VALUES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _parameter_versions(encoder) -> tuple:
+    """What changes when one of the encoder's parameters does: its version, storage or dtype."""
+    return tuple((p._version, p.data_ptr(), p.dtype) for p in encoder.parameters())
+
+
 def _inference_layer(encoder, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """encoder.layer(index) without autograd, kept per encoder and site until one of the encoder's
     parameters changes (an optimizer step, load_state_dict, a move to another device or dtype)."""
-    versions = tuple((p._version, p.data_ptr(), p.dtype) for p in encoder.parameters())
+    versions = _parameter_versions(encoder)
     per_site = _ENCODER_KEY_VALUES.setdefault(encoder, {})
     cached = per_site.get(index)
     if cached is None or cached[0] != versions:
